@@ -1,0 +1,78 @@
+"""Console commands of the planning stage; each is a thin wrapper over one function."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from ssl_nnunet.utilities.errors import run_cli
+
+
+def _common_args(parser: argparse.ArgumentParser, planning: bool = True) -> None:
+    parser.add_argument("-d", nargs="+", required=True, help="dataset id(s) or name(s), e.g. -d 900")
+    parser.add_argument("-np", type=int, default=2, help="number of worker processes (default 2)")
+    if planning:
+        parser.add_argument("-profile", default="gpu", choices=["cpu_smoke", "cpu_bench", "gpu"],
+                            help="network/patch profile: cpu_smoke (tests), cpu_bench (CPU benchmarks, demo), "
+                                 "gpu (nnU-Net ResEnc plan; default)")
+        parser.add_argument("-pl", default="ResEncM", help="nnU-Net planner preset: ResEncM (default), ResEncL, "
+                                                           "ResEncXL, ResEnc, default (PlainConvUNet)")
+        parser.add_argument("-gpu_memory_target", type=float, default=None,
+                            help="GPU memory target in GB for the nnU-Net planner (preset default if unset)")
+        parser.add_argument("--spacing", type=float, nargs=3, default=None,
+                            help="target spacing (nnU-Net axis order) instead of the median")
+        parser.add_argument("--isotropic", action="store_true",
+                            help="isotropic target spacing = the smallest median spacing")
+    parser.add_argument("--quiet", action="store_true", help="less output")
+
+
+def _fingerprint(args) -> None:
+    from experiment_planning.fingerprint import extract_fingerprint
+    for d in args.d:
+        extract_fingerprint(d, args.np, overwrite=True, verbose=not args.quiet)
+
+
+def _plan(args) -> None:
+    from experiment_planning.planner import plan_experiment
+    for d in args.d:
+        plan_experiment(d, args.profile, args.pl, args.gpu_memory_target, args.spacing, args.isotropic,
+                        verbose=not args.quiet)
+
+
+def _preprocess(args) -> None:
+    from experiment_planning.preprocess import preprocess
+    for d in args.d:
+        preprocess(d, num_processes=args.np, verbose=not args.quiet)
+
+
+def extract_fingerprint_entry() -> None:
+    p = argparse.ArgumentParser(description="Fingerprint a raw nnU-Net dataset; labels are optional.")
+    _common_args(p, planning=False)
+    run_cli(lambda: _fingerprint(p.parse_args()))
+
+
+def plan_experiment_entry() -> None:
+    p = argparse.ArgumentParser(description="Write sslPlans.json (pretraining) and sslFinetunePlans.json.")
+    _common_args(p)
+    run_cli(lambda: _plan(p.parse_args()))
+
+
+def preprocess_entry() -> None:
+    p = argparse.ArgumentParser(description="Preprocess a dataset with its sslPlans.json (nnU-Net blosc2 format).")
+    _common_args(p, planning=False)
+    run_cli(lambda: _preprocess(p.parse_args()))
+
+
+def plan_and_preprocess(args) -> None:
+    t0 = time.time()
+    _fingerprint(args)
+    _plan(args)
+    _preprocess(args)
+    if not args.quiet:
+        print(f"ssl_nnunet_plan_and_preprocess finished in {time.time() - t0:.1f} s")
+
+
+def plan_and_preprocess_entry() -> None:
+    p = argparse.ArgumentParser(description="Fingerprint, plan and preprocess in one go "
+                                            "(like nnUNetv2_plan_and_preprocess).")
+    _common_args(p)
+    run_cli(lambda: plan_and_preprocess(p.parse_args()))

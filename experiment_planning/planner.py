@@ -1,0 +1,136 @@
+"""SSL planner (``ssl_nnunet_plan_experiment``).
+
+Runs one of nnunetv2's experiment planners (``-pl ResEncM|ResEncL|ResEncXL|ResEnc|default``) for spacing,
+normalisation, transpose, architecture and patch size, keeps its ``3d_fullres`` configuration, applies the
+``-profile`` (``cpu_smoke`` / ``cpu_bench`` replace the network and patch by the small presets of
+``plans/profiles.json``; ``gpu`` keeps the nnU-Net plan) and adds the ``ssl`` block
+(:mod:`experiment_planning.ssl_layout`). Writes, atomically, into ``nnUNet_preprocessed/DatasetXXX/``:
+
+* ``sslPlans.json`` – the pretraining plan (a valid nnU-Net plans file + ``ssl``);
+* ``sslFinetunePlans.json`` – the fine-tuning plan: nnU-Net plans with the same architecture, spacing and
+  normalisation and the recommended downstream patch size (transfer it to the target dataset).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from experiment_planning.dataset_checks import load_dataset_json
+from experiment_planning.ssl_layout import PROFILES, compute_ssl_block
+from plans import load_shipped
+from ssl_nnunet.paths import nnUNet_preprocessed, nnUNet_raw
+from ssl_nnunet.utilities.errors import SSLInputError
+from ssl_nnunet.utilities.file_io import atomic_copy, atomic_save_json, dataset_name_from_id, load_json
+
+SSL_PLANS = "sslPlans"
+FINETUNE_PLANS = "sslFinetunePlans"
+CONFIGURATION = "3d_fullres"
+PLANNER_PRESETS = {
+    "ResEncM": "nnUNetPlannerResEncM", "ResEncL": "nnUNetPlannerResEncL", "ResEncXL": "nnUNetPlannerResEncXL",
+    "ResEnc": "ResEncUNetPlanner", "default": "ExperimentPlanner",
+}
+
+
+def _planner_class(preset: str):
+    if preset not in PLANNER_PRESETS:
+        raise SSLInputError(f"Unknown planner preset -pl {preset}. Choose one of {', '.join(PLANNER_PRESETS)}.")
+    from nnunetv2.experiment_planning.experiment_planners import default_experiment_planner, resencUNet_planner  # noqa
+    from nnunetv2.experiment_planning.experiment_planners.residual_unets import residual_encoder_unet_planners as r
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    name = PLANNER_PRESETS[preset]
+    base = ExperimentPlanner if name == "ExperimentPlanner" else getattr(r, name)
+
+    class CapturingPlanner(base):
+        """nnU-Net's planner, but ``save_plans`` keeps the result in memory; we write it ourselves."""
+
+        def save_plans(self, plans):
+            from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+            recursive_fix_for_json_export(plans)
+            self.plans = plans
+
+    CapturingPlanner.__name__ = base.__name__
+    return CapturingPlanner
+
+
+def apply_cpu_profile(configuration: dict, profile: str) -> None:
+    """Replace network size and patch of a ``3d_fullres`` configuration by a CPU preset (in place)."""
+    preset = load_shipped("profiles.json")[profile]
+    kw = configuration["architecture"]["arch_kwargs"]
+    n = len(preset["features_per_stage"])
+    kw.update({"n_stages": n, "features_per_stage": list(preset["features_per_stage"]),
+               "kernel_sizes": [[3, 3, 3]] * n, "strides": [list(s) for s in preset["strides"]],
+               "n_conv_per_stage_decoder": list(preset["n_conv_per_stage_decoder"])})
+    block_key = "n_blocks_per_stage" if "n_blocks_per_stage" in kw else "n_conv_per_stage"
+    kw[block_key] = list(preset["n_blocks_per_stage"])
+    configuration["patch_size"] = list(preset["patch_size"])
+    configuration["batch_size"] = int(preset["batch_size"])
+
+
+def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "ResEncM",
+                    gpu_memory_target: Optional[float] = None, spacing: Optional[Sequence[float]] = None,
+                    isotropic: bool = False, verbose: bool = True) -> dict:
+    """Plan ``dataset`` (fingerprint must exist) and write ``sslPlans.json`` + ``sslFinetunePlans.json``.
+
+    Returns the pretraining plans dict.
+    """
+    if profile not in PROFILES:
+        raise SSLInputError(f"Unknown profile -profile {profile}. Choose one of {', '.join(PROFILES)}.")
+    dataset_name = dataset_name_from_id(dataset)
+    load_dataset_json(dataset_name)  # readable error before nnU-Net's asserts
+    pp_folder = os.path.join(nnUNet_preprocessed, dataset_name)
+    fingerprint_file = os.path.join(pp_folder, "dataset_fingerprint.json")
+    if not os.path.isfile(fingerprint_file):
+        raise SSLInputError(f"{dataset_name}: no fingerprint at {fingerprint_file}. Run "
+                            f"ssl_nnunet_extract_fingerprint -d {dataset} (or ssl_nnunet_plan_and_preprocess).")
+    fingerprint = load_json(fingerprint_file, "fingerprint")
+    if isotropic and spacing is None:
+        spacing = [float(np.min(np.median(fingerprint["spacings"], 0)))] * 3
+    planner_cls = _planner_class(preset)
+    kwargs = {"plans_name": SSL_PLANS}
+    if gpu_memory_target is not None:
+        kwargs["gpu_memory_target_in_gb"] = float(gpu_memory_target)
+    if spacing is not None:
+        kwargs["overwrite_target_spacing"] = [float(s) for s in spacing]
+    planner = planner_cls(dataset_name, **kwargs)
+    if not verbose:
+        import contextlib, io
+        with contextlib.redirect_stdout(io.StringIO()):
+            planner.plan_experiment()
+    else:
+        planner.plan_experiment()
+    plans = copy.deepcopy(planner.plans)
+    if CONFIGURATION not in plans["configurations"]:
+        raise SSLInputError(f"{dataset_name}: nnU-Net planned no 3d_fullres configuration (2D data?). "
+                            f"ssl_nnunet needs 3D images.")
+    config = plans["configurations"][CONFIGURATION]
+    plans["configurations"] = {CONFIGURATION: config}
+    config["data_identifier"] = f"{SSL_PLANS}_{CONFIGURATION}"  # ResEnc planners would share nnUNetPlans' data
+    if profile != "gpu":
+        apply_cpu_profile(config, profile)
+    downstream_patch = list(config["patch_size"])
+    kw = config["architecture"]["arch_kwargs"]
+    median_shape = config["median_image_size_in_voxels"]
+    plans["ssl"] = compute_ssl_block(config["patch_size"], kw["strides"], config["spacing"], median_shape,
+                                     profile, downstream_patch)
+    plans["ssl"]["planner_preset"] = preset
+
+    finetune = copy.deepcopy(plans)
+    del finetune["ssl"]
+    finetune["plans_name"] = FINETUNE_PLANS
+    ft_config = finetune["configurations"][CONFIGURATION]
+    ft_config["data_identifier"] = f"{FINETUNE_PLANS}_{CONFIGURATION}"
+    ft_config["patch_size"] = downstream_patch
+    finetune["ssl_pretraining_source"] = {"dataset_name": dataset_name, "plans_name": SSL_PLANS,
+                                          "profile": profile, "planner_preset": preset}
+
+    atomic_copy(os.path.join(nnUNet_raw, dataset_name, "dataset.json"), os.path.join(pp_folder, "dataset.json"))
+    atomic_save_json(plans, os.path.join(pp_folder, SSL_PLANS + ".json"))
+    atomic_save_json(finetune, os.path.join(pp_folder, FINETUNE_PLANS + ".json"))
+    if verbose:
+        print(f"SSL plans written to {os.path.join(pp_folder, SSL_PLANS + '.json')} "
+              f"(profile {profile}, patch {config['patch_size']}, spacing {config['spacing']}); "
+              f"fine-tuning plans to {os.path.join(pp_folder, FINETUNE_PLANS + '.json')}")
+    return plans

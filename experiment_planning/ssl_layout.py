@@ -1,0 +1,182 @@
+"""The ``ssl`` block of ``sslPlans.json``: each objective's patch layout (METHODS.md §8).
+
+Every size is derived from the pretraining patch P, the network's total stride S and the mask quantum
+q = stride of the penultimate stage, so the layout stays valid for any plan. ``validate_ssl_block`` checks
+the invariants and raises :class:`SSLInputError` naming the method and key.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from plans import load_shipped
+from ssl_nnunet.utilities.errors import SSLInputError
+
+PROFILES = ("cpu_smoke", "cpu_bench", "gpu")
+
+
+def cumulative_strides(strides: Sequence[Sequence[int]]) -> List[List[int]]:
+    """Per-stage cumulative stride s_k (per axis) from the plan's per-stage ``strides``."""
+    out, current = [], np.ones(len(strides[0]), dtype=int)
+    for s in strides:
+        current = current * np.asarray(s, dtype=int)
+        out.append([int(v) for v in current])
+    return out
+
+
+def _divides(a: Sequence[int], b: Sequence[int]) -> bool:
+    """True when every a_ax divides b_ax."""
+    return all(int(y) % int(x) == 0 for x, y in zip(a, b))
+
+
+def mae_layout(quantum: List[int], cum_strides: List[List[int]]) -> dict:
+    return {"mask_unit": list(quantum), "mask_ratio": 0.75,
+            "remask_strides": [s for s in cum_strides if _divides(s, quantum)],
+            "target": "none", "variant": "sparse"}
+
+
+def voco_layout(patch: List[int], total_stride: List[int], median_shape: Sequence[float], a_op: int,
+                cpu: bool) -> dict:
+    crop = [max(S, (P // (2 * S)) * S) for P, S in zip(patch, total_stride)]
+    grid = [1, 1, 1]
+    for ax in range(3):
+        if ax == a_op:
+            continue
+        while True:
+            g = 2 if cpu else min(4, int(median_shape[ax] // crop[ax]))
+            if g >= 2 or crop[ax] // 2 < total_stride[ax] or (crop[ax] // 2) % total_stride[ax]:
+                grid[ax] = max(g, 2)
+                break
+            crop[ax] //= 2
+    region = [g * c for g, c in zip(grid, crop)]
+    return {"crop_size": crop, "base_grid": grid, "region_size": region, "n_target_crops": 4, "lambda_reg": 1.0,
+            "loss_variant": "paper", "region_mode": "native", "proj_dims": [2048, 2048, 2048],
+            "use_ema_teacher": False}
+
+
+def gvsl_layout(patch: List[int]) -> dict:
+    return {"pair_patch": list(patch),
+            "ncc_window": [min(9, 2 * (P // 8) + 1) for P in patch],
+            "affine_bounds": [math.pi / 9, 0.25, math.pi / 18],
+            "spatial_aug": {"rotation": math.pi / 9, "scale": [0.75, 1.25], "shear": math.pi / 18,
+                            "translation": 0.1, "elastic_sigma": [10, 13], "elastic_alpha": [0, 512]},
+            "appearance": {"local_shuffle_p": 0.8, "nonlinear_p": 0.9, "inpaint": True},
+            "weights": [1.0, 1.0, 1.0], "affine_grad": True}
+
+
+def _mim_u2(P: int, q: int) -> int:
+    candidates = [d for d in range(2 * q, P + 1, 2 * q) if P % d == 0]
+    if not candidates:
+        candidates = [d for d in range(q, P + 1, q) if P % d == 0]
+    return min(candidates, key=lambda d: (abs(d - P / 6), d))
+
+
+def mim_layout(patch: List[int], quantum: List[int], median_shape: Sequence[float]) -> dict:
+    r1 = [1 if 2 * P > m else 2 for P, m in zip(patch, median_shape)]
+    u2 = [_mim_u2(P, q) for P, q in zip(patch, quantum)]
+    n1 = int(np.prod(r1))
+    n_hidden1 = int(math.floor(0.5 * n1 + 0.5))
+    return {"r1": r1, "level1_region": [r * P for r, P in zip(r1, patch)],
+            "level1_unit": [P // r for P, r in zip(patch, r1)], "u2": u2,
+            "level3_zoom": [P // u for P, u in zip(patch, u2)],
+            "ratios": [0.5, 0.6, 0.5], "gamma": min(4, n_hidden1), "beta": 2, "alpha": 0.1, "tau": 0.2,
+            "proj_dim": 2048, "align_stride": list(quantum), "target": "per_unit"}
+
+
+def alice_layout(patch: List[int], quantum: List[int]) -> dict:
+    return {"crop_size": list(patch), "mask_unit": list(quantum), "mask_ratio": 0.75, "token_stride": list(quantum),
+            "head": [2048, 256, 512], "casa": {"dim": 512, "heads": 8}, "ema": [0.996, 1.0],
+            "matcher": "profile_bbox", "recon_weight": 1.0}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def compute_ssl_block(patch_size: Sequence[int], strides: Sequence[Sequence[int]], spacing: Sequence[float],
+                      median_shape: Sequence[float], profile: str, downstream_patch_size: Sequence[int]) -> dict:
+    """Build the ``ssl`` block for a CNN U-Net plan (see module docstring and METHODS.md §8)."""
+    if profile not in PROFILES:
+        raise SSLInputError(f"Unknown profile '{profile}'. Choose one of {', '.join(PROFILES)}.")
+    patch = [int(p) for p in patch_size]
+    cum = cumulative_strides(strides)
+    S, q = cum[-1], cum[-2]
+    a_op = int(np.argmax(spacing))  # first maximum -> a0 on ties
+    cpu = profile != "gpu"
+    mim_patch = list(patch)
+    if not cpu:
+        cap = load_shipped("profiles.json")["gpu"]["mim_max_patch_size"]
+        mim_patch = [min(P, max(s, (cap // s) * s)) for P, s in zip(patch, S)]
+    layouts = {
+        "mae": (patch, mae_layout(q, cum)),
+        "mim": (mim_patch, mim_layout(mim_patch, q, median_shape)),
+        "voco": (None, voco_layout(patch, S, median_shape, a_op, cpu)),
+        "gvsl": (patch, gvsl_layout(patch)),
+        "alice": (patch, alice_layout(patch, q)),
+    }
+    layouts["voco"] = (layouts["voco"][1]["crop_size"], layouts["voco"][1])
+    defaults = load_shipped("method_defaults.json")["cpu" if cpu else "gpu"]
+    methods = {}
+    for name, (net_patch, layout) in layouts.items():
+        # optimizer / lr_schedule entries of a method replace the common ones whole (no key mixing)
+        settings = {**copy.deepcopy(defaults["common"]),
+                    **{k: copy.deepcopy(v) for k, v in defaults.get(name, {}).items() if k != "layout"}}
+        methods[name] = {"pretrain_patch_size": list(net_patch),
+                         "layout": _merge(layout, defaults.get(name, {}).get("layout", {})), **settings}
+    mim = methods["mim"]["layout"]
+    mim["gamma"] = min(mim["gamma"], int(math.floor(mim["ratios"][0] * np.prod(mim["r1"]) + 0.5)))
+    block = {"architecture_family": "cnn", "profile": profile, "total_stride": S, "mask_quantum": q,
+             "out_of_plane_axis": a_op, "recommended_downstream_patchsize": [int(p) for p in downstream_patch_size],
+             "median_shape": [float(m) for m in median_shape], "methods": methods}
+    validate_ssl_block(block, patch, warn=True)
+    return block
+
+
+def validate_ssl_block(block: dict, patch: Sequence[int], warn: bool = False) -> List[str]:
+    """Check METHODS.md §8's cross-method rules; raise SSLInputError on a violation, return warnings."""
+    S, q = block["total_stride"], block["mask_quantum"]
+    median = block.get("median_shape", [float("inf")] * 3)
+    m = block["methods"]
+    warnings = []
+
+    def fail(method, key, what):
+        raise SSLInputError(f"Invalid SSL layout for '{method}', key '{key}': {what}. Choose a patch size that is a "
+                            f"multiple of the network's total stride {S} (edit the plan or use another -profile).")
+
+    for name, entry in m.items():
+        if not _divides(S, entry["pretrain_patch_size"]):
+            fail(name, "pretrain_patch_size", f"{entry['pretrain_patch_size']} is not a multiple of {S}")
+    if not _divides(q, S):
+        fail("all", "mask_quantum", f"{q} does not divide the total stride {S}")
+    if not _divides(m["mae"]["layout"]["mask_unit"], patch):
+        fail("mae", "mask_unit", "does not divide the patch")
+    v = m["voco"]["layout"]
+    if not _divides(S, v["crop_size"]):
+        fail("voco", "crop_size", f"{v['crop_size']} is not a multiple of {S}")
+    if any(r > md for r, md in zip(v["region_size"], median)):
+        warnings.append(f"voco region {v['region_size']} exceeds the median image shape {median}; regions get padded")
+    mi = m["mim"]["layout"]
+    mp = m["mim"]["pretrain_patch_size"]
+    if not _divides(q, mi["level1_unit"]) or not _divides(mi["level1_unit"], mp):
+        fail("mim", "level1_unit", f"{mi['level1_unit']} must divide the patch {mp} and be a multiple of {q}")
+    if not _divides(mi["u2"], mp) or not _divides(q, mi["u2"]):
+        fail("mim", "u2", f"{mi['u2']} must divide the patch {mp} and be a multiple of {q}")
+    if any(r > md for r, md in zip(mi["level1_region"], median)):
+        warnings.append(f"mim level-1 region {mi['level1_region']} exceeds the median image shape {median}")
+    if mi["gamma"] > math.floor(mi["ratios"][0] * np.prod(mi["r1"]) + 0.5):
+        fail("mim", "gamma", "more level-2 volumes than hidden level-1 units")
+    al = m["alice"]["layout"]
+    if not _divides(al["mask_unit"], al["crop_size"]):
+        fail("alice", "mask_unit", "does not divide the crop")
+    if any(w > P for w, P in zip(m["gvsl"]["layout"]["ncc_window"], m["gvsl"]["pretrain_patch_size"])):
+        fail("gvsl", "ncc_window", "window larger than the patch")
+    if warn:
+        for w in warnings:
+            print(f"WARNING: {w}")
+    return warnings

@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ssl_nnunet",
+    version="0.1.0",
+    description="Self-supervised pretraining for 3D medical images, done the nnU-Net way",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ssl_nnunet", "ssl_nnunet.*", "experiment_planning", "experiment_planning.*",
+                                    "plans"]),
+    package_data={"plans": ["*.json"]},
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "nnunetv2==2.8.1",
+        "nilearn",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={
+        "console_scripts": [
+            "ssl_nnunet_make_demo_dataset=ssl_nnunet.data.demo_dataset:main",
+            "ssl_nnunet_extract_fingerprint=experiment_planning.entrypoints:extract_fingerprint_entry",
+            "ssl_nnunet_plan_experiment=experiment_planning.entrypoints:plan_experiment_entry",
+            "ssl_nnunet_preprocess=experiment_planning.entrypoints:preprocess_entry",
+            "ssl_nnunet_plan_and_preprocess=experiment_planning.entrypoints:plan_and_preprocess_entry",
+        ],
+    },
+)

@@ -1,0 +1,102 @@
+"""Atomic writes and dataset lookup shared by all commands."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Union
+
+from ssl_nnunet.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
+from ssl_nnunet.utilities.errors import SSLInputError
+
+
+def _json_default(obj: Any):
+    import numpy as np
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, (np.ndarray, tuple)):
+        return obj.tolist() if isinstance(obj, np.ndarray) else list(obj)
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def atomic_save_json(obj: Any, path: str, indent: int = 2) -> None:
+    """Write JSON to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=indent, sort_keys=False, default=_json_default)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary name in the same folder, then rename."""
+    import torch
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp_{os.getpid()}_{os.path.basename(path)}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    folder = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp_{os.getpid()}_{os.path.basename(dst)}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def load_json(path: str, what: str = "file") -> Any:
+    """Load JSON with an error naming the file when it is missing or invalid."""
+    if not os.path.isfile(path):
+        raise SSLInputError(f"{what} not found: {path}.")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise SSLInputError(f"{what} {path} is not valid JSON ({e}). Fix or recreate it.") from e
+
+
+def _datasets_in(folder: str) -> list:
+    if not folder or not os.path.isdir(folder):
+        return []
+    return sorted(d for d in os.listdir(folder) if re.fullmatch(r"Dataset\d{3}_.+", d)
+                  and os.path.isdir(os.path.join(folder, d)))
+
+
+def dataset_name_from_id(dataset: Union[int, str]) -> str:
+    """``1`` / ``"1"`` / ``"Dataset001_X"`` -> ``"Dataset001_X"``, looked up in nnUNet_raw and
+    nnUNet_preprocessed. Raises :class:`SSLInputError` listing the datasets that exist."""
+    text = str(dataset)
+    if text.startswith("Dataset"):
+        return text
+    if not text.isdigit():
+        raise SSLInputError(f"'{dataset}' is not a dataset id: pass a number (e.g. -d 1) or a full name "
+                            f"(e.g. -d Dataset001_Name).")
+    prefix = f"Dataset{int(text):03d}_"
+    found = sorted(set(_datasets_in(nnUNet_raw) + _datasets_in(nnUNet_preprocessed) + _datasets_in(nnUNet_results)))
+    matches = sorted({d for d in found if d.startswith(prefix)})
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise SSLInputError(f"Dataset id {int(text)} is ambiguous: {', '.join(matches)}. Pass the full name.")
+    listing = ", ".join(found) if found else "none"
+    raise SSLInputError(
+        f"Dataset id {int(text)} not found in nnUNet_raw={nnUNet_raw} or nnUNet_preprocessed={nnUNet_preprocessed}. "
+        f"Datasets found: {listing}. Check the id or the nnUNet_raw environment variable "
+        f"(make the demo data with ssl_nnunet_make_demo_dataset).")

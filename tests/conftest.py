@@ -1,0 +1,52 @@
+"""Test setup: nnU-Net folders in a fresh temporary directory (set before anything imports nnunetv2)."""
+import os
+import tempfile
+
+_ROOT = tempfile.mkdtemp(prefix="ssl_nnunet_tests_")
+for _name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+    os.environ[_name] = os.path.join(_ROOT, _name)
+    os.makedirs(os.environ[_name], exist_ok=True)
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def nnunet_root():
+    return _ROOT
+
+
+def write_synthetic_dataset(dataset_id: int, name: str, n_cases: int = 4, shape=(40, 44, 48),
+                            spacing=(2.0, 2.0, 2.0), labeled: bool = False, channel_names=None, seed: int = 0):
+    """A small nnU-Net raw dataset of noisy ellipsoid 'bodies' (array order z, y, x); returns its folder."""
+    import SimpleITK as sitk
+    from ssl_nnunet.utilities.file_io import atomic_save_json
+    channel_names = channel_names or {"0": "MRI"}
+    folder = os.path.join(os.environ["nnUNet_raw"], f"Dataset{dataset_id:03d}_{name}")
+    os.makedirs(os.path.join(folder, "imagesTr"), exist_ok=True)
+    if labeled:
+        os.makedirs(os.path.join(folder, "labelsTr"), exist_ok=True)
+    rng = np.random.RandomState(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    for i in range(n_cases):
+        radii = rng.uniform(0.6, 0.85, 3)
+        body = (grid ** 2 / radii[:, None, None, None] ** 2).sum(0) < 1
+        inner = (grid ** 2 / (0.5 * radii[:, None, None, None]) ** 2).sum(0) < 1
+        case = f"{name}_{i:03d}"
+        for c in range(len(channel_names)):
+            img = 100.0 * body + 80.0 * inner + rng.normal(0, 5, shape) * body
+            itk = sitk.GetImageFromArray(img.astype(np.float32))
+            itk.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+            sitk.WriteImage(itk, os.path.join(folder, "imagesTr", f"{case}_{c:04d}.nii.gz"))
+        if labeled:
+            seg = sitk.GetImageFromArray((body.astype(np.uint8) + inner.astype(np.uint8)))
+            seg.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+            sitk.WriteImage(seg, os.path.join(folder, "labelsTr", f"{case}.nii.gz"))
+    labels = {"background": 0, "body": 1, "inner": 2} if labeled else {"background": 0}
+    atomic_save_json({"channel_names": channel_names, "labels": labels, "numTraining": n_cases,
+                      "file_ending": ".nii.gz"}, os.path.join(folder, "dataset.json"))
+    return folder
