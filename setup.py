@@ -24,6 +24,8 @@ setup(
             "ssl_nnunet_plan_experiment=experiment_planning.entrypoints:plan_experiment_entry",
             "ssl_nnunet_preprocess=experiment_planning.entrypoints:preprocess_entry",
             "ssl_nnunet_plan_and_preprocess=experiment_planning.entrypoints:plan_and_preprocess_entry",
+            "ssl_nnunet_pretrain=ssl_nnunet.training.run:main",
+            "ssl_nnunet_export=ssl_nnunet.export.exporter:main",
         ],
     },
 )

@@ -1,8 +1,8 @@
 """nnU-Net data folders.
 
-nnunetv2 reads ``nnUNet_raw``, ``nnUNet_preprocessed`` and ``nnUNet_results`` once, when
-``nnunetv2.paths`` is first imported, so this module must run before any nnunetv2 import. The package's
-``__init__`` imports it first. When a variable is unset we fall back to ``./ssl_nnunet_data/<name>``
+nnunetv2 (2.8.1) reads ``nnUNet_raw``, ``nnUNet_preprocessed`` and ``nnUNet_results`` from the environment
+when it uses them; this module fills in defaults in ``os.environ`` (so child processes such as
+``nnUNetv2_train`` see them too). The package's ``__init__`` imports it first. When a variable is unset we fall back to ``./ssl_nnunet_data/<name>``
 (relative to the current working directory) and print one notice naming the folders.
 """
 from __future__ import annotations
@@ -22,11 +22,6 @@ def _apply_defaults() -> None:
     for name in missing:
         os.environ[name] = os.path.join(root, name)
         os.makedirs(os.environ[name], exist_ok=True)
-    if "nnunetv2.paths" in sys.modules:
-        # nnunetv2 was imported first and captured None; update its module globals too.
-        import nnunetv2.paths as nnunet_paths
-        for name in missing:
-            setattr(nnunet_paths, name, os.environ[name])
     print(f"ssl_nnunet: {', '.join(missing)} not set; using {root}/<name>. "
           f"Export these variables to use other folders.", file=sys.stderr)
 

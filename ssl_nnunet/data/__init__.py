@@ -1,0 +1,1 @@
+"""Data helpers for ssl_nnunet (demo dataset generation)."""

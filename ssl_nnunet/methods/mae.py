@@ -1,0 +1,158 @@
+"""MAE / S3D: masked reconstruction with a SparK-style sparse CNN encoder (METHODS.md §3).
+
+One view per patch: a unit mask over units ``u = q`` (``layout.mask_unit``) hides ``floor(0.75 n + 0.5)``
+units per sample. Sparse variant (default): zeroed input → sparse encoder → :class:`Densify` → the network's
+own decoder → reconstruction ``(B, C_in, a0, a1, a2)``. Dense variant: ``x * m`` through the unmodified
+network. Loss: squared error over hidden voxels only, target ``none`` (the nnU-Net-normalised input) or
+``per_unit``.
+
+Layout keys (``method_plan["layout"]``):
+    mask_unit       [q0, q1, q2]  (an int means the same on every axis); required
+    mask_ratio      0.75
+    remask_strides  optional list of per-axis cumulative strides ``s_k`` with ``s_k | q`` (an int entry means
+                    the same on every axis); if present it must equal what the network's strides give
+                    (:func:`ssl_nnunet.methods.sparse.derive_remask_strides`), else the plan is rejected
+    target          "none" | "per_unit"
+    variant         "sparse" | "dense"
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ssl_nnunet.methods import register
+from ssl_nnunet.methods.base import SSLMethod
+from ssl_nnunet.methods.features import check_unet, cumulative_strides, forward_features
+from ssl_nnunet.methods.masking import (expand_mask, masked_mse, per_unit_target, random_block_mask,
+                                        unit_grid)
+from ssl_nnunet.methods.sparse import (Densify, convert_encoder_to_sparse, derive_remask_strides,
+                                       sparse_masked_forward)
+from ssl_nnunet.utilities.errors import SSLInputError
+
+TARGETS = ("none", "per_unit")
+VARIANTS = ("sparse", "dense")
+
+
+def _per_axis(value, ndim: int, key: str) -> List[int]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [int(value)] * ndim
+    if isinstance(value, (list, tuple)) and len(value) == ndim and all(isinstance(v, (int, float)) for v in value):
+        return [int(v) for v in value]
+    raise SSLInputError(f"ssl layout key '{key}' must be an int or a list of {ndim} ints, got {value!r}")
+
+
+@register
+class MAE(SSLMethod):
+    """Masked autoencoder on a nnU-Net U-Net (``ResidualEncoderUNet`` / ``PlainConvUNet``).
+
+    Attributes:
+        mask_unit: ``(u0, u1, u2)`` voxels per unit.
+        mask_ratio: fraction of hidden units.
+        target: ``"none"`` or ``"per_unit"``.
+        variant: ``"sparse"`` or ``"dense"``.
+        densify: :class:`Densify` (sparse variant only; not part of the exported network).
+    """
+
+    name = "mae"
+
+    def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
+        super().__init__(network, method_plan, ssl_plan, num_input_channels)
+        check_unet(network)
+        layout = self.layout
+        ndim = len(network.encoder.strides[0])
+        if "mask_unit" not in layout:
+            raise SSLInputError("ssl layout of 'mae' has no 'mask_unit'; re-run the SSL planner")
+        self.mask_unit = tuple(_per_axis(layout["mask_unit"], ndim, "mask_unit"))
+        self.mask_ratio = float(layout.get("mask_ratio", 0.75))
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise SSLInputError(f"ssl layout of 'mae': mask_ratio must lie in (0, 1), got {self.mask_ratio}")
+        self.target = str(layout.get("target", "none"))
+        if self.target not in TARGETS:
+            raise SSLInputError(f"ssl layout of 'mae': target must be one of {TARGETS}, got '{self.target}'")
+        self.variant = str(layout.get("variant", "sparse"))
+        if self.variant not in VARIANTS:
+            raise SSLInputError(f"ssl layout of 'mae': variant must be one of {VARIANTS}, got '{self.variant}'")
+
+        self.remask_strides = derive_remask_strides(network, self.mask_unit)
+        if not self.remask_strides:
+            raise SSLInputError(f"ssl layout of 'mae': mask unit {self.mask_unit} is not a multiple of the first "
+                                f"stage's stride {list(network.encoder.strides[0])}")
+        if layout.get("remask_strides") is not None:
+            given = [_per_axis(s, ndim, "remask_strides") for s in layout["remask_strides"]]
+            if sorted(map(tuple, given)) != sorted(map(tuple, self.remask_strides)):
+                raise SSLInputError(
+                    f"ssl layout of 'mae': remask_strides {given} do not match the network, whose stages with a "
+                    f"cumulative stride dividing mask_unit {list(self.mask_unit)} are {self.remask_strides}")
+        if "pretrain_patch_size" in method_plan:
+            try:
+                unit_grid(method_plan["pretrain_patch_size"], self.mask_unit)
+            except ValueError as e:
+                raise SSLInputError(f"ssl plan of 'mae': {e}") from None
+
+        n_out = getattr(network.decoder, "num_classes", num_input_channels)
+        if n_out != num_input_channels:
+            raise SSLInputError(f"MAE needs a network with num_classes = C_in = {num_input_channels}, "
+                                f"got {n_out}")
+
+        if self.variant == "sparse":
+            convert_encoder_to_sparse(network)
+            remasked = [list(s) in self.remask_strides for s in cumulative_strides(network)]
+            self.densify: Optional[Densify] = Densify(network.encoder.output_channels, network.encoder.conv_op,
+                                                      masked_stages=remasked)
+        else:
+            self.densify = None
+
+    # --------------------------------------------------------------------------------------------------------
+    def sample_mask(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Unit mask ``(B, 1, n0, n1, n2)`` for ``batch (B, C, a0, a1, a2)``; 1 = visible."""
+        grid = unit_grid(batch.shape[2:], self.mask_unit)
+        return random_block_mask(batch.shape[0], grid, self.mask_ratio, device=batch.device, generator=generator)
+
+    def reconstruct(self, batch: torch.Tensor, mask: torch.Tensor):
+        """Masked forward: ``batch (B, C, a0, a1, a2)`` + unit mask → ``(enc, dec, rec (B, C, a0, a1, a2))``."""
+        if self.variant == "sparse":
+            return sparse_masked_forward(self.network, batch, mask, self.densify)
+        m = expand_mask(mask, batch.shape[2:]).to(batch.dtype)
+        return forward_features(self.network, batch * m)
+
+    def make_target(self, batch: torch.Tensor) -> torch.Tensor:
+        """Reconstruction target, float32 ``(B, C, a0, a1, a2)``."""
+        if self.target == "per_unit":
+            return per_unit_target(batch, self.mask_unit)
+        return batch.detach().float()
+
+    def forward(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """``batch (B, C_in, a0, a1, a2)`` → ``{"loss": L_rec, "rec_loss": L_rec (detached)}`` (float32)."""
+        if batch.dim() != 2 + len(self.mask_unit):
+            raise ValueError(f"MAE expects a batch (B, C, a0, a1, a2), got shape {tuple(batch.shape)}")
+        mask = self.sample_mask(batch, generator)
+        _, _, rec = self.reconstruct(batch, mask)
+        loss = masked_mse(rec.float(), self.make_target(batch), expand_mask(mask, batch.shape[2:]))
+        return {"loss": loss, "rec_loss": loss.detach()}
+
+    @torch.no_grad()
+    def previews(self, batch: torch.Tensor) -> Dict[str, Sequence[torch.Tensor]]:
+        """Rows of 3D tensors ``(a0, a1, a2)`` (sample 0, channel 0, float32 on CPU) for a preview image.
+
+        ``input``, ``masked input`` (hidden voxels set to 0), ``reconstruction`` (network output),
+        ``visible + reconstruction`` (input at visible voxels, output at hidden ones; in target units when
+        the target is ``per_unit``). The mask is drawn with a fixed seed so previews are comparable over time.
+        """
+        x = batch[:1]
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(0)
+        mask = self.sample_mask(x, gen)
+        _, _, rec = self.reconstruct(x, mask)
+        m = expand_mask(mask, x.shape[2:])
+        target = self.make_target(x)
+        rec = rec.float()
+        visible = m.bool()
+        rows = {
+            "input": [x[0, 0].float().cpu()],
+            "masked input": [torch.where(visible, x.float(), 0.0)[0, 0].cpu()],
+            "reconstruction": [rec[0, 0].cpu()],
+            "visible + reconstruction": [torch.where(visible, target, rec)[0, 0].cpu()],
+        }
+        return rows

@@ -1,0 +1,1 @@
+"""SSL training engine: SSLTrainer (an nnUNetTrainer subclass), data sampling, logging, CLI."""

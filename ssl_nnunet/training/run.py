@@ -1,0 +1,120 @@
+"""``ssl_nnunet_pretrain``: run one SSL objective on a preprocessed dataset (single process or DDP)."""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from typing import Optional
+
+import torch
+
+from ssl_nnunet.paths import nnUNet_preprocessed
+from ssl_nnunet.utilities.errors import SSLInputError, run_cli
+from ssl_nnunet.utilities.file_io import dataset_name_from_id, load_json
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SSLInputError("-device cuda requested but no CUDA device is available; use -device cpu.")
+    if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise SSLInputError("-device mps requested but MPS is not available; use -device cpu.")
+    return torch.device(name)
+
+
+def build_trainer(dataset, method: str, plans_identifier: str = "sslPlans", device: str = "cpu",
+                  iterations: Optional[int] = None, seed: int = 0, num_prefetch: int = 2):
+    from ssl_nnunet.methods import get_method
+    from ssl_nnunet.training.ssl_trainer import SSLTrainer
+    try:
+        get_method(method)
+    except KeyError as e:
+        raise SSLInputError(str(e.args[0])) from None
+    dataset_name = dataset_name_from_id(dataset)
+    folder = os.path.join(nnUNet_preprocessed, dataset_name)
+    plans_file = os.path.join(folder, plans_identifier + ".json")
+    if not os.path.isfile(plans_file):
+        raise SSLInputError(f"{plans_file} not found. Run ssl_nnunet_plan_and_preprocess -d {dataset} first.")
+    plans = load_json(plans_file, "plans")
+    dataset_json = load_json(os.path.join(folder, "dataset.json"), "dataset.json")
+    trainer = SSLTrainer(plans, "3d_fullres", 0, dataset_json, _resolve_device(device))
+    return trainer.configure(method, iterations=iterations, seed=seed, num_prefetch=num_prefetch)
+
+
+def pretrain(dataset, method: str, plans_identifier: str = "sslPlans", device: str = "cpu",
+             continue_training: bool = False, iterations: Optional[int] = None,
+             pretrained_weights: Optional[str] = None, seed: int = 0, num_prefetch: int = 2):
+    """Pretrain ``method`` on ``dataset`` in this process; returns the trainer."""
+    trainer = build_trainer(dataset, method, plans_identifier, device, iterations, seed, num_prefetch)
+    trainer.initialize()
+    final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
+    latest = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
+    if continue_training:
+        for path in (latest, final):
+            if os.path.isfile(path):
+                trainer.load_checkpoint(path)
+                break
+        else:
+            trainer.print_to_log_file("--c given but no checkpoint found; starting from scratch.")
+    elif os.path.isfile(latest) or os.path.isfile(final):
+        trainer.print_to_log_file(f"Existing checkpoints in {trainer.output_folder} will be overwritten "
+                                  f"(use --c to resume instead).")
+    if pretrained_weights is not None and not continue_training:
+        from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+        if not os.path.isfile(pretrained_weights):
+            raise SSLInputError(f"-pretrained_weights {pretrained_weights} does not exist.")
+        load_pretrained_weights(trainer.network, pretrained_weights, verbose=trainer.local_rank == 0)
+    trainer.run_training()
+    return trainer
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, kwargs: dict):
+    import torch.distributed as dist
+    backend = "nccl" if kwargs["device"] == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    if kwargs["device"] == "cuda":
+        torch.cuda.set_device(rank)
+    try:
+        torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+        pretrain(**kwargs)
+    finally:
+        dist.destroy_process_group()
+
+
+def pretrain_ddp(num_processes: int, **kwargs):
+    """Spawn ``num_processes`` ranks (NCCL on CUDA, gloo on CPU), as nnU-Net's ``-num_gpus``."""
+    import torch.multiprocessing as mp
+    if kwargs.get("device") == "cuda" and torch.cuda.device_count() < num_processes:
+        raise SSLInputError(f"-num_gpus {num_processes} but only {torch.cuda.device_count()} CUDA devices found.")
+    mp.spawn(_ddp_worker, args=(num_processes, _free_port(), kwargs), nprocs=num_processes, join=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Self-supervised pretraining of the nnU-Net network of sslPlans.json.")
+    p.add_argument("-d", required=True, help="dataset id or name")
+    p.add_argument("-m", required=True, help="SSL method: mae (implemented), mim, voco, gvsl, alice")
+    p.add_argument("-p", default="sslPlans", help="plans identifier (default sslPlans)")
+    p.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu", "mps"])
+    p.add_argument("-num_gpus", type=int, default=1, help="number of DDP processes (gloo on CPU, NCCL on CUDA)")
+    p.add_argument("--c", action="store_true", help="continue from checkpoint_latest.pth")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="total training iterations (overrides the plan; the LR schedule follows it)")
+    p.add_argument("-pretrained_weights", default=None, help="nnU-Net checkpoint to initialise the network")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefetch", type=int, default=2, help="batches prepared ahead in a background thread")
+    a = p.parse_args()
+    kwargs = dict(dataset=a.d, method=a.m, plans_identifier=a.p, device=a.device, continue_training=a.c,
+                  iterations=a.iterations, pretrained_weights=a.pretrained_weights, seed=a.seed,
+                  num_prefetch=a.prefetch)
+
+    def go():
+        if a.num_gpus > 1:
+            pretrain_ddp(a.num_gpus, **kwargs)
+        else:
+            pretrain(**kwargs)
+    run_cli(go)

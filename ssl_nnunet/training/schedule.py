@@ -1,0 +1,40 @@
+"""Optimisers and per-iteration learning-rate schedules read from a method's plan entry."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
+    name = cfg["name"]
+    if name == "AdamW":
+        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0),
+                                 betas=tuple(cfg.get("betas", (0.9, 0.999))))
+    if name == "Adam":
+        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
+    if name == "SGD":
+        return torch.optim.SGD(params, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0),
+                               momentum=cfg.get("momentum", 0.99), nesterov=cfg.get("nesterov", True))
+    raise ValueError(f"Unknown optimizer '{name}' in the plan (use AdamW, Adam or SGD)")
+
+
+def learning_rate(schedule: dict, base_lr: float, iteration: int, total_iterations: int) -> float:
+    """LR at ``iteration`` (0-based) of ``total_iterations``.
+
+    ``poly``: base·(1 − i/I)^exponent (nnU-Net). ``warmup_cosine``: linear warm-up over
+    ``warmup_iterations`` (or ``warmup_fraction``·I), then cosine decay to 0.
+    """
+    total = max(1, total_iterations)
+    if schedule["name"] == "poly":
+        return base_lr * (1 - min(iteration, total - 1) / total) ** schedule.get("exponent", 0.9)
+    if schedule["name"] == "warmup_cosine":
+        warm = schedule.get("warmup_iterations")
+        if warm is None:
+            warm = int(round(schedule.get("warmup_fraction", 0.0) * total))
+        warm = min(int(warm), total - 1)
+        if iteration < warm:
+            return base_lr * (iteration + 1) / (warm + 1)
+        progress = (iteration - warm) / max(1, total - warm)
+        return base_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    raise ValueError(f"Unknown lr_schedule '{schedule['name']}' in the plan (use poly or warmup_cosine)")

@@ -1,0 +1,379 @@
+"""SSLTrainer: nnU-Net's trainer with the label-specific parts replaced by an SSL objective.
+
+Reused from ``nnUNetTrainer``: plans/configuration handling, device and DDP conventions, the grad scaler,
+``print_to_log_file``, pretrained-weight loading and the output layout. Replaced: the network is built
+from ``sslPlans.json`` with ``num_classes = C_in`` and no deep supervision, wrapped by the method module
+(views + heads + loss, :mod:`ssl_nnunet.methods`); data are unlabeled patches from the preprocessed
+blosc2 folder; there is no Dice validation — validation reports the SSL loss on held-out cases with fixed
+patches and masks; the schedule is per iteration (``--iterations`` overrides the plan's length).
+
+Outputs: ``nnUNet_results/DatasetXXX_Name/SSL_<method>__<plans>__3d_fullres/``: ``checkpoint_latest.pth``
+(every epoch, atomic), ``checkpoint_final.pth``, ``progress.png``, ``training_log_*.txt``, previews,
+``plans.json``, ``dataset.json``, ``dataset_fingerprint.json``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from datetime import datetime
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+from ssl_nnunet.methods import get_method
+from ssl_nnunet.paths import nnUNet_results
+from ssl_nnunet.training.data import PrefetchLoader, UnlabeledPatchSampler
+from ssl_nnunet.training.logger import SSLLogger
+from ssl_nnunet.training.schedule import build_optimizer, learning_rate
+from ssl_nnunet.utilities.errors import SSLInputError
+from ssl_nnunet.utilities.file_io import atomic_copy, atomic_save_json, atomic_torch_save
+
+MAX_CONSECUTIVE_NONFINITE = 5
+VALIDATION_SEED = 12345
+
+
+def ssl_output_folder(dataset_name: str, method: str, plans_name: str, configuration: str = "3d_fullres") -> str:
+    return os.path.join(nnUNet_results, dataset_name, f"SSL_{method}__{plans_name}__{configuration}")
+
+
+class SSLTrainer(nnUNetTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # nnU-Net records the constructor's arguments by introspection, so the signature stays nnU-Net's;
+        # the SSL run settings are given to configure() before initialize().
+        self._requested_device = device
+        self._log_ready = False
+        plans = dict(plans)
+        plans.setdefault("continue_training", False)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if device.type != "cuda":
+            self.device = device  # nnU-Net assumes CUDA under DDP; CPU (gloo) DDP is allowed here
+            self.grad_scaler = None
+        self._stray_folder = self.output_folder
+        self.method = None
+        self.model = None  # the module that computes the loss (DDP-wrapped under DDP)
+
+    def configure(self, method: str, iterations: Optional[int] = None, seed: int = 0, num_prefetch: int = 2):
+        """Select the SSL method and run length; sets the output folder ``SSL_<method>__<plans>__<config>``."""
+        plans = self.plans_manager.plans
+        if "ssl" not in plans or method not in plans["ssl"].get("methods", {}):
+            raise SSLInputError(f"Plans '{self.plans_manager.plans_name}' have no ssl.methods.{method} entry. "
+                                f"Re-run ssl_nnunet_plan_experiment for this dataset.")
+        self.output_folder_base = ssl_output_folder(self.plans_manager.dataset_name, method,
+                                                    self.plans_manager.plans_name, self.configuration_name)
+        self.output_folder = self.output_folder_base
+        for folder in (self._stray_folder, os.path.dirname(self._stray_folder)):
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+        os.makedirs(self.output_folder, exist_ok=True)
+        stamp = datetime.now().strftime("%Y_%m_%d_%H_%M_%S")
+        self.log_file = os.path.join(self.output_folder, f"training_log_{stamp}.txt")
+        self._log_ready = True
+
+        self.method_name = method
+        self.ssl_plan = plans["ssl"]
+        self.method_plan = plans["ssl"]["methods"][method]
+        mp = self.method_plan
+        self.iterations_per_epoch = int(mp["iterations_per_epoch"])
+        self.total_iterations = int(iterations) if iterations else int(mp["num_epochs"]) * self.iterations_per_epoch
+        if self.total_iterations < 1:
+            raise SSLInputError("--iterations must be at least 1")
+        self.iterations_per_epoch = min(self.iterations_per_epoch, self.total_iterations)
+        self.num_epochs = math.ceil(self.total_iterations / self.iterations_per_epoch)
+        self.num_val_iterations_per_epoch = int(mp.get("num_val_iterations", 2))
+        self.grad_clip = float(mp.get("grad_clip", 12.0))
+        self.use_amp = bool(mp.get("use_amp", True)) and self.device.type == "cuda"
+        if not self.use_amp:
+            self.grad_scaler = None
+        self.seed = seed
+        self.num_prefetch = num_prefetch
+        self.logger = SSLLogger()
+        self.nonfinite_steps = 0
+        self.iteration_losses: List[float] = []  # total loss of every optimizer step (this rank)
+        self.preview_every = max(1, self.num_epochs // 5)
+        return self
+
+    # ------------------------------------------------------------------ setup
+    def print_to_log_file(self, *args, also_print_to_console=True, add_timestamp=True):
+        if getattr(self, "_log_ready", False):
+            super().print_to_log_file(*args, also_print_to_console=also_print_to_console, add_timestamp=add_timestamp)
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if self.is_ddp else 1
+
+    def initialize(self):
+        if self.was_initialized:
+            raise RuntimeError("SSLTrainer.initialize() called twice")
+        if not getattr(self, "_log_ready", False):
+            raise RuntimeError("call SSLTrainer.configure(method, ...) before initialize()")
+        torch.manual_seed(self.seed + 1000 * self.local_rank)
+        self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
+                                                               self.dataset_json)
+        cm = self.configuration_manager
+        network = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                         cm.network_arch_init_kwargs_req_import, self.num_input_channels,
+                                         self.num_input_channels, allow_init=True, deep_supervision=False)
+        method_cls = get_method(self.method_name)
+        self.method = method_cls(network, self.method_plan, self.ssl_plan, self.num_input_channels).to(self.device)
+        self.network = self.method.network
+        self.optimizer = build_optimizer([p for p in self.method.parameters() if p.requires_grad],
+                                         self.method_plan["optimizer"])
+        self.lr_scheduler = None
+        if self.is_ddp:
+            # the decoder's intermediate seg_layers get no gradient: find_unused_parameters is required
+            self.model = DDP(self.method, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
+                             find_unused_parameters=True)
+        else:
+            self.model = self.method
+        self.batch_size = max(1, round(int(self.method_plan["batch_size"]) / self.world_size))
+        self.was_initialized = True
+
+    def _make_samplers(self):
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        folder = self.preprocessed_dataset_folder
+        if not os.path.isdir(folder):
+            raise SSLInputError(f"Preprocessed data {folder} not found. Run ssl_nnunet_preprocess -d "
+                                f"{self.plans_manager.dataset_name} first.")
+        dataset_class = infer_dataset_class(folder)
+        identifiers = sorted(dataset_class.get_identifiers(folder))
+        method_cls = type(self.method)
+        needed = method_cls.cases_per_sample
+        if len(identifiers) < needed:
+            raise SSLInputError(f"{self.method_name} needs at least {needed} preprocessed cases, {folder} has "
+                                f"{len(identifiers)}.")
+        n_val = max(1, len(identifiers) // 10) if len(identifiers) >= 2 * needed + 1 else 0
+        train_ids = identifiers[:len(identifiers) - n_val]
+        self.val_identifiers = identifiers[len(identifiers) - n_val:] if n_val else train_ids
+        dataset = dataset_class(folder)
+        patch = method_cls.required_patch_size(self.method_plan)
+        sampler = UnlabeledPatchSampler(dataset, train_ids, patch, self.batch_size, needed,
+                                        seed=self.seed + 1000 * self.local_rank + self.current_epoch)
+        self.dataloader_train = PrefetchLoader(sampler, self.num_prefetch)
+        self._val_args = (dataset, self.val_identifiers, patch, self.batch_size, needed)
+        self.print_to_log_file(f"SSL method {self.method_name}: {len(train_ids)} training / "
+                               f"{len(self.val_identifiers)} validation cases, data patch {patch}, batch "
+                               f"{self.batch_size} per process x {self.world_size}, {self.total_iterations} "
+                               f"iterations ({self.num_epochs} epochs x {self.iterations_per_epoch})")
+
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        self._make_samplers()
+        if self.local_rank == 0:
+            atomic_save_json(self.plans_manager.plans, os.path.join(self.output_folder, "plans.json"))
+            atomic_save_json(self.dataset_json, os.path.join(self.output_folder, "dataset.json"))
+            fp = os.path.join(self.preprocessed_dataset_folder_base, "dataset_fingerprint.json")
+            if os.path.isfile(fp):
+                atomic_copy(fp, os.path.join(self.output_folder, "dataset_fingerprint.json"))
+
+    # ------------------------------------------------------------------ steps
+    def _iteration(self, epoch: int, step: int) -> int:
+        return epoch * self.iterations_per_epoch + step
+
+    def _iterations_in_epoch(self, epoch: int) -> int:
+        return min(self.iterations_per_epoch, self.total_iterations - epoch * self.iterations_per_epoch)
+
+    def _autocast(self):
+        if self.use_amp:
+            return torch.autocast(self.device.type, enabled=True)
+        import contextlib
+        return contextlib.nullcontext()
+
+    def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        if self.is_ddp:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item() > 0)
+
+    def train_step(self, batch: torch.Tensor, iteration: int) -> Optional[Dict[str, float]]:
+        lr = learning_rate(self.method_plan["lr_schedule"], self.method_plan["optimizer"]["lr"], iteration,
+                           self.total_iterations)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = batch.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            terms = self.model(batch)
+        loss = terms["loss"]
+        if not self._all_ranks_finite(loss):
+            self.nonfinite_steps += 1
+            self._consecutive_nonfinite += 1
+            self.print_to_log_file(f"WARNING: non-finite loss at iteration {iteration}; step skipped "
+                                   f"({self._consecutive_nonfinite} in a row)")
+            if self._consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
+                raise RuntimeError(
+                    f"The SSL loss was NaN/inf for {MAX_CONSECUTIVE_NONFINITE} consecutive iterations (last: "
+                    f"{iteration}). Training stopped; the last good checkpoint is kept in {self.output_folder} "
+                    f"(resume with --c after lowering the learning rate in the plan, or check the data).")
+            return None
+        self._consecutive_nonfinite = 0
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.grad_clip)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.grad_clip)
+            self.optimizer.step()
+        self.method.after_optimizer_step(iteration, self.total_iterations)
+        return {k: float(v.detach().float().item()) for k, v in terms.items()}
+
+    def _reduce_means(self, outputs: List[Dict[str, float]]) -> Dict[str, float]:
+        keys = sorted(outputs[0]) if outputs else []
+        means = torch.tensor([np.mean([o[k] for o in outputs]) for k in keys] or [0.0], dtype=torch.float64)
+        if self.is_ddp:
+            means = means.to(self.device) if self.device.type == "cuda" else means
+            dist.all_reduce(means)
+            means = means.cpu() / self.world_size
+        return {k: float(v) for k, v in zip(keys, means)}
+
+    @torch.no_grad()
+    def validate(self) -> Dict[str, float]:
+        """SSL loss on fixed patches and masks of the held-out cases (identical every epoch)."""
+        self.method.eval()
+        sampler = UnlabeledPatchSampler(*self._val_args, seed=VALIDATION_SEED + self.local_rank)
+        generator = torch.Generator(device=self.device).manual_seed(VALIDATION_SEED + self.local_rank)
+        outputs = []
+        for _ in range(self.num_val_iterations_per_epoch):
+            batch = sampler.next_batch().to(self.device)
+            with self._autocast():
+                terms = self.method(batch, generator=generator)
+            outputs.append({k: float(v.detach().float().item()) for k, v in terms.items()})
+        self.method.train()
+        self._last_val_batch = batch
+        return self._reduce_means(outputs)
+
+    # ------------------------------------------------------------------ loop
+    def run_training(self):
+        from tqdm import tqdm
+        self.on_train_start()
+        self._consecutive_nonfinite = 0
+        if self.current_epoch >= self.num_epochs:
+            self.print_to_log_file("Training already finished.")
+        while self.current_epoch < self.num_epochs:
+            epoch = self.current_epoch
+            t0 = time.time()
+            wait0 = self.dataloader_train.wait_time
+            self.method.train()
+            outputs = []
+            n_iter = self._iterations_in_epoch(epoch)
+            bar = tqdm(range(n_iter), desc=f"Epoch {epoch + 1}/{self.num_epochs}", leave=False,
+                       disable=self.local_rank != 0)
+            for step in bar:
+                out = self.train_step(next(self.dataloader_train), self._iteration(epoch, step))
+                if out is not None:
+                    outputs.append(out)
+                    self.iteration_losses.append(out["loss"])
+                    bar.set_postfix(loss=f"{out['loss']:.4f}")
+            bar.close()
+            train = self._reduce_means(outputs) if outputs else {}
+            val = self.validate()
+            elapsed = time.time() - t0
+            for k, v in train.items():
+                self.logger.log(f"train_{k}", v, epoch)
+            for k, v in val.items():
+                self.logger.log(f"val_{k}", v, epoch)
+            self.logger.log("lr", self.optimizer.param_groups[0]["lr"], epoch)
+            self.logger.log("epoch_time", elapsed, epoch)
+            self.logger.log("data_wait_fraction", (self.dataloader_train.wait_time - wait0) / max(elapsed, 1e-9),
+                            epoch)
+            self.print_to_log_file(
+                f"Epoch {epoch + 1}/{self.num_epochs} ({self._iteration(epoch, n_iter)} iterations): "
+                + ", ".join(f"train_{k} {v:.4f}" for k, v in train.items()) + "; "
+                + ", ".join(f"val_{k} {v:.4f}" for k, v in val.items())
+                + f"; lr {self.optimizer.param_groups[0]['lr']:.2e}; {elapsed:.1f} s")
+            self.current_epoch += 1
+            if self.local_rank == 0:
+                self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+                self.logger.plot_progress_png(self.output_folder)
+                if epoch % self.preview_every == 0 or self.current_epoch == self.num_epochs:
+                    self._save_preview(epoch)
+        self.on_train_end()
+
+    def on_train_end(self):
+        if self.is_ddp:
+            self.ddp_checksums = self._gather_weight_checksums()
+        if self.local_rank == 0:
+            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_final.pth"))
+            latest = os.path.join(self.output_folder, "checkpoint_latest.pth")
+            if os.path.isfile(latest):
+                os.remove(latest)
+            self.print_to_log_file(f"Training done. Final checkpoint: "
+                                   f"{os.path.join(self.output_folder, 'checkpoint_final.pth')}")
+        if self.dataloader_train is not None:
+            self.dataloader_train.close()
+
+    def _gather_weight_checksums(self) -> List[float]:
+        local = torch.tensor([sum(float(p.detach().double().sum()) for p in self.network.parameters())],
+                             dtype=torch.float64)
+        gathered = [torch.zeros_like(local) for _ in range(self.world_size)]
+        if self.device.type == "cuda":
+            local = local.to(self.device)
+            gathered = [g.to(self.device) for g in gathered]
+        dist.all_gather(gathered, local)
+        return [float(g.item()) for g in gathered]
+
+    def _save_preview(self, epoch: int) -> None:
+        rows = self.method.previews(self._last_val_batch)
+        if not rows:
+            return
+        from ssl_nnunet.training.previews import save_preview_png
+        save_preview_png(rows, os.path.join(self.output_folder, f"preview_epoch_{epoch + 1:04d}.png"),
+                         title=f"{self.method_name}, epoch {epoch + 1}")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return
+        checkpoint = {
+            "network_weights": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
+            "ssl_method_state": {k: v.detach().cpu() for k, v in self.method.state_dict().items()},
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": None,
+            "current_epoch": self.current_epoch,
+            "iterations_done": min(self.total_iterations, self.current_epoch * self.iterations_per_epoch),
+            "total_iterations": self.total_iterations,
+            "nonfinite_steps": self.nonfinite_steps,
+            "iteration_losses": list(self.iteration_losses),
+            "init_args": {"plans": self.plans_manager.plans, "configuration": self.configuration_name,
+                          "fold": self.fold, "dataset_json": self.dataset_json, "device": torch.device("cpu")},
+            "trainer_name": self.__class__.__name__,
+            "ssl_method": self.method_name,
+            "inference_allowed_mirroring_axes": None,
+        }
+        if getattr(self, "ddp_checksums", None) is not None:
+            checkpoint["ddp_rank_weight_checksums"] = self.ddp_checksums
+        atomic_torch_save(checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        ckpt = filename_or_checkpoint
+        if isinstance(ckpt, str):
+            ckpt = torch.load(ckpt, map_location=self.device, weights_only=False)
+        if ckpt.get("ssl_method") not in (None, self.method_name):
+            raise SSLInputError(f"Checkpoint was written by method '{ckpt['ssl_method']}', not "
+                                f"'{self.method_name}'.")
+        self.method.load_state_dict(ckpt["ssl_method_state"])
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        if self.grad_scaler is not None and ckpt.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(ckpt["grad_scaler_state"])
+        self.current_epoch = int(ckpt["current_epoch"])
+        self.nonfinite_steps = int(ckpt.get("nonfinite_steps", 0))
+        self.iteration_losses = list(ckpt.get("iteration_losses", []))[:self.current_epoch * self.iterations_per_epoch]
+        self.logger.load_checkpoint(ckpt["logging"])
+        self.logger.truncate(self.current_epoch)
+        self.print_to_log_file(f"Resumed from epoch {self.current_epoch}/{self.num_epochs}")
