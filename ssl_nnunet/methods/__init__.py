@@ -1,18 +1,19 @@
 """Method registry: ``-m NAME`` -> SSLMethod subclass.
 
-A new objective needs one module in this package and one ``register`` call in it, plus its module name
-in ``_METHOD_MODULES`` below.
+A new objective needs one module ``ssl_nnunet/methods/<name>.py`` whose class is decorated with
+``@register``; ``<name>`` must be listed in ``_METHOD_MODULES`` below.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Dict, Type
 
 from ssl_nnunet.methods.base import SSLMethod
 
 _REGISTRY: Dict[str, Type[SSLMethod]] = {}
 # modules imported lazily by get_method(); each calls register() for its class
-_METHOD_MODULES = {"mae": "ssl_nnunet.methods.mae"}
+_METHOD_MODULES = {name: f"ssl_nnunet.methods.{name}" for name in ("mae", "mim", "voco", "gvsl", "alice")}
 ALL_METHODS = ("mae", "mim", "voco", "gvsl", "alice")
 
 
@@ -25,11 +26,12 @@ def register(cls: Type[SSLMethod]) -> Type[SSLMethod]:
 
 
 def available_methods() -> list:
-    return sorted(_METHOD_MODULES)
+    """Methods whose module exists in this installation."""
+    return sorted(n for n, m in _METHOD_MODULES.items() if importlib.util.find_spec(m) is not None)
 
 
 def get_method(name: str) -> Type[SSLMethod]:
-    if name not in _METHOD_MODULES:
+    if name not in available_methods():
         raise KeyError(f"Unknown SSL method '{name}'. Implemented methods: {', '.join(available_methods())}.")
     importlib.import_module(_METHOD_MODULES[name])
     return _REGISTRY[name]

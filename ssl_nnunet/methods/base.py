@@ -43,6 +43,15 @@ class SSLMethod(nn.Module):
         """Spatial size (a0, a1, a2) of the patch the data loader must cut for this method."""
         return list(method_plan["pretrain_patch_size"])
 
+    @classmethod
+    def make_sampler(cls, dataset, identifiers: List[str], patch_size: List[int], batch_size: int, seed: int,
+                     method_plan: dict, preprocessed_folder: str):
+        """The data sampler (an object with ``next_batch() -> Tensor``). Default: random body-box patches of
+        ``cases_per_sample`` different cases (:class:`ssl_nnunet.training.data.UnlabeledPatchSampler`).
+        Methods that must choose *where* to cut (e.g. Alice's matched crops) override this."""
+        from ssl_nnunet.training.data import UnlabeledPatchSampler
+        return UnlabeledPatchSampler(dataset, identifiers, patch_size, batch_size, cls.cases_per_sample, seed=seed)
+
     def forward(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """Build the views from ``batch`` and return ``{"loss": total, "<term>": value, ...}``.
 

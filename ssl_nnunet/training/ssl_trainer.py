@@ -30,7 +30,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 
 from ssl_nnunet.methods import get_method
 from ssl_nnunet.paths import nnUNet_results
-from ssl_nnunet.training.data import PrefetchLoader, UnlabeledPatchSampler
+from ssl_nnunet.training.data import PrefetchLoader
 from ssl_nnunet.training.logger import SSLLogger
 from ssl_nnunet.training.schedule import build_optimizer, learning_rate
 from ssl_nnunet.utilities.errors import SSLInputError
@@ -155,10 +155,12 @@ class SSLTrainer(nnUNetTrainer):
         self.val_identifiers = identifiers[len(identifiers) - n_val:] if n_val else train_ids
         dataset = dataset_class(folder)
         patch = method_cls.required_patch_size(self.method_plan)
-        sampler = UnlabeledPatchSampler(dataset, train_ids, patch, self.batch_size, needed,
-                                        seed=self.seed + 1000 * self.local_rank + self.current_epoch)
+        sampler = method_cls.make_sampler(dataset, train_ids, patch, self.batch_size,
+                                          self.seed + 1000 * self.local_rank + self.current_epoch,
+                                          self.method_plan, folder)
         self.dataloader_train = PrefetchLoader(sampler, self.num_prefetch)
-        self._val_args = (dataset, self.val_identifiers, patch, self.batch_size, needed)
+        self._val_args = (dataset, self.val_identifiers, patch, self.batch_size, VALIDATION_SEED,
+                          self.method_plan, folder)
         self.print_to_log_file(f"SSL method {self.method_name}: {len(train_ids)} training / "
                                f"{len(self.val_identifiers)} validation cases, data patch {patch}, batch "
                                f"{self.batch_size} per process x {self.world_size}, {self.total_iterations} "
@@ -242,7 +244,9 @@ class SSLTrainer(nnUNetTrainer):
     def validate(self) -> Dict[str, float]:
         """SSL loss on fixed patches and masks of the held-out cases (identical every epoch)."""
         self.method.eval()
-        sampler = UnlabeledPatchSampler(*self._val_args, seed=VALIDATION_SEED + self.local_rank)
+        dataset, ids, patch, batch_size, seed, method_plan, folder = self._val_args
+        sampler = type(self.method).make_sampler(dataset, ids, patch, batch_size, seed + self.local_rank,
+                                                 method_plan, folder)
         generator = torch.Generator(device=self.device).manual_seed(VALIDATION_SEED + self.local_rank)
         outputs = []
         for _ in range(self.num_val_iterations_per_epoch):

@@ -1,0 +1,1 @@
+"""Benchmarks (``ssl_nnunet_benchmark``): measured, never asserted in tests."""
