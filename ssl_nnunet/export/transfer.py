@@ -31,7 +31,7 @@ def _dataset_number(dataset_name: str) -> int:
     return int(dataset_name[len("Dataset"):len("Dataset") + 3])
 
 
-def _check_target(target_name: str, source_plans: dict, source_name: str) -> dict:
+def _check_target(target_name: str, source_plans: dict, source_name: str, adapt_channels: bool = False) -> dict:
     raw = os.path.join(nnUNet_raw, target_name)
     dataset_json = load_json(os.path.join(raw, "dataset.json"), "dataset.json")
     labels_dir = os.path.join(raw, "labelsTr")
@@ -40,16 +40,35 @@ def _check_target(target_name: str, source_plans: dict, source_name: str) -> dic
                             f"labeled nnU-Net dataset.")
     n_target = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
     n_source = len(source_plans["configurations"][CONFIGURATION]["normalization_schemes"])
-    if n_target != n_source:
+    if n_target != n_source and not adapt_channels:
         raise SSLInputError(f"{target_name} has {n_target} input channel(s) but the network pretrained on "
                             f"{source_name} expects {n_source}; the pretrained first convolution cannot be loaded. "
                             f"Use a target with {n_source} channel(s).")
     return dataset_json
 
 
+def adapt_plans_to_target_channels(plans_file: str, target_dataset_json: dict, target_fingerprint_file: str) -> bool:
+    """When the target has another number of input channels than the pretraining data, give the transferred
+    plans one normalisation scheme per *target* channel (nnU-Net's choice from the channel name) and the
+    target's intensity statistics. Returns True when the plans were changed (written atomically)."""
+    from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import get_normalization_scheme
+    plans = load_json(plans_file, "plans")
+    config = plans["configurations"][CONFIGURATION]
+    names = [target_dataset_json["channel_names"][k] for k in sorted(target_dataset_json["channel_names"], key=int)]
+    if len(names) == len(config["normalization_schemes"]):
+        return False
+    config["normalization_schemes"] = [get_normalization_scheme(n).__name__ for n in names]
+    config["use_mask_for_norm"] = [bool(config["use_mask_for_norm"][0])] * len(names)
+    fingerprint = load_json(target_fingerprint_file, "fingerprint")
+    plans["foreground_intensity_properties_per_channel"] = fingerprint["foreground_intensity_properties_per_channel"]
+    from ssl_nnunet.utilities.file_io import atomic_save_json
+    atomic_save_json(plans, plans_file)
+    return True
+
+
 def transfer_and_preprocess(source_dataset: Union[int, str], target_dataset: Union[int, str],
                             plans_identifier: str = FINETUNE_PLANS, num_processes: int = 1,
-                            verbose: bool = False) -> str:
+                            verbose: bool = False, adapt_channels: bool = False) -> str:
     """Transfer ``plans_identifier`` from the pretraining dataset to the target and preprocess the target.
 
     Returns the path of the target's plans file (``nnUNet_preprocessed/<target>/<plans_identifier>.json``).
@@ -68,7 +87,7 @@ def transfer_and_preprocess(source_dataset: Union[int, str], target_dataset: Uni
     source_plans = load_json(source_plans_file, "plans")
     if CONFIGURATION not in source_plans.get("configurations", {}):
         raise SSLInputError(f"{source_plans_file} has no '{CONFIGURATION}' configuration.")
-    _check_target(target_name, source_plans, source_name)
+    target_json = _check_target(target_name, source_plans, source_name, adapt_channels)
     target_id = _dataset_number(target_name)
     target_pp = os.path.join(nnUNet_preprocessed, target_name)
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
@@ -79,6 +98,9 @@ def transfer_and_preprocess(source_dataset: Union[int, str], target_dataset: Uni
                                         clean=False, verbose=verbose, show_progress_bar=verbose)
         os.makedirs(target_pp, exist_ok=True)
         move_plans_between_datasets(source_name, target_name, plans_identifier, plans_identifier)
+        if adapt_channels:
+            adapt_plans_to_target_channels(os.path.join(target_pp, plans_identifier + ".json"), target_json,
+                                           os.path.join(target_pp, "dataset_fingerprint.json"))
         atomic_copy(os.path.join(nnUNet_raw, target_name, "dataset.json"), os.path.join(target_pp, "dataset.json"))
         preprocess_dataset(target_id, plans_identifier, configurations=(CONFIGURATION,),
                            num_processes=[num_processes], verbose=verbose, show_progress_bar=verbose)

@@ -1,0 +1,65 @@
+"""Fine-tuning trainers for pretrained ssl_nnunet weights (``nnUNetv2_train -tr <name>``).
+
+``nnUNetTrainer_SSLFinetune`` is the default schedule for pretrained weights: nnunetv2's warm-up trainer
+(SGD, Nesterov 0.99, a linear learning-rate warm-up over the first 50 epochs, then nnU-Net's poly decay)
+with the nnssl fine-tuning learning rate 1e-3 and nnU-Net's 1000 epochs x 250 iterations.
+
+The ``_CPU300`` / ``_CPU1000`` variants are short CPU budgets (300 / 1000 training iterations, a 2-epoch
+warm-up, learning rate 1e-2 because the budget is short, 5 validation iterations per epoch) without
+mirroring in augmentation and inference (nnunetv2's ``nnUNetTrainerNoMirroring``) so nnU-Net's final
+validation stays cheap. Both arms of a comparison (pretrained and scratch) always use the same trainer.
+
+Imported by nnunetv2 as a top-level module from the ``nnUNet_extTrainer`` folder: absolute imports only.
+"""
+import torch
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import \
+    nnUNetTrainerNoMirroring
+from nnunetv2.training.nnUNetTrainer.variants.lr_schedule.nnUNetTrainer_warmup import nnUNetTrainer_warmup
+
+
+class _FullCheckpointLoading:
+    """nnunetv2's warm-up trainer loads checkpoints with ``torch.load`` defaults; torch >= 2.6 defaults to
+    ``weights_only=True``, which rejects nnU-Net's own checkpoints (numpy scalars in the log), so ``--c``
+    would fail. Load them as nnU-Net's base trainer does (``weights_only=False``)."""
+
+    def load_checkpoint(self, filename_or_checkpoint):
+        if not isinstance(filename_or_checkpoint, str):
+            return super().load_checkpoint(filename_or_checkpoint)
+        original = torch.load
+        torch.load = lambda *args, **kwargs: original(*args, **{**kwargs, "weights_only": False})
+        try:
+            return super().load_checkpoint(filename_or_checkpoint)
+        finally:
+            torch.load = original
+
+
+class nnUNetTrainer_SSLFinetune(_FullCheckpointLoading, nnUNetTrainer_warmup):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-3
+        self.warmup_duration_whole_net = 50
+        self.num_epochs = 1000
+
+
+class nnUNetTrainer_SSLFinetune_CPU300(_FullCheckpointLoading, nnUNetTrainer_warmup, nnUNetTrainerNoMirroring):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-2
+        self.warmup_duration_whole_net = 2
+        self.num_epochs = 10
+        self.num_iterations_per_epoch = 30
+        self.num_val_iterations_per_epoch = 5
+
+
+class nnUNetTrainer_SSLFinetune_CPU1000(_FullCheckpointLoading, nnUNetTrainer_warmup,
+                                       nnUNetTrainerNoMirroring):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-2
+        self.warmup_duration_whole_net = 2
+        self.num_epochs = 20
+        self.num_iterations_per_epoch = 50
+        self.num_val_iterations_per_epoch = 5

@@ -1,0 +1,95 @@
+"""ssl_nnunet_finetune: pretrain -> export -> real nnUNetv2_train on a 2-channel target, scratch arm, report."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_synthetic_dataset
+from experiment_planning.fingerprint import extract_fingerprint
+from experiment_planning.planner import plan_experiment
+from experiment_planning.preprocess import preprocess
+from ssl_nnunet.export import export_bundle
+from ssl_nnunet.finetune.finetune import finetune, fold_folder
+from ssl_nnunet.finetune.report import build_report, write_report
+from ssl_nnunet.paths import nnUNet_results
+from ssl_nnunet.training.run import pretrain
+
+SOURCE_ID, TARGET_ID = 960, 961
+TARGET = "Dataset961_FinetuneTarget"
+TRAINER = "nnUNetTrainer_SSLSmoke"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    write_synthetic_dataset(SOURCE_ID, "FinetuneSource", n_cases=3, shape=(48, 52, 56))
+    extract_fingerprint(SOURCE_ID, 1, verbose=False)
+    plan_experiment(SOURCE_ID, "cpu_smoke", verbose=False)
+    preprocess(SOURCE_ID, num_processes=1, verbose=False)
+    pretrain(SOURCE_ID, "mae", device="cpu", iterations=2, num_prefetch=0)
+    out = str(tmp_path_factory.mktemp("bundles") / "mae")
+    export_bundle(SOURCE_ID, "mae", out)
+    write_synthetic_dataset(TARGET_ID, "FinetuneTarget", n_cases=5, shape=(44, 48, 52), labeled=True,
+                            channel_names={"0": "MRI", "1": "MRI"}, seed=3)
+    return out
+
+
+def test_finetune_two_channel_target_pretrained_and_scratch(bundle, capsys):
+    report = finetune(TARGET_ID, bundle, folds=[0], scratch=True, trainer=TRAINER, device="cpu", num_processes=1)
+    out = capsys.readouterr().out
+    assert "input channels adapted" in out
+    root = os.path.join(nnUNet_results, TARGET, "ssl_nnunet_finetune", "Dataset960_FinetuneSource")
+    pre = fold_folder(os.path.join(root, "pretrained_mae"), TARGET, TRAINER, 0)
+    scr = fold_folder(os.path.join(root, "scratch"), TARGET, TRAINER, 0)
+    for folder in (pre, scr):
+        assert os.path.isfile(os.path.join(folder, "checkpoint_final.pth"))
+        assert os.path.isfile(os.path.join(folder, "validation", "summary.json"))
+    with open(os.path.join(pre, "ssl_nnunet_finetune_stdout.txt")) as f:
+        assert "Loading pretrained weights" in f.read()
+    with open(os.path.join(scr, "ssl_nnunet_finetune_stdout.txt")) as f:
+        assert "Loading pretrained weights" not in f.read()
+    # the adapted weights file: first conv repeated over 2 channels and halved
+    adapted = torch.load(os.path.join(root, f"weights_for_{TARGET}.pth"), weights_only=False)["network_weights"]
+    original = torch.load(os.path.join(bundle, "checkpoint_final.pth"), weights_only=False)["network_weights"]
+    key = "encoder.stem.convs.0.conv.weight"
+    assert adapted[key].shape[1] == 2 and original[key].shape[1] == 1
+    assert torch.allclose(adapted[key][:, 1:2], original[key] / 2)
+    assert report["folds_compared"] == [0]
+    report_dir = os.path.join(root, f"report_mae__{TRAINER}")
+    for name in ("finetune_report.md", "finetune_report.json", "finetune_report.png", "finetune_curves.png"):
+        assert os.path.isfile(os.path.join(report_dir, name)), name
+
+    # rerun: both folds are finished and skipped
+    finetune(TARGET_ID, bundle, folds=[0], scratch=True, trainer=TRAINER, device="cpu", num_processes=1)
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 2
+
+    # an interrupted fold (latest checkpoint, no final, no validation) continues with nnU-Net's --c
+    shutil.move(os.path.join(scr, "checkpoint_final.pth"), os.path.join(scr, "checkpoint_latest.pth"))
+    shutil.rmtree(os.path.join(scr, "validation"))
+    finetune(TARGET_ID, bundle, folds=[0], scratch=True, trainer=TRAINER, device="cpu", num_processes=1)
+    assert "--c" in capsys.readouterr().out
+    assert os.path.isfile(os.path.join(scr, "checkpoint_final.pth"))
+
+
+def _fake_fold(root, fold, dice1, dice2):
+    os.makedirs(os.path.join(root, f"fold_{fold}", "validation"))
+    with open(os.path.join(root, f"fold_{fold}", "validation", "summary.json"), "w") as f:
+        json.dump({"foreground_mean": {"Dice": (dice1 + dice2) / 2},
+                   "mean": {"1": {"Dice": dice1}, "2": {"Dice": dice2}}}, f)
+    return os.path.join(root, f"fold_{fold}")
+
+
+def test_report_numbers(tmp_path):
+    folders = {"pretrained": {f: _fake_fold(tmp_path / "p", f, 0.8 + 0.02 * f, 0.6) for f in range(3)},
+               "scratch": {f: _fake_fold(tmp_path / "s", f, 0.7, 0.6 - 0.01 * f) for f in range(3)}}
+    report = build_report(folders, {"1": "a", "2": "b"})
+    rows = {r["class"]: r for r in report["classes"]}
+    assert np.isclose(rows["1"]["pretrained"]["mean"], 0.82)
+    assert np.isclose(rows["1"]["paired_difference"]["mean"], 0.12)
+    assert np.isclose(rows["2"]["paired_difference"]["mean"], 0.01)
+    assert np.isclose(rows["mean"]["scratch"]["mean"], np.mean([(0.7 + 0.6 - 0.01 * f) / 2 for f in range(3)]))
+    write_report(folders, str(tmp_path / "r"), "test")
+    text = (tmp_path / "r" / "finetune_report.md").read_text()
+    assert "+0.1200" in text and os.path.isfile(tmp_path / "r" / "finetune_report.png")
