@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export OMP_NUM_THREADS ?= 2
 export MKL_NUM_THREADS ?= 2
 
-.PHONY: install demo test clean-demo
+.PHONY: install demo test
 
 install: $(STAMP)
 

@@ -4,7 +4,7 @@ setup(
     name="ssl_nnunet",
     version="0.1.0",
     description="Self-supervised pretraining for 3D medical images, done the nnU-Net way",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["ssl_nnunet", "ssl_nnunet.*", "experiment_planning", "experiment_planning.*",
                                     "plans"]),
     package_data={"plans": ["*.json"]},

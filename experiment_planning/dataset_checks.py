@@ -20,12 +20,14 @@ def load_dataset_json(dataset_name: str) -> dict:
     dataset_json = load_json(path, "dataset.json")
     if not isinstance(dataset_json, dict):
         raise SSLInputError(f"{path} must hold a JSON object with 'channel_names', 'labels' and 'file_ending'.")
-    for key in ("channel_names", "labels", "file_ending"):
+    for key in ("channel_names", "labels", "file_ending", "numTraining"):
         if key not in dataset_json:
             hint = ' (for an unlabeled dataset use "labels": {"background": 0})' if key == "labels" else ""
             raise SSLInputError(f"{path} has no '{key}' key{hint}. Add it and rerun.")
-    if not isinstance(dataset_json["channel_names"], dict) or not dataset_json["channel_names"]:
-        raise SSLInputError(f"{path}: 'channel_names' must be a non-empty mapping like {{\"0\": \"CT\"}}.")
+    names = dataset_json["channel_names"]
+    if not isinstance(names, dict) or not names or not all(str(k).isdigit() for k in names):
+        raise SSLInputError(f"{path}: 'channel_names' must map channel numbers to names, like "
+                            f"{{\"0\": \"CT\"}} or {{\"0\": \"T1\", \"1\": \"T2\"}}.")
     return dataset_json
 
 

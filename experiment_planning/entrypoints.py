@@ -19,7 +19,8 @@ def _common_args(parser: argparse.ArgumentParser, planning: bool = True) -> None
         parser.add_argument("-gpu_memory_target", type=float, default=None,
                             help="GPU memory target in GB for the nnU-Net planner (preset default if unset)")
         parser.add_argument("--spacing", type=float, nargs=3, default=None,
-                            help="target spacing (nnU-Net axis order) instead of the median")
+                            help="target spacing in the order of the fingerprint's 'spacings' (before nnU-Net's "
+                                 "transpose) instead of the median")
         parser.add_argument("--isotropic", action="store_true",
                             help="isotropic target spacing = the smallest median spacing")
     parser.add_argument("--quiet", action="store_true", help="less output")

@@ -114,7 +114,7 @@ def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "Res
     kw = config["architecture"]["arch_kwargs"]
     median_shape = config["median_image_size_in_voxels"]
     plans["ssl"] = compute_ssl_block(config["patch_size"], kw["strides"], config["spacing"], median_shape,
-                                     profile, downstream_patch)
+                                     profile, downstream_patch, verbose=verbose)
     plans["ssl"]["planner_preset"] = preset
 
     finetune = copy.deepcopy(plans)

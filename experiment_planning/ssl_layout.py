@@ -58,13 +58,21 @@ def voco_layout(patch: List[int], total_stride: List[int], median_shape: Sequenc
 
 
 def gvsl_layout(patch: List[int]) -> dict:
+    """GVSL (METHODS.md §5.5; keys documented in ssl_nnunet/methods/gvsl.py and documentation/methods/gvsl.md).
+
+    Sizes in voxels of the pair patch P; angles in radians; ``weights`` = [ncc, smooth, restore].
+    """
     return {"pair_patch": list(patch),
             "ncc_window": [min(9, 2 * (P // 8) + 1) for P in patch],
             "affine_bounds": [math.pi / 9, 0.25, math.pi / 18],
             "spatial_aug": {"rotation": math.pi / 9, "scale": [0.75, 1.25], "shear": math.pi / 18,
                             "translation": 0.1, "elastic_sigma": [10, 13], "elastic_alpha": [0, 512]},
-            "appearance": {"local_shuffle_p": 0.8, "nonlinear_p": 0.9, "inpaint": True},
-            "weights": [1.0, 1.0, 1.0], "affine_grad": True}
+            "appearance": {"local_shuffle_p": 0.8, "nonlinear_p": 0.9, "inpaint": True,
+                           "shuffle_windows_per_128": 5000, "shuffle_window_fraction": 0.05,
+                           "inpaint_max_boxes": 30, "inpaint_continue_p": 0.95, "inpaint_size": [0.1, 0.2]},
+            "intensity": {"mode": "per_patch", "percentiles": [0.5, 99.5], "range": None},
+            "pair_sampling": "matched",
+            "weights": [1.0, 1.0, 1.0], "affine_grad": True, "restore_hidden": 16}
 
 
 def _mim_u2(P: int, q: int) -> int:
@@ -75,15 +83,27 @@ def _mim_u2(P: int, q: int) -> int:
 
 
 def mim_layout(patch: List[int], quantum: List[int], median_shape: Sequence[float]) -> dict:
+    """MiM (METHODS.md §6.4): X1 = r1 ⊙ P (r1 = 2, or 1 where 2P exceeds the median shape), level-1 grid g1 = r1
+    (units of P/r1 in x1 = native P-sized level-2 regions), u2 ≈ P/6 (multiple of 2q), level 3 = a u2 region
+    zoomed to P.
+
+    Small-image fallback: when r1 = 1 on every axis (images smaller than 2P everywhere) a single level-1 unit
+    would leave nothing visible next to the hidden one. Then X1 = P is split into halves (g1 = 2 wherever P/2 is
+    still a multiple of q) and a level-2 volume is a hidden half upsampled to P (``level2_zoom`` = g1 / r1).
+    """
     r1 = [1 if 2 * P > m else 2 for P, m in zip(patch, median_shape)]
+    grid1 = list(r1)
+    if int(np.prod(r1)) == 1:
+        grid1 = [2 if P % (2 * q) == 0 else 1 for P, q in zip(patch, quantum)]
     u2 = [_mim_u2(P, q) for P, q in zip(patch, quantum)]
-    n1 = int(np.prod(r1))
+    n1 = int(np.prod(grid1))
     n_hidden1 = int(math.floor(0.5 * n1 + 0.5))
     return {"r1": r1, "level1_region": [r * P for r, P in zip(r1, patch)],
-            "level1_unit": [P // r for P, r in zip(patch, r1)], "u2": u2,
-            "level3_zoom": [P // u for P, u in zip(patch, u2)],
-            "ratios": [0.5, 0.6, 0.5], "gamma": min(4, n_hidden1), "beta": 2, "alpha": 0.1, "tau": 0.2,
-            "proj_dim": 2048, "align_stride": list(quantum), "target": "per_unit"}
+            "level1_unit": [P // g for P, g in zip(patch, grid1)], "level2_zoom": [g // r for g, r in zip(grid1, r1)],
+            "u2": u2, "level3_zoom": [P // u for P, u in zip(patch, u2)],
+            "ratios": [0.5, 0.6, 0.5], "gamma": max(1, min(4, n_hidden1)), "beta": 2, "alpha": 0.1, "tau": 0.2,
+            "proj_dim": 2048, "align_stride": list(quantum), "target": "per_unit",
+            "level_weights": [1.0, 1.0, 1.0]}
 
 
 def alice_layout(patch: List[int], quantum: List[int]) -> dict:
@@ -100,7 +120,8 @@ def _merge(base: dict, override: dict) -> dict:
 
 
 def compute_ssl_block(patch_size: Sequence[int], strides: Sequence[Sequence[int]], spacing: Sequence[float],
-                      median_shape: Sequence[float], profile: str, downstream_patch_size: Sequence[int]) -> dict:
+                      median_shape: Sequence[float], profile: str, downstream_patch_size: Sequence[int],
+                      verbose: bool = True) -> dict:
     """Build the ``ssl`` block for a CNN U-Net plan (see module docstring and METHODS.md §8)."""
     if profile not in PROFILES:
         raise SSLInputError(f"Unknown profile '{profile}'. Choose one of {', '.join(PROFILES)}.")
@@ -134,7 +155,7 @@ def compute_ssl_block(patch_size: Sequence[int], strides: Sequence[Sequence[int]
     block = {"architecture_family": "cnn", "profile": profile, "total_stride": S, "mask_quantum": q,
              "out_of_plane_axis": a_op, "recommended_downstream_patchsize": [int(p) for p in downstream_patch_size],
              "median_shape": [float(m) for m in median_shape], "methods": methods}
-    validate_ssl_block(block, patch, warn=True)
+    validate_ssl_block(block, patch, warn=verbose)
     return block
 
 
@@ -146,19 +167,22 @@ def validate_ssl_block(block: dict, patch: Sequence[int], warn: bool = False) ->
     warnings = []
 
     def fail(method, key, what):
-        raise SSLInputError(f"Invalid SSL layout for '{method}', key '{key}': {what}. Choose a patch size that is a "
-                            f"multiple of the network's total stride {S} (edit the plan or use another -profile).")
+        raise SSLInputError(f"Invalid SSL layout for '{method}', key '{key}': {what}. Sizes must be derived from a "
+                            f"patch that is a multiple of the network's total stride {S} and units that are "
+                            f"multiples of the mask quantum {q}; fix the plan or re-plan with another -profile.")
 
     for name, entry in m.items():
         if not _divides(S, entry["pretrain_patch_size"]):
             fail(name, "pretrain_patch_size", f"{entry['pretrain_patch_size']} is not a multiple of {S}")
     if not _divides(q, S):
         fail("all", "mask_quantum", f"{q} does not divide the total stride {S}")
-    if not _divides(m["mae"]["layout"]["mask_unit"], patch):
+    if not _divides(m["mae"]["layout"]["mask_unit"], m["mae"]["pretrain_patch_size"]):
         fail("mae", "mask_unit", "does not divide the patch")
     v = m["voco"]["layout"]
     if not _divides(S, v["crop_size"]):
         fail("voco", "crop_size", f"{v['crop_size']} is not a multiple of {S}")
+    if list(v["region_size"]) != [g * c for g, c in zip(v["base_grid"], v["crop_size"])]:
+        fail("voco", "region_size", "must equal base_grid x crop_size")
     if any(r > md for r, md in zip(v["region_size"], median)):
         warnings.append(f"voco region {v['region_size']} exceeds the median image shape {median}; regions get padded")
     mi = m["mim"]["layout"]
@@ -167,15 +191,35 @@ def validate_ssl_block(block: dict, patch: Sequence[int], warn: bool = False) ->
         fail("mim", "level1_unit", f"{mi['level1_unit']} must divide the patch {mp} and be a multiple of {q}")
     if not _divides(mi["u2"], mp) or not _divides(q, mi["u2"]):
         fail("mim", "u2", f"{mi['u2']} must divide the patch {mp} and be a multiple of {q}")
+    if list(mi["level1_region"]) != [r * P for r, P in zip(mi["r1"], mp)]:
+        fail("mim", "level1_region", f"{mi['level1_region']} must equal r1 {mi['r1']} times the patch {mp}")
     if any(r > md for r, md in zip(mi["level1_region"], median)):
         warnings.append(f"mim level-1 region {mi['level1_region']} exceeds the median image shape {median}")
-    if mi["gamma"] > math.floor(mi["ratios"][0] * np.prod(mi["r1"]) + 0.5):
-        fail("mim", "gamma", "more level-2 volumes than hidden level-1 units")
+    grid1 = [P // u for P, u in zip(mp, mi["level1_unit"])]
+    region2 = [R // g for R, g in zip(mi["level1_region"], grid1)]
+    if not _divides(grid1, mi["level1_region"]) or not _divides(region2, mp):
+        fail("mim", "level1_unit", f"the native level-2 region level1_region / (patch / level1_unit) = {region2} "
+                                   f"must divide the patch {mp}")
+    ratios = mi["ratios"]
+    if len(ratios) != 3 or not all(0 < r < 1 for r in ratios):
+        fail("mim", "ratios", f"{ratios} must be three mask ratios in (0, 1)")
+    n1, n2 = int(np.prod(grid1)), int(np.prod([P // u for P, u in zip(mp, mi["u2"])]))
+    hidden1 = math.floor(ratios[0] * n1 + 0.5)
+    if n1 < 2:
+        warnings.append(f"mim: the level-1 region {mi['level1_region']} has a single unit; 'ssl_nnunet_pretrain -m "
+                        f"mim' will refuse this plan (use a smaller patch)")
+    elif not 1 <= mi["gamma"] <= hidden1 or hidden1 >= n1:
+        fail("mim", "gamma", f"gamma {mi['gamma']} must lie in [1, {hidden1}] (hidden level-1 units of {n1}, "
+                             f"at least one visible)")
+    if not 0 <= mi["beta"] <= math.floor(ratios[1] * n2 + 0.5):
+        fail("mim", "beta", f"beta {mi['beta']} exceeds the hidden level-2 units")
     al = m["alice"]["layout"]
     if not _divides(al["mask_unit"], al["crop_size"]):
         fail("alice", "mask_unit", "does not divide the crop")
     if any(w > P for w, P in zip(m["gvsl"]["layout"]["ncc_window"], m["gvsl"]["pretrain_patch_size"])):
         fail("gvsl", "ncc_window", "window larger than the patch")
+    if any(int(w) % 2 == 0 for w in m["gvsl"]["layout"]["ncc_window"]):
+        fail("gvsl", "ncc_window", "window sizes must be odd (centred box)")
     if warn:
         for w in warnings:
             print(f"WARNING: {w}")

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from ssl_nnunet.utilities.errors import SSLInputError
+
 
 def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     name = cfg["name"]
@@ -16,7 +18,7 @@ def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     if name == "SGD":
         return torch.optim.SGD(params, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0),
                                momentum=cfg.get("momentum", 0.99), nesterov=cfg.get("nesterov", True))
-    raise ValueError(f"Unknown optimizer '{name}' in the plan (use AdamW, Adam or SGD)")
+    raise SSLInputError(f"Unknown optimizer '{name}' in the plan (use AdamW, Adam or SGD)")
 
 
 def learning_rate(schedule: dict, base_lr: float, iteration: int, total_iterations: int) -> float:
@@ -37,4 +39,4 @@ def learning_rate(schedule: dict, base_lr: float, iteration: int, total_iteratio
             return base_lr * (iteration + 1) / (warm + 1)
         progress = (iteration - warm) / max(1, total - warm)
         return base_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    raise ValueError(f"Unknown lr_schedule '{schedule['name']}' in the plan (use poly or warmup_cosine)")
+    raise SSLInputError(f"Unknown lr_schedule '{schedule['name']}' in the plan (use poly or warmup_cosine)")
