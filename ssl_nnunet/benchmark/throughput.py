@@ -122,7 +122,21 @@ def main() -> None:
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--timed", type=int, default=10)
     t.add_argument("-o", default="documentation/benchmarks", help="output prefix: writes PREFIX.json and PREFIX.md")
+    tr = sub.add_parser("transfer", help="pretrain every method, fine-tune vs scratch on the demo task")
+    tr.add_argument("-m", nargs="+", default=["all"], help="methods (default: all implemented)")
+    tr.add_argument("--budget", default="cpu-small", choices=["cpu-small", "gpu-full", "smoke"])
+    tr.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu")
+    tr.add_argument("-np", type=int, default=2)
+    tr.add_argument("--root", default=os.path.abspath("ssl_nnunet_data/benchmark_transfer"),
+                    help="folder for the benchmark's own nnU-Net data and results")
+    tr.add_argument("--write-docs", action="store_true", help="also write documentation/results.md + png")
     a = p.parse_args()
+
+    def go_transfer():
+        from ssl_nnunet.benchmark.transfer import run_transfer_benchmark
+        from ssl_nnunet.methods import available_methods
+        methods = available_methods() if a.m == ["all"] else a.m
+        run_transfer_benchmark(methods, a.budget, a.root, a.device, a.np, a.write_docs)
 
     def go():
         from ssl_nnunet.methods import available_methods
@@ -134,4 +148,4 @@ def main() -> None:
             results.append(r)
         write_report(results, a.o + ".json", a.o + ".md", "ssl_nnunet_benchmark " + " ".join(sys.argv[1:]))
         print(f"Wrote {a.o}.json and {a.o}.md")
-    run_cli(go)
+    run_cli(go if a.what == "throughput" else go_transfer)

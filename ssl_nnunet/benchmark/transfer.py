@@ -1,0 +1,171 @@
+"""``ssl_nnunet_benchmark transfer``: does pretraining pay off on the demo task?
+
+Pretrains every method with the same budget on the unlabeled demo set (``Dataset900``), fine-tunes each
+bundle and a scratch baseline on the labeled demo set (``Dataset901``) with ``ssl_nnunet_finetune``'s fold
+runner — same plan, trainer and splits — in a label-scarce setting: ``n_splits`` splits of
+``train_cases`` training cases each (disjoint) against one fixed validation set. Scratch is trained twice
+(two independent initialisations) to measure its run-to-run noise. Two fine-tuning budgets (short and long)
+are run. Results: ``results.json``, ``results.md`` (also written to ``documentation/results.md`` with
+``--write-docs``) and ``results.png``.
+
+The benchmark works in its own nnU-Net folders (``--root``), so the user's plans and splits are untouched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+import numpy as np
+
+BUDGETS = {
+    # name: (plan profile, pretraining iterations, {fine-tuning budget label: nnU-Net trainer}, splits, train cases)
+    "cpu-small": ("cpu_smoke", 200, {"short (300 it)": "nnUNetTrainer_SSLFinetune_CPU300",
+                                     "long (1000 it)": "nnUNetTrainer_SSLFinetune_CPU1000"}, 3, 4),
+    "smoke": ("cpu_smoke", 2, {"smoke": "nnUNetTrainer_SSLSmoke"}, 1, 4),
+    "gpu-full": ("gpu", None, {"nnU-Net default": "nnUNetTrainer_SSLFinetune"}, 5, None),
+}
+SOURCE, TARGET = "Dataset900_DemoBrainSSL", "Dataset901_DemoBrainSeg"
+N_VALIDATION = 6
+
+
+def _run(cmd: List[str], env: dict, log) -> None:
+    log.write("$ " + " ".join(cmd) + "\n")
+    log.flush()
+    r = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        raise RuntimeError(f"command failed ({r.returncode}): {' '.join(cmd)}; see {log.name}")
+
+
+def label_scarce_splits(case_ids: List[str], n_splits: int, train_cases: int, n_val: int) -> List[dict]:
+    """Fixed validation set (the last ``n_val`` cases) and ``n_splits`` disjoint training sets."""
+    ids = sorted(case_ids)
+    val, pool = ids[-n_val:], ids[:-n_val]
+    if len(pool) < n_splits * train_cases:
+        raise ValueError(f"{len(ids)} cases are too few for {n_splits} splits x {train_cases} + {n_val} validation")
+    return [{"train": pool[i * train_cases:(i + 1) * train_cases], "val": val} for i in range(n_splits)]
+
+
+def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: str = "cpu",
+                           num_processes: int = 2, write_docs: bool = False) -> dict:
+    profile, pre_iters, trainers, n_splits, train_cases = BUDGETS[budget]
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(os.environ, nnUNet_raw=os.path.join(root, "nnUNet_raw"),
+               nnUNet_preprocessed=os.path.join(root, "nnUNet_preprocessed"),
+               nnUNet_results=os.path.join(root, "nnUNet_results"), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.makedirs(env[k], exist_ok=True)
+    os.makedirs(root, exist_ok=True)
+    t_start = time.time()
+    with open(os.path.join(root, "benchmark_log.txt"), "a") as log:
+        tool = lambda name, *args: _run([os.path.join(bin_dir, name), *map(str, args)], env, log)  # noqa: E731
+        print("[1] demo datasets + plans")
+        tool("ssl_nnunet_make_demo_dataset")
+        tool("ssl_nnunet_plan_and_preprocess", "-d", 900, "-np", num_processes, "-profile", profile, "--quiet")
+        bundles = {}
+        for m in methods:
+            print(f"[2] pretrain + export {m} ({pre_iters or 'plan'} iterations)")
+            extra = ["--iterations", pre_iters] if pre_iters else []
+            tool("ssl_nnunet_pretrain", "-d", 900, "-m", m, "-device", device, *extra)
+            bundles[m] = os.path.join(env["nnUNet_results"], SOURCE, f"export_{m}")
+            tool("ssl_nnunet_export", "-d", 900, "-m", m, "-o", bundles[m])
+        # transfer + label-scarce splits, through the library in a child process with the benchmark's folders
+        code = ("import json,sys; from ssl_nnunet.export.transfer import transfer_and_preprocess as t; "
+                "from ssl_nnunet.benchmark.transfer import label_scarce_splits as s; import os; "
+                f"t(900, 901, 'sslFinetunePlans', {num_processes}); "
+                "pp=os.path.join(os.environ['nnUNet_preprocessed'],'Dataset901_DemoBrainSeg'); "
+                "plans=json.load(open(os.path.join(pp,'sslFinetunePlans.json'))); "
+                "d=os.path.join(pp, plans['configurations']['3d_fullres']['data_identifier']); "
+                "ids=sorted({f.split('.')[0] for f in os.listdir(d) if f.endswith('.pkl')}); "
+                f"json.dump(s(ids, {n_splits}, {train_cases or 0} or (len(ids)-{N_VALIDATION})//{n_splits}, "
+                f"{N_VALIDATION}), open(os.path.join(pp,'splits_final.json'),'w'))")
+        print("[3] transfer plans to Dataset901 + label-scarce splits")
+        _run([sys.executable, "-c", code], env, log)
+        results: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
+        code_ft = ("import sys,os; from ssl_nnunet.finetune.finetune import run_fold; "
+                   "run_fold(sys.argv[1], 'Dataset901_DemoBrainSeg', int(sys.argv[2]), sys.argv[3], sys.argv[4], "
+                   "sys.argv[5] if sys.argv[5] != 'none' else None, int(sys.argv[6]))")
+        ft_root = os.path.join(env["nnUNet_results"], TARGET, "ssl_nnunet_benchmark")
+        arms = {**{m: os.path.join(bundles[m], "checkpoint_final.pth") for m in methods},
+                "scratch": None, "scratch_seed2": None}
+        for label, trainer in trainers.items():
+            results[label] = {}
+            for arm, weights in arms.items():
+                print(f"[4] fine-tune {arm} ({label}, {n_splits} splits)")
+                dice = []
+                for fold in range(n_splits):
+                    arm_root = os.path.join(ft_root, arm)
+                    _run([sys.executable, "-c", code_ft, arm_root, str(fold), trainer, device, weights or "none",
+                          str(num_processes)], env, log)
+                    folder = os.path.join(arm_root, TARGET, f"{trainer}__sslFinetunePlans__3d_fullres", f"fold_{fold}")
+                    with open(os.path.join(folder, "validation", "summary.json")) as f:
+                        dice.append(float(json.load(f)["foreground_mean"]["Dice"]))
+                results[label][arm] = dice
+    summary = summarise(results, methods)
+    summary.update({"budget": budget, "profile": profile, "pretraining_iterations": pre_iters,
+                    "trainers": trainers, "splits": n_splits, "train_cases_per_split": train_cases,
+                    "validation_cases": N_VALIDATION, "wall_time_s": time.time() - t_start, "raw": results})
+    write_results(summary, root, write_docs)
+    return summary
+
+
+def summarise(results: dict, methods: List[str]) -> dict:
+    table = {}
+    for label, arms in results.items():
+        scratch = np.asarray(arms["scratch"])
+        noise = np.abs(scratch - np.asarray(arms["scratch_seed2"]))
+        rows = {}
+        for arm in [*methods, "scratch", "scratch_seed2"]:
+            d = np.asarray(arms[arm])
+            rows[arm] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+                         "gain_vs_scratch": float((d - scratch).mean()),
+                         "gain_std": float((d - scratch).std(ddof=1)) if len(d) > 1 else 0.0}
+        table[label] = {"rows": rows, "scratch_noise_mean_abs": float(noise.mean())}
+    return {"table": table}
+
+
+def write_results(summary: dict, root: str, write_docs: bool) -> None:
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+    from ssl_nnunet.utilities.file_io import atomic_save_json
+    atomic_save_json(summary, os.path.join(root, "results.json"))
+    lines = ["# Transfer benchmark: pretrained vs scratch on the demo task", "",
+             f"Budget `{summary['budget']}` (profile {summary['profile']}, {summary['pretraining_iterations']} "
+             f"pretraining iterations per method on Dataset900; fine-tuning on Dataset901 with "
+             f"{summary['splits']} label-scarce splits of {summary['train_cases_per_split']} training cases, one "
+             f"fixed validation set of {summary['validation_cases']} cases; wall time "
+             f"{summary['wall_time_s'] / 60:.1f} min). Foreground mean Dice from nnU-Net's validation.", ""]
+    labels = list(summary["table"])
+    fig, axes = plt.subplots(1, len(labels), figsize=(6 * len(labels), 4), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        t = summary["table"][label]
+        lines += [f"## {label}", "", f"Scratch run-to-run noise (mean |scratch − scratch seed 2|): "
+                  f"{t['scratch_noise_mean_abs']:.4f}", "",
+                  "| arm | Dice mean ± std | paired gain vs scratch |", "| --- | --- | --- |"]
+        for arm, r in t["rows"].items():
+            lines.append(f"| {arm} | {r['mean']:.4f} ± {r['std']:.4f} | {r['gain_vs_scratch']:+.4f} ± "
+                         f"{r['gain_std']:.4f} |")
+        lines.append("")
+        arms = list(t["rows"])
+        ax.bar(arms, [t["rows"][a]["mean"] for a in arms], yerr=[t["rows"][a]["std"] for a in arms], capsize=3)
+        ax.set_title(label)
+        ax.set_ylabel("foreground mean Dice")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "results.png"))
+    plt.close(fig)
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(root, "results.md"), "w") as f:
+        f.write(text)
+    if write_docs:
+        import shutil
+        docs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                            "documentation")
+        with open(os.path.join(docs, "results.md"), "w") as f:
+            f.write(text.replace("](", "](") + "\n![results](results.png)\n")
+        shutil.copyfile(os.path.join(root, "results.png"), os.path.join(docs, "results.png"))
+    print(text)
