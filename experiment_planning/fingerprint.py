@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from experiment_planning.dataset_checks import list_cases, load_dataset_json, read_checked_case
 from ssl_nnunet.paths import nnUNet_preprocessed
-from ssl_nnunet.utilities.errors import SSLInputError
 from ssl_nnunet.utilities.file_io import atomic_save_json, dataset_name_from_id
 
 TOTAL_INTENSITY_SAMPLES = 10_000_000

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -37,7 +37,6 @@ PLANNER_PRESETS = {
 def _planner_class(preset: str):
     if preset not in PLANNER_PRESETS:
         raise SSLInputError(f"Unknown planner preset -pl {preset}. Choose one of {', '.join(PLANNER_PRESETS)}.")
-    from nnunetv2.experiment_planning.experiment_planners import default_experiment_planner, resencUNet_planner  # noqa
     from nnunetv2.experiment_planning.experiment_planners.residual_unets import residual_encoder_unet_planners as r
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
     name = PLANNER_PRESETS[preset]

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
-from typing import List, Optional, Union
+from typing import List, Union
 
 import numpy as np
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
@@ -23,7 +22,7 @@ from experiment_planning.fingerprint import body_mask
 from experiment_planning.planner import CONFIGURATION, SSL_PLANS
 from ssl_nnunet.paths import nnUNet_preprocessed
 from ssl_nnunet.utilities.errors import SSLInputError
-from ssl_nnunet.utilities.file_io import dataset_name_from_id, load_json
+from ssl_nnunet.utilities.file_io import atomic_directory, dataset_name_from_id, load_json
 
 
 def body_bbox(data: np.ndarray) -> List[List[int]]:
@@ -63,12 +62,9 @@ class SSLPreprocessor(DefaultPreprocessor):
         dataset_json = load_json(os.path.join(pp_folder, "dataset.json"), "dataset.json")
         cases = list_cases(dataset_name, dataset_json)
         out_dir = os.path.join(pp_folder, configuration_manager.data_identifier)
-        tmp_dir = f"{out_dir}.tmp_{os.getpid()}"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        os.makedirs(tmp_dir)
-        jobs = [(os.path.join(tmp_dir, c), v["images"], v["label"], plans_manager, configuration_manager,
-                 dataset_json) for c, v in cases.items()]
-        try:
+        with atomic_directory(out_dir) as tmp_dir:
+            jobs = [(os.path.join(tmp_dir, c), v["images"], v["label"], plans_manager, configuration_manager,
+                     dataset_json) for c, v in cases.items()]
             with tqdm(total=len(jobs), desc=f"Preprocessing {dataset_name}",
                       disable=not self.show_progress_bar) as bar:
                 if num_processes <= 1:
@@ -79,13 +75,6 @@ class SSLPreprocessor(DefaultPreprocessor):
                     with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
                         for _ in pool.imap_unordered(self._save_one, jobs):
                             bar.update()
-            old = f"{out_dir}.old_{os.getpid()}"
-            if os.path.isdir(out_dir):
-                os.replace(out_dir, old)
-            os.replace(tmp_dir, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
         return out_dir
 
 

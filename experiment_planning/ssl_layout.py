@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import numpy as np
 

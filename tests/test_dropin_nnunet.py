@@ -16,7 +16,8 @@ from experiment_planning.fingerprint import extract_fingerprint
 from experiment_planning.planner import plan_experiment
 from experiment_planning.preprocess import preprocess
 from ssl_nnunet.export import export_bundle, transfer_and_preprocess
-from ssl_nnunet.export.exporter import BUNDLE_FILES, build_network_from_plans, ssl_checkpoint_folder
+from ssl_nnunet.export.exporter import BUNDLE_FILES, build_network_from_plans
+from ssl_nnunet.utilities.file_io import ssl_output_folder
 from ssl_nnunet.nnunet_trainers import trainer_dir
 from ssl_nnunet.paths import nnUNet_preprocessed, nnUNet_results
 from ssl_nnunet.utilities.errors import SSLInputError
@@ -51,7 +52,7 @@ def bundle(tmp_path_factory):
     extract_fingerprint(SOURCE_ID, 1, verbose=False)
     plan_experiment(SOURCE_ID, "cpu_smoke", verbose=False)
     preprocess(SOURCE_ID, num_processes=1, verbose=False)
-    _fabricate_ssl_checkpoint(os.path.join(ssl_checkpoint_folder(SOURCE, "mae"), "checkpoint_final.pth"))
+    _fabricate_ssl_checkpoint(os.path.join(ssl_output_folder(SOURCE, "mae"), "checkpoint_final.pth"))
     out = str(tmp_path_factory.mktemp("bundles") / "mae_bundle")
     assert export_bundle(SOURCE_ID, "mae", out) == out
     return out
@@ -112,7 +113,7 @@ def test_export_errors_and_rerun(bundle, tmp_path):
     with pytest.raises(SSLInputError) as e:
         export_bundle(SOURCE_ID, "voco", str(tmp_path / "voco"))
     msg = str(e.value)
-    assert os.path.join(ssl_checkpoint_folder(SOURCE, "voco"), "checkpoint_final.pth") in msg
+    assert os.path.join(ssl_output_folder(SOURCE, "voco"), "checkpoint_final.pth") in msg
     assert "ssl_nnunet_pretrain -d 930 -m voco" in msg
     assert not (tmp_path / "voco").exists()
 

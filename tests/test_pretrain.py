@@ -16,7 +16,7 @@ from experiment_planning.planner import plan_experiment
 from experiment_planning.preprocess import preprocess
 from ssl_nnunet.paths import nnUNet_preprocessed
 from ssl_nnunet.training.run import pretrain, pretrain_ddp
-from ssl_nnunet.training.ssl_trainer import ssl_output_folder
+from ssl_nnunet.utilities.file_io import ssl_output_folder
 
 DATASET = "Dataset940_PretrainSmoke"
 

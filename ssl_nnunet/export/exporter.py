@@ -27,9 +27,9 @@ import shutil
 import subprocess
 from typing import Dict, List, Optional, Union
 
-from ssl_nnunet.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
+from ssl_nnunet.paths import nnUNet_preprocessed, nnUNet_raw
 from ssl_nnunet.utilities.errors import SSLInputError, run_cli
-from ssl_nnunet.utilities.file_io import atomic_save_json, dataset_name_from_id, load_json
+from ssl_nnunet.utilities.file_io import atomic_directory, atomic_save_json, dataset_name_from_id, load_json, ssl_output_folder
 
 CONFIGURATION = "3d_fullres"
 PRETRAIN_PLANS = "sslPlans"
@@ -49,11 +49,6 @@ TRAINED_PARTS = {
 
 # ------------------------------------------------------------------------------------------------ inputs
 
-def ssl_checkpoint_folder(dataset_name: str, method: str, plans_identifier: str = PRETRAIN_PLANS) -> str:
-    """``nnUNet_results/<Dataset>/SSL_<method>__<plans>__3d_fullres`` (the SSL trainer's output folder)."""
-    return os.path.join(nnUNet_results, dataset_name, f"SSL_{method}__{plans_identifier}__{CONFIGURATION}")
-
-
 def find_ssl_checkpoint(dataset_name: str, method: str, plans_identifier: str = PRETRAIN_PLANS,
                         checkpoint: Optional[str] = None, dataset_arg: Union[int, str, None] = None) -> str:
     """Path of the SSL checkpoint to export.
@@ -61,7 +56,7 @@ def find_ssl_checkpoint(dataset_name: str, method: str, plans_identifier: str = 
     ``checkpoint``: ``None`` (``checkpoint_final.pth``, else ``checkpoint_latest.pth``), a file name inside the
     training folder, or a path to a file.
     """
-    folder = ssl_checkpoint_folder(dataset_name, method, plans_identifier)
+    folder = ssl_output_folder(dataset_name, method, plans_identifier, CONFIGURATION)
     hint = (f"Run ssl_nnunet_pretrain -d {dataset_arg if dataset_arg is not None else dataset_name} -m {method}"
             + ("" if plans_identifier == PRETRAIN_PLANS else f" -p {plans_identifier}") + " first")
     if checkpoint is None:
@@ -412,13 +407,7 @@ def export_bundle(dataset: Union[int, str], method: str, output_dir: str, plans_
         "iterations_done": ckpt.get("iterations_done"),
     }
 
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(output_dir)}.tmp_{os.getpid()}")
-    old = os.path.join(parent, f".{os.path.basename(output_dir)}.old_{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_directory(output_dir) as tmp:
         torch.save(exported, os.path.join(tmp, "checkpoint_final.pth"))
         atomic_save_json(finetune_plans, os.path.join(tmp, "plans.json"))
         atomic_save_json(dataset_json, os.path.join(tmp, "dataset.json"))
@@ -428,12 +417,6 @@ def export_bundle(dataset: Union[int, str], method: str, output_dir: str, plans_
                           adaptation, output_dir)
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(card)
-        if os.path.isdir(output_dir):
-            os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
 
 

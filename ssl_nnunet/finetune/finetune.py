@@ -167,7 +167,6 @@ def finetune(target, weights: str, folds: Sequence[int] = (0, 1, 2, 3, 4), scrat
     tag = f"{bundle['method']}{'_encoder_only' if encoder_only else ''}"
     print(f"Fine-tuning {target_name} from {source_name} ({bundle['method']}) with {trainer}, folds {list(folds)}"
           f"{' + scratch baseline' if scratch else ''}")
-    plans_file = os.path.join(nnUNet_preprocessed, target_name, PLANS + ".json")
     target_pp = os.path.join(nnUNet_preprocessed, target_name)
     source_plans = os.path.join(nnUNet_preprocessed, source_name, PLANS + ".json")
     if not os.path.isfile(source_plans):

@@ -29,19 +29,14 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
 from ssl_nnunet.methods import get_method
-from ssl_nnunet.paths import nnUNet_results
 from ssl_nnunet.training.data import PrefetchLoader
 from ssl_nnunet.training.logger import SSLLogger
 from ssl_nnunet.training.schedule import build_optimizer, learning_rate
 from ssl_nnunet.utilities.errors import SSLInputError
-from ssl_nnunet.utilities.file_io import atomic_copy, atomic_save_json, atomic_torch_save
+from ssl_nnunet.utilities.file_io import atomic_copy, atomic_save_json, atomic_torch_save, ssl_output_folder
 
 MAX_CONSECUTIVE_NONFINITE = 5
 VALIDATION_SEED = 12345
-
-
-def ssl_output_folder(dataset_name: str, method: str, plans_name: str, configuration: str = "3d_fullres") -> str:
-    return os.path.join(nnUNet_results, dataset_name, f"SSL_{method}__{plans_name}__{configuration}")
 
 
 class SSLTrainer(nnUNetTrainer):

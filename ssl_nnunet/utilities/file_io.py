@@ -1,6 +1,7 @@
 """Atomic writes and dataset lookup shared by all commands."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -38,14 +39,13 @@ def atomic_save_json(obj: Any, path: str, indent: int = 2) -> None:
         raise
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary name in the same folder, then rename."""
-    import torch
+def _atomic_write(path: str, write) -> None:
+    """Call ``write(tmp_path)`` for a temporary name next to ``path``, then rename it to ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".tmp_{os.getpid()}_{os.path.basename(path)}")
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -53,12 +53,41 @@ def atomic_torch_save(obj: Any, path: str) -> None:
         raise
 
 
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary name in the same folder, then rename."""
+    import torch
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
 def atomic_copy(src: str, dst: str) -> None:
-    folder = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp_{os.getpid()}_{os.path.basename(dst)}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def ssl_output_folder(dataset_name: str, method: str, plans_name: str = "sslPlans",
+                      configuration: str = "3d_fullres") -> str:
+    """``nnUNet_results/<Dataset>/SSL_<method>__<plans>__<configuration>``: the SSL trainer's output folder."""
+    return os.path.join(nnUNet_results, dataset_name, f"SSL_{method}__{plans_name}__{configuration}")
+
+
+@contextlib.contextmanager
+def atomic_directory(final_dir: str):
+    """Build a folder under a temporary sibling name and swap it in only when the block succeeds; a failure
+    or interruption leaves ``final_dir`` as it was and removes the temporary folder."""
+    parent = os.path.dirname(os.path.abspath(final_dir))
+    os.makedirs(parent, exist_ok=True)
+    base = os.path.basename(os.path.abspath(final_dir))
+    tmp = os.path.join(parent, f".{base}.tmp_{os.getpid()}")
+    old = os.path.join(parent, f".{base}.old_{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.isdir(final_dir):
+            os.replace(final_dir, old)
+        os.replace(tmp, final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_json(path: str, what: str = "file") -> Any:
