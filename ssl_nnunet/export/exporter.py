@@ -313,8 +313,11 @@ def model_card(dataset_name: str, method: str, plans_identifier: str, pretrain_p
 
 ## Fine-tuning with nnU-Net (target dataset `TGT`, e.g. `901`)
 
-The target must have the same number of input channels ({adaptation['pretrain_num_input_channels']}) and be
-preprocessed with the transferred plan, so that nnU-Net builds exactly this network:
+The easy way is `ssl_nnunet_finetune -d TGT -w <this folder> --scratch` (plan transfer, preprocessing, 5 folds
+pretrained vs scratch, report; it also adapts the first convolution when the target has another number of
+input channels). By hand, the target must have the same number of input channels
+({adaptation['pretrain_num_input_channels']}) and be preprocessed with the transferred plan, so that nnU-Net
+builds exactly this network:
 
 `TGT` is the target's id and `DatasetTGT_Name` its folder name.
 
