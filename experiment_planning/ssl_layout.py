@@ -54,7 +54,8 @@ def voco_layout(patch: List[int], total_stride: List[int], median_shape: Sequenc
     region = [g * c for g, c in zip(grid, crop)]
     return {"crop_size": crop, "base_grid": grid, "region_size": region, "n_target_crops": 4, "lambda_reg": 1.0,
             "loss_variant": "paper", "region_mode": "native", "proj_dims": [2048, 2048, 2048],
-            "use_ema_teacher": False}
+            "projector_norm": "batch", "logit_clamp": "straight_through", "use_ema_teacher": False,
+            "ema_momentum": 0.9, "augmentation": {"p_flip": 0.2, "p_rot90": 0.2, "p_shift": 0.1, "shift": 0.1}}
 
 
 def gvsl_layout(patch: List[int]) -> dict:
@@ -109,7 +110,7 @@ def mim_layout(patch: List[int], quantum: List[int], median_shape: Sequence[floa
 def alice_layout(patch: List[int], quantum: List[int]) -> dict:
     return {"crop_size": list(patch), "mask_unit": list(quantum), "mask_ratio": 0.75, "token_stride": list(quantum),
             "head": [2048, 256, 512], "casa": {"dim": 512, "heads": 8}, "ema": [0.996, 1.0],
-            "matcher": "profile_bbox", "recon_weight": 1.0}
+            "matcher": "profile_bbox", "recon_weight": 1.0, "center_momentum": 0.9, "use_predictor": False}
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -183,6 +184,8 @@ def validate_ssl_block(block: dict, patch: Sequence[int], warn: bool = False) ->
         fail("voco", "crop_size", f"{v['crop_size']} is not a multiple of {S}")
     if list(v["region_size"]) != [g * c for g, c in zip(v["base_grid"], v["crop_size"])]:
         fail("voco", "region_size", "must equal base_grid x crop_size")
+    if int(v["base_grid"][int(block.get("out_of_plane_axis", 0))]) != 1:
+        fail("voco", "base_grid", f"{v['base_grid']} splits the out-of-plane axis {block.get('out_of_plane_axis', 0)}")
     if any(r > md for r, md in zip(v["region_size"], median)):
         warnings.append(f"voco region {v['region_size']} exceeds the median image shape {median}; regions get padded")
     mi = m["mim"]["layout"]
@@ -216,6 +219,12 @@ def validate_ssl_block(block: dict, patch: Sequence[int], warn: bool = False) ->
     al = m["alice"]["layout"]
     if not _divides(al["mask_unit"], al["crop_size"]):
         fail("alice", "mask_unit", "does not divide the crop")
+    if not _divides(al["token_stride"], al["mask_unit"]):
+        fail("alice", "token_stride", f"{al['token_stride']} does not divide the mask unit {al['mask_unit']}")
+    if al["casa"]["dim"] % al["casa"]["heads"]:
+        fail("alice", "casa", f"dim {al['casa']['dim']} is not divisible by heads {al['casa']['heads']}")
+    if al["matcher"] not in ("profile_bbox", "bbox", "random"):
+        fail("alice", "matcher", f"'{al['matcher']}' is not one of profile_bbox, bbox, random")
     if any(w > P for w, P in zip(m["gvsl"]["layout"]["ncc_window"], m["gvsl"]["pretrain_patch_size"])):
         fail("gvsl", "ncc_window", "window larger than the patch")
     if any(int(w) % 2 == 0 for w in m["gvsl"]["layout"]["ncc_window"]):

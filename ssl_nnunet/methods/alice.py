@@ -1,0 +1,506 @@
+"""Alice: anatomical invariance modelling + conditional anatomical semantic alignment (METHODS.md §7).
+
+CNN realisation (§7.3) on a nnU-Net U-Net. A batch element holds a query crop Q of case A and a key crop K
+of the same body part of a different case B (``batch (B, 2, C, a0, a1, a2)``; the pairs come from
+:class:`ssl_nnunet.methods.alice_matcher.MatchedPairSampler` through :meth:`Alice.make_sampler`). Shapes below
+use ``B`` pairs, ``2B`` views per branch (rows ``0..B-1`` = Q, ``B..2B-1`` = K), token stride ``t`` (= mask
+unit q by default), token grid ``g = P / t``, ``N = prod(g)`` tokens, ``N_vis`` visible tokens per view,
+``C_t`` channels of the encoder stage at stride ``t`` (``enc_pen`` for t = q), head output dim ``D``,
+CASA width ``D_c``.
+
+Views (built on the batch's device, no gradient):
+    X_u^Q, X_r^K   masked views: random flips of Q / K (per sample and axis, p 0.5) + unit mask
+                   ``m (2B, 1, *P/u)`` hiding ``floor(0.75 n + 0.5)`` units per view;
+    X_w^Q, X_v^K   target views: rotation U(-15°, 15°) about the out-of-plane axis, flips (p 0.5 per axis),
+                   intensity ``x * U(0.9, 1.1) + U(-0.1, 0.1)``, Gaussian noise sigma 0.1.
+Networks:
+    online   = SparK-sparse U-Net ``self.network`` (masked views; the nnU-Net decoder is the online decoder);
+    target   = EMA copy of the *dense* encoder (intact target views), stages up to the token stage only;
+    phi      = :class:`ProjectionHead` on the online decoder's stage at stride t (``dec_first`` for t = q);
+    psi      = EMA of phi, on the target encoder's stage at stride t;
+    CASA     = :class:`CASA` (no residual), shared by the student and teacher branch.
+Tensors:
+    V = online encoder stage-t tokens at visible positions  (2B, N_vis, C_t)
+    H = phi(online decoder stage-t tokens)                   (2B, N, D)
+    Y = sg(psi(target encoder stage-t tokens))              (2B, N, D)
+    S = CASA(V, H), T = sg(CASA(V, Y))                        (2B, N_vis, D_c)
+Losses (float32), ``l_s(a, b) = 2 - 2 cos(a, sg(b))`` averaged over rows:
+    l_r  = masked MSE(Q) + masked MSE(K)            (Eq. 1; per-unit normalised targets, hidden voxels only)
+    l_dv = l_s(p(GAP H^Q), GAP Y^K - c_dv) + l_s(p(GAP H^K), GAP Y^Q - c_dv)        (Eq. 2)
+    l_st = l_s(p'(S^Q), T^Q - c_st) + l_s(p'(S^K), T^K - c_st)                       (Eq. 5, per query token)
+    loss = recon_weight * l_r + l_dv + l_st
+The paper's text has no centres and no predictors (``c = 0``, ``p = p' = identity``). Our two optional collapse
+guards: teacher centring (``center_momentum`` m: ``c <- m c + (1 - m) mean(teacher rows)`` after each training
+forward, as DINO/the reference code centre their teacher; default 0.9 because the plain cosine version
+collapses within ~30 CPU iterations, see documentation/methods/alice.md) and BYOL predictors ``p, p'``
+(``use_predictor``, default off).
+Logged besides: ``cls_std`` and ``token_std``, the collapse monitor (:func:`embedding_spread`):
+``sqrt(D) * mean_d std_d`` of the l2-normalised pooled online embeddings GAP H across the 2B views, resp. of
+the l2-normalised online token embeddings H across all 2B * N tokens: about 1 for unit vectors spread over
+the sphere, 0 for collapse. (With one pair per batch, ``cls_std`` compares two crops of the same body part
+that l_dv pulls together, so it is small by design; ``token_std`` is the collapse signal there.)
+
+Layout keys (``method_plan["layout"]``): ``crop_size`` (= P), ``mask_unit`` (u), ``mask_ratio`` (0.75),
+``token_stride`` (t; the cumulative stride of an encoder stage below the bottleneck, dividing u), ``head``
+``[hidden, bottleneck, D]``, ``casa {dim: D_c, heads}``, ``ema [mu0, mu1]``, ``matcher``
+(``profile_bbox`` | ``bbox`` | ``random``), ``recon_weight`` (1), ``center_momentum`` (0.9; ``null`` = off),
+``use_predictor`` (false).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_nnunet.methods import register
+from ssl_nnunet.methods.alice_matcher import (MATCHERS, CrossVolumeMatcher, MatchedPairSampler,
+                                              plan_out_of_plane_axis)
+from ssl_nnunet.methods.base import SSLMethod
+from ssl_nnunet.methods.features import check_unet, cumulative_strides
+from ssl_nnunet.methods.masking import (expand_mask, mask_at_resolution, masked_mse, num_hidden_units,
+                                        per_unit_target, random_block_mask, unit_grid)
+from ssl_nnunet.methods.sparse import Densify, convert_encoder_to_sparse, sparse_masked_forward
+from ssl_nnunet.utilities.errors import SSLInputError
+
+ROTATION_DEG = 15.0
+INTENSITY_SCALE = (0.9, 1.1)
+INTENSITY_SHIFT = (-0.1, 0.1)
+NOISE_STD = 0.1
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def _per_axis(value, ndim: int, key: str) -> List[int]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [int(value)] * ndim
+    if isinstance(value, (list, tuple)) and len(value) == ndim and all(isinstance(v, (int, float)) for v in value):
+        return [int(v) for v in value]
+    raise SSLInputError(f"ssl layout of 'alice': key '{key}' must be an int or a list of {ndim} ints, got {value!r}")
+
+
+def _uniform(shape: Sequence[int], low: float, high: float, device: torch.device,
+             generator: Optional[torch.Generator]) -> torch.Tensor:
+    """U(low, high) float32 of ``shape`` on ``device``, drawn on the generator's device when one is given."""
+    draw = generator.device if generator is not None else device
+    return (torch.rand(tuple(shape), generator=generator, device=draw) * (high - low) + low).to(device)
+
+
+def cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``l_s(a, b) = 2 - 2 cos(a, sg(b))`` with ``cos = a.b / (|a| |b| + 1e-8)``, averaged over all rows.
+
+    Args:
+        a, b: ``(..., D)`` (any float dtype; computed in float32). ``b`` is detached.
+    Returns:
+        float32 scalar in [0, 4].
+    """
+    a, b = a.float(), b.detach().float()
+    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + 1e-8)
+    return (2.0 - 2.0 * cos).mean()
+
+
+def embedding_spread(x: torch.Tensor) -> torch.Tensor:
+    """Collapse monitor: ``sqrt(D) * mean_d std_d`` of the l2-normalised rows of ``x (M, D)`` (float32 scalar).
+
+    About 1 for unit vectors spread uniformly over the sphere, 0 when all rows are equal (collapse).
+    """
+    z = F.normalize(x.float(), dim=-1)
+    return z.std(0, unbiased=False).mean() * math.sqrt(z.shape[-1])
+
+
+def predictor_mlp(dim: int, hidden: int) -> nn.Module:
+    """BYOL/SimSiam-style predictor ``(..., dim) -> (..., dim)``: Linear -> GELU -> Linear."""
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+def to_tokens(feature: torch.Tensor) -> torch.Tensor:
+    """``(B, C, g0, g1, g2) -> (B, N, C)`` with tokens in C order over the grid."""
+    return feature.flatten(2).transpose(1, 2)
+
+
+def random_flips(x: torch.Tensor, generator: Optional[torch.Generator] = None, p: float = 0.5) -> torch.Tensor:
+    """Flip every sample of ``x (B, C, a0, a1, a2)`` along each spatial axis with probability ``p``."""
+    n_ax = x.dim() - 2
+    flags = _uniform((x.shape[0], n_ax), 0.0, 1.0, x.device, generator) < p
+    for ax in range(n_ax):
+        f = flags[:, ax].view(-1, *([1] * (x.dim() - 1)))
+        x = torch.where(f, x.flip(2 + ax), x)
+    return x
+
+
+def rotation_about_axis(angles: torch.Tensor, axis: int, patch: Sequence[int]) -> torch.Tensor:
+    """``affine_grid`` matrices ``(B, 3, 4)`` rotating a patch ``P = (a0, a1, a2)`` by ``angles (B,)`` (radians)
+    about its centre, in voxel units, in the plane of the two axes other than ``axis``."""
+    b = angles.shape[0]
+    rot = torch.eye(3, device=angles.device).repeat(b, 1, 1)
+    i, j = [ax for ax in range(3) if ax != axis]
+    c, s = torch.cos(angles), torch.sin(angles)
+    rot[:, i, i], rot[:, i, j], rot[:, j, i], rot[:, j, j] = c, -s, s, c
+    half = torch.tensor([p / 2.0 for p in patch], device=angles.device)
+    rot = rot * half.view(1, 1, 3) / half.view(1, 3, 1)  # D^-1 R D: normalised -> voxel -> rotate -> normalised
+    rot = rot.flip(1).flip(2)  # affine_grid orders the coordinates (a2, a1, a0)
+    return torch.cat([rot, rot.new_zeros(b, 3, 1)], dim=2)
+
+
+@torch.no_grad()
+def strong_augment(x: torch.Tensor, out_of_plane_axis: int, generator: Optional[torch.Generator] = None
+                   ) -> torch.Tensor:
+    """Target-view augmentation of ``x (B, C, a0, a1, a2)`` (float32 in, float32 out, same shape).
+
+    Rotation U(-15°, 15°) about ``out_of_plane_axis`` (trilinear, border padding), flips (p 0.5 per axis),
+    ``x * U(0.9, 1.1) + U(-0.1, 0.1)`` per sample, additive Gaussian noise (sigma 0.1).
+    """
+    x = x.float()
+    b, dev = x.shape[0], x.device
+    angles = _uniform((b,), -math.radians(ROTATION_DEG), math.radians(ROTATION_DEG), dev, generator)
+    theta = rotation_about_axis(angles, out_of_plane_axis, x.shape[2:])
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    x = random_flips(x, generator)
+    shape = (b,) + (1,) * (x.dim() - 1)
+    x = x * _uniform(shape, *INTENSITY_SCALE, dev, generator) + _uniform(shape, *INTENSITY_SHIFT, dev, generator)
+    draw = generator.device if generator is not None else dev
+    return x + NOISE_STD * torch.randn(x.shape, generator=generator, device=draw).to(dev)
+
+
+# ------------------------------------------------------------------------------------------------ modules
+
+class ProjectionHead(nn.Module):
+    """DINO-style per-token head: ``x (..., C) -> MLP C -> h -> h -> k (GELU) -> l2-normalise ->
+    weight-normalised linear k -> D`` (rows of the last weight normalised to unit length, gain fixed to 1).
+
+    Args:
+        in_dim: C.  hidden: h.  bottleneck: k.  out_dim: D.
+    Returns (forward): ``(..., D)``.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, bottleneck: int, out_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        self.last_weight = nn.Parameter(torch.empty(out_dim, bottleneck))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.last_weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
+        return F.linear(z, F.normalize(self.last_weight, dim=1, eps=1e-6))
+
+
+class CASA(nn.Module):
+    """Conditional anatomical semantic alignment (paper Eq. 3-4), multi-head, **no residual**.
+
+    ``q = LN(V) W_q``, ``k = LN(X) W_k``, ``v = LN(X) W_v`` split into ``heads`` heads of ``d = D_c / heads``;
+    ``ATT = softmax(q k^T / sqrt(d))`` over the N keys; ``out = zeta(ATT v)`` with heads concatenated.
+
+    Args:
+        query_dim: C_t (channels of V).  key_dim: D (head output, channels of H and Y).
+        dim: D_c.  heads: number of heads (``dim % heads == 0``).
+    """
+
+    def __init__(self, query_dim: int, key_dim: int, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise SSLInputError(f"ssl layout of 'alice': casa dim {dim} is not divisible by heads {heads}")
+        self.heads = int(heads)
+        self.norm_q = nn.LayerNorm(query_dim)
+        self.norm_kv = nn.LayerNorm(key_dim)
+        self.w_q = nn.Linear(query_dim, dim)
+        self.w_k = nn.Linear(key_dim, dim)
+        self.w_v = nn.Linear(key_dim, dim)
+        self.zeta = nn.Linear(dim, dim)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        return x.view(b, n, self.heads, c // self.heads).transpose(1, 2)  # (B, heads, n, d)
+
+    def attention(self, queries: torch.Tensor, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``queries (B, N_q, C_t)``, ``keys (B, N, D)`` -> ``(ATT (B, heads, N_q, N) float32, v (B, heads, N, d))``."""
+        q = self._split(self.w_q(self.norm_q(queries))).float()
+        kv = self.norm_kv(keys)
+        k = self._split(self.w_k(kv)).float()
+        v = self._split(self.w_v(kv))
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+        return att, v
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``queries (B, N_q, C_t)``, ``keys`` = values ``(B, N, D)`` -> ``(B, N_q, D_c)``."""
+        att, v = self.attention(queries, keys)
+        out = (att.to(v.dtype) @ v).transpose(1, 2).flatten(2)
+        return self.zeta(out)
+
+
+# ------------------------------------------------------------------------------------------------ method
+
+@register
+class Alice(SSLMethod):
+    """Alice on a nnU-Net U-Net (see the module docstring for views, tensors and losses).
+
+    Attributes:
+        mask_unit, mask_ratio, token_stride, ema (mu0, mu1), recon_weight, out_of_plane_axis.
+        token_stage: encoder stage k whose cumulative stride is ``token_stride``; decoder stage ``K - 2 - k``.
+        densify: :class:`Densify` of the sparse online encoder.
+        target_encoder: EMA copy of the dense encoder (no gradient, eval mode).
+        phi, psi: projection heads (psi = EMA of phi).  casa: :class:`CASA`.
+        pred_dv, pred_st: BYOL predictors on the online side of l_dv / l_st (``use_predictor``), else ``None``.
+        center_dv ``(D,)``, center_st ``(D_c,)``: teacher centres (buffers; zero when centring is off).
+    """
+
+    name = "alice"
+    cases_per_sample = 2
+
+    def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
+        super().__init__(network, method_plan, ssl_plan, num_input_channels)
+        check_unet(network)
+        layout = self.layout
+        ndim = len(network.encoder.strides[0])
+        for key in ("mask_unit", "token_stride", "head", "casa"):
+            if key not in layout:
+                raise SSLInputError(f"ssl layout of 'alice' has no '{key}'; re-run the SSL planner")
+        self.mask_unit = tuple(_per_axis(layout["mask_unit"], ndim, "mask_unit"))
+        self.token_stride = tuple(_per_axis(layout["token_stride"], ndim, "token_stride"))
+        self.mask_ratio = float(layout.get("mask_ratio", 0.75))
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise SSLInputError(f"ssl layout of 'alice': mask_ratio must lie in (0, 1), got {self.mask_ratio}")
+        self.recon_weight = float(layout.get("recon_weight", 1.0))
+        ema = layout.get("ema", [0.996, 1.0])
+        self.ema = (float(ema[0]), float(ema[1]))
+        if not 0.0 <= self.ema[0] <= self.ema[1] <= 1.0:
+            raise SSLInputError(f"ssl layout of 'alice': ema must be [mu0, mu1] with 0 <= mu0 <= mu1 <= 1, got {ema}")
+        matcher = layout.get("matcher", "profile_bbox")
+        if matcher not in MATCHERS:
+            raise SSLInputError(f"ssl layout of 'alice': matcher '{matcher}' is not implemented; choose one of "
+                                f"{', '.join(MATCHERS)}")
+        self.out_of_plane_axis = int(ssl_plan.get("out_of_plane_axis", 0))
+
+        strides = cumulative_strides(network)
+        stages = [k for k, s in enumerate(strides[:-1]) if tuple(s) == self.token_stride]
+        if not stages:
+            raise SSLInputError(f"ssl layout of 'alice': token_stride {list(self.token_stride)} is not the cumulative "
+                                f"stride of an encoder stage below the bottleneck ({[list(s) for s in strides[:-1]]})")
+        self.token_stage = stages[-1]
+        if any(u % t for u, t in zip(self.mask_unit, self.token_stride)):
+            raise SSLInputError(f"ssl layout of 'alice': token_stride {list(self.token_stride)} must divide mask_unit "
+                                f"{list(self.mask_unit)}")
+        try:
+            unit_grid(self.required_patch_size(method_plan), self.mask_unit)
+        except ValueError as e:
+            raise SSLInputError(f"ssl plan of 'alice': {e}") from None
+        n_out = getattr(network.decoder, "num_classes", num_input_channels)
+        if n_out != num_input_channels:
+            raise SSLInputError(f"Alice needs a network with num_classes = C_in = {num_input_channels}, got {n_out}")
+
+        # target encoder: a dense copy taken *before* the online encoder is made sparse
+        self.target_encoder = copy.deepcopy(network.encoder)
+        convert_encoder_to_sparse(network)
+        remasked = [all(u % s == 0 for u, s in zip(self.mask_unit, st)) for st in strides]
+        self.densify = Densify(network.encoder.output_channels, network.encoder.conv_op, masked_stages=remasked)
+
+        hidden, bottleneck, out_dim = (int(v) for v in layout["head"])
+        casa_dim = int(layout["casa"]["dim"])
+        c_tok = int(network.encoder.output_channels[self.token_stage])
+        self.phi = ProjectionHead(c_tok, hidden, bottleneck, out_dim)
+        self.psi = copy.deepcopy(self.phi)
+        self.casa = CASA(c_tok, out_dim, casa_dim, int(layout["casa"]["heads"]))
+        use_predictor = bool(layout.get("use_predictor", False))
+        self.pred_dv = predictor_mlp(out_dim, hidden) if use_predictor else None
+        self.pred_st = predictor_mlp(casa_dim, hidden) if use_predictor else None
+        momentum = layout.get("center_momentum", 0.9)
+        self.center_momentum = None if momentum is None else float(momentum)
+        if self.center_momentum is not None and not 0.0 <= self.center_momentum < 1.0:
+            raise SSLInputError(f"ssl layout of 'alice': center_momentum must lie in [0, 1) or be null, got {momentum}")
+        self.register_buffer("center_dv", torch.zeros(out_dim))
+        self.register_buffer("center_st", torch.zeros(casa_dim))
+        for module in (self.target_encoder, self.psi):
+            module.requires_grad_(False)
+            module.eval()
+        self._ema_pairs = [(self.target_encoder, self.network.encoder), (self.psi, self.phi)]
+        for teacher, student in self._ema_pairs:
+            if list(teacher.state_dict()) != list(student.state_dict()):
+                raise RuntimeError("alice: teacher and student state dicts differ in their keys")
+
+    # ---------------------------------------------------------------- plumbing
+    @classmethod
+    def required_patch_size(cls, method_plan: dict) -> List[int]:
+        """The crop size P (``layout.crop_size``, else ``pretrain_patch_size``)."""
+        layout = method_plan.get("layout", {})
+        return list(layout.get("crop_size", method_plan["pretrain_patch_size"]))
+
+    @classmethod
+    def make_sampler(cls, dataset, identifiers: List[str], patch_size: List[int], batch_size: int, seed: int,
+                     method_plan: dict, preprocessed_folder: str):
+        """Sampler of matched (Q, K) pairs: ``next_batch() -> (B, 2, C, *P)`` (see :mod:`alice_matcher`); the
+        out-of-plane axis is read from the plans that wrote ``preprocessed_folder``.
+
+        With a single case in ``identifiers`` (the trainer's one held-out validation case) the key crops come
+        from the other cases of ``dataset``. ``matcher = "random"`` gives the default sampler (two random
+        crops of different cases).
+        """
+        kind = method_plan["layout"].get("matcher", "profile_bbox")
+        if kind == "random":
+            return super().make_sampler(dataset, identifiers, patch_size, batch_size, seed, method_plan,
+                                        preprocessed_folder)
+        matcher = CrossVolumeMatcher.load_or_build(dataset, plan_out_of_plane_axis(preprocessed_folder), kind,
+                                                   preprocessed_folder)
+        keys = identifiers if len(identifiers) >= 2 else sorted(dataset.identifiers)
+        return MatchedPairSampler(dataset, identifiers, patch_size, batch_size, matcher, seed=seed, key_identifiers=keys)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.target_encoder.eval()
+        self.psi.eval()
+        return self
+
+    # ---------------------------------------------------------------- EMA
+    def ema_momentum(self, step: int, total_steps: int) -> float:
+        """``mu(i) = mu1 - (mu1 - mu0) (cos(pi i / I) + 1) / 2`` with ``i = step + 1`` (after that step)."""
+        mu0, mu1 = self.ema
+        i = min(step + 1, max(total_steps, 1))
+        return mu1 - (mu1 - mu0) * (math.cos(math.pi * i / max(total_steps, 1)) + 1.0) / 2.0
+
+    @torch.no_grad()
+    def ema_update(self, momentum: float) -> None:
+        """``theta_t <- mu theta_t + (1 - mu) theta_s`` for (target encoder, online encoder) and (psi, phi),
+        over parameters and floating-point buffers with the same names (other buffers are copied)."""
+        for teacher, student in self._ema_pairs:
+            src = student.state_dict()
+            for name, t in teacher.state_dict().items():
+                s = src[name].detach()
+                if t.is_floating_point():
+                    t.lerp_(s.to(t.dtype), 1.0 - momentum)
+                else:
+                    t.copy_(s)
+
+    @torch.no_grad()
+    def casa_teacher(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``T = sg(CASA(V, Y))`` float32 ``(2B, N_vis, D_c)``."""
+        return self.casa(queries, keys).float()
+
+    def centred(self, target: torch.Tensor, center: str) -> torch.Tensor:
+        """``target - c`` (teacher centring; ``target`` unchanged when centring is off)."""
+        if self.center_momentum is None:
+            return target
+        return target - getattr(self, center)
+
+    @torch.no_grad()
+    def update_centers(self, cls_y: torch.Tensor, t: torch.Tensor) -> None:
+        """``c <- m c + (1 - m) mean(rows)`` for the pooled teacher embeddings ``cls_y (2B, D)`` and the teacher
+        CASA tokens ``t (2B, N_vis, D_c)`` (batch means averaged over DDP ranks)."""
+        import torch.distributed as dist
+        for name, rows in (("center_dv", cls_y), ("center_st", t.flatten(0, -2))):
+            mean = rows.float().mean(0)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(mean)
+                mean /= dist.get_world_size()
+            getattr(self, name).mul_(self.center_momentum).add_(mean, alpha=1.0 - self.center_momentum)
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        self.ema_update(self.ema_momentum(step, total_steps))
+
+    # ---------------------------------------------------------------- views and branches
+    def sample_mask(self, views: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Unit mask ``(2B, 1, *P/u)`` for ``views (2B, C, *P)``; 1 = visible."""
+        grid = unit_grid(views.shape[2:], self.mask_unit)
+        return random_block_mask(views.shape[0], grid, self.mask_ratio, device=views.device, generator=generator)
+
+    def make_views(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``batch (B, 2, C, *P)`` -> ``(online (2B, C, *P), target (2B, C, *P), mask (2B, 1, *P/u))``; rows
+        ``0..B-1`` come from Q (``batch[:, 0]``), rows ``B..2B-1`` from K (``batch[:, 1]``)."""
+        if batch.dim() != 3 + len(self.mask_unit) or batch.shape[1] != 2:
+            raise ValueError(f"Alice expects a batch (B, 2, C, a0, a1, a2) of (query, key) crops, got "
+                             f"{tuple(batch.shape)}")
+        with torch.no_grad():
+            crops = torch.cat([batch[:, 0], batch[:, 1]]).float()
+            online = random_flips(crops, generator)
+            target = strong_augment(crops, self.out_of_plane_axis, generator)
+        return online, target, self.sample_mask(online, generator)
+
+    def visible_tokens(self, mask: torch.Tensor) -> int:
+        """``N_vis`` = visible units x tokens per unit (the same for every view; no device sync)."""
+        n_units = math.prod(mask.shape[2:])
+        per_unit = math.prod(u // t for u, t in zip(self.mask_unit, self.token_stride))
+        return (n_units - num_hidden_units(n_units, self.mask_ratio)) * per_unit
+
+    def target_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Target encoder on ``x (2B, C, *P)`` up to the token stage -> ``(2B, C_t, *g)`` (no gradient)."""
+        with torch.no_grad():
+            enc = self.target_encoder
+            if getattr(enc, "stem", None) is not None:
+                x = enc.stem(x)
+            for stage in enc.stages[:self.token_stage + 1]:
+                x = stage(x)
+        return x.detach()
+
+    def branches(self, online: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Network passes. Returns ``rec (2B, C, *P)``, ``V (2B, N_vis, C_t)``, ``H (2B, N, D)``,
+        ``Y (2B, N, D)`` (detached) and ``token_mask (2B, N)`` (bool, True = visible)."""
+        enc, dec, rec = sparse_masked_forward(self.network, online, mask, self.densify)
+        feat_v = enc[self.token_stage]
+        feat_h = dec[len(dec) - 1 - self.token_stage]
+        token_mask = mask_at_resolution(mask, feat_v.shape[2:]).flatten(1).bool()  # (2B, N)
+        n_vis = self.visible_tokens(mask)
+        v_tokens = to_tokens(feat_v)
+        visible = v_tokens[token_mask].view(v_tokens.shape[0], n_vis, v_tokens.shape[2])
+        h = self.phi(to_tokens(feat_h))
+        with torch.no_grad():
+            y = self.psi(to_tokens(self.target_tokens(target)))
+        return {"rec": rec, "V": visible, "H": h, "Y": y.detach(), "token_mask": token_mask}
+
+    # ---------------------------------------------------------------- loss
+    def forward(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """``batch (B, 2, C, *P)`` -> ``{"loss", "rec_loss", "dv_loss", "st_loss", "cls_std", "token_std"}``
+        (float32 scalars; only ``loss`` carries gradient)."""
+        b = batch.shape[0]
+        online, target, mask = self.make_views(batch, generator)
+        out = self.branches(online, target, mask)
+        m_full = expand_mask(mask, online.shape[2:])
+        t_rec = per_unit_target(online, self.mask_unit)
+        rec = out["rec"].float()
+        l_r = masked_mse(rec[:b], t_rec[:b], m_full[:b]) + masked_mse(rec[b:], t_rec[b:], m_full[b:])
+
+        h, y = out["H"].float(), out["Y"].float()
+        cls_h, cls_y = h.mean(1), y.mean(1)
+        pred = self.pred_dv(cls_h).float() if self.pred_dv is not None else cls_h
+        target_dv = self.centred(cls_y, "center_dv")
+        l_dv = cosine_loss(pred[:b], target_dv[b:]) + cosine_loss(pred[b:], target_dv[:b])
+
+        s = self.casa(out["V"], out["H"])
+        s = (self.pred_st(s) if self.pred_st is not None else s).float()
+        t = self.casa_teacher(out["V"], out["Y"])
+        target_st = self.centred(t, "center_st")
+        l_st = cosine_loss(s[:b], target_st[:b]) + cosine_loss(s[b:], target_st[b:])
+        if self.training and self.center_momentum is not None:
+            self.update_centers(cls_y, t)
+
+        loss = self.recon_weight * l_r + l_dv + l_st
+        with torch.no_grad():
+            cls_std = embedding_spread(cls_h)
+            token_std = embedding_spread(h.flatten(0, 1))
+        return {"loss": loss, "rec_loss": l_r.detach(), "dv_loss": l_dv.detach(), "st_loss": l_st.detach(),
+                "cls_std": cls_std, "token_std": token_std}
+
+    @torch.no_grad()
+    def previews(self, batch: torch.Tensor) -> Dict[str, Sequence[torch.Tensor]]:
+        """Rows of 3D tensors ``(a0, a1, a2)`` (pair 0, channel 0, float32 on CPU), Q left and K right: the
+        matched crops, the masked views (flipped, hidden voxels 0), the reconstructions (network output, in
+        per-unit normalised units) and the augmented target views. Views and mask use a fixed seed."""
+        x = batch[:1]
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        online, target, mask = self.make_views(x, gen)
+        _, _, rec = sparse_masked_forward(self.network, online, mask, self.densify)
+        visible = expand_mask(mask, online.shape[2:]).bool()
+        masked = torch.where(visible, online, 0.0)
+
+        def pair(t: torch.Tensor) -> List[torch.Tensor]:
+            return [t[0, 0].float().cpu(), t[1, 0].float().cpu()]
+
+        return {"Q | K crops (matched)": [x[0, 0, 0].float().cpu(), x[0, 1, 0].float().cpu()],
+                "masked views": pair(masked), "reconstructions": pair(rec),
+                "target views (augmented)": pair(target)}

@@ -1,0 +1,524 @@
+"""Cross-volume matcher for Alice: where is "the same body part" of case A in case B (METHODS.md §7.5 A).
+
+The Alice paper finds corresponding points of two volumes with a pre-trained landmark model (SAM, Yan et al.
+2022). We ship no external weights, so this module implements the weight-free replacement ``profile_bbox``:
+
+1. **Body box.** Per case, a body mask of channel 0 of the *preprocessed* array ``(C, a0, a1, a2)``:
+   CT (channel name "CT" in ``dataset.json``): voxels above -500 HU, converted to nnU-Net's normalised units
+   with the fingerprint's foreground statistics; other modalities: Otsu threshold. Then the largest connected
+   component, holes filled slice by slice along ``a_op``. Its bounding box ``[lo, hi)`` per axis.
+2. **Longitudinal profile.** Along the out-of-plane axis ``a_op``, per slice ``z``: body area (divided by the
+   case's largest slice area), mean intensity inside the body, fraction of low-intensity and of high-intensity
+   body voxels (CT: below -500 HU / above +200 HU; other modalities: below / above the case's 10th / 90th
+   body percentile); Gaussian-smoothed (sigma 1 slice). Array ``(L, 4)`` with ``L = shape[a_op]``.
+3. **Canonical coordinate.** Every case gets an affine map to a *reference* case (the one with the median body
+   length along ``a_op``): ``z_ref = scale * z + offset``. ``scale`` and ``offset`` maximise the mean per-feature
+   normalised cross-correlation (NCC) of the two profiles over their overlap (grid search
+   ``scale ∈ [0.8, 1.25]`` coarse-to-fine, every integer offset with parabolic sub-voxel refinement, overlap at
+   least half the shorter profile). When the best NCC is below ``min_ncc`` (or for ``matcher = "bbox"``) the
+   map is the body-box one: ``[lo, hi)`` of the case onto ``[lo, hi)`` of the reference along ``a_op``.
+   The canonical coordinate is ``t(z) = z_ref / L_ref``; the case covers ``[t(lo), t(hi - 1)]``.
+
+Point mapping (:meth:`CrossVolumeMatcher.map_point`): a point ``p = (p0, p1, p2)`` (continuous voxel indices)
+of case A goes to ``p'`` in case B with
+``p'_op = (scale_A * p_op + offset_A - offset_B) / scale_B`` (same canonical coordinate ``t``) and, on the
+in-plane axes, the body-box normalisation ``p'_ax = lo_B + (p_ax - lo_A) (hi_B - lo_B) / (hi_A - lo_A)``.
+The point is *valid* when ``p'_op`` lies inside B's body extent along ``a_op`` (the analogue of SAM's
+score threshold; the sampler redraws otherwise). For A = B the map is the identity.
+
+The per-case geometry is computed once, on first use, from the preprocessed arrays and cached as JSON beside
+the preprocessed data folder: ``nnUNet_preprocessed/DatasetXXX/alice_matcher_<data_identifier>.json`` (atomic
+write; not inside the data folder, where nnU-Net infers the dataset class from the file endings). The cache
+records the size and modification time of every case's ``.pkl`` and is rebuilt when they, the case list, the
+matcher type or ``a_op`` change (e.g. after re-preprocessing). Assumes a consistent orientation of all cases (the fingerprint warns when the direction
+matrices differ); no reorientation is done here.
+
+:class:`MatchedPairSampler` uses the matcher to cut a query crop Q of case A and a key crop K of a different
+case B around corresponding points: ``next_batch() -> (B, 2, C, a0, a1, a2)``, ``[:, 0] = Q``, ``[:, 1] = K``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ssl_nnunet.training.data import crop_with_padding
+from ssl_nnunet.utilities.errors import SSLInputError
+from ssl_nnunet.utilities.file_io import atomic_save_json
+
+__all__ = [
+    "MATCHERS",
+    "cache_path",
+    "plan_out_of_plane_axis",
+    "CaseGeometry",
+    "CrossVolumeMatcher",
+    "MatchedPairSampler",
+    "body_mask_of",
+    "longitudinal_profile",
+    "fit_profile_affine",
+    "centre_range",
+]
+
+#: ``layout.matcher`` values: profile alignment with body-box fallback; body box only; no matching (ablation)
+MATCHERS = ("profile_bbox", "bbox", "random")
+CACHE_VERSION = 1
+CT_BODY_HU = -500.0
+CT_BONE_HU = 200.0
+SCALE_RANGE = (0.8, 1.25)
+MIN_NCC = 0.5
+MIN_OVERLAP = 0.5
+
+
+# ------------------------------------------------------------------------------------------------ body mask
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def body_mask_of(image: np.ndarray, a_op: int, threshold: Optional[float] = None) -> np.ndarray:
+    """Body mask of one preprocessed channel ``image (a0, a1, a2)``.
+
+    ``image > threshold`` (CT: -500 HU in normalised units) or, when ``threshold`` is ``None``, above the Otsu
+    threshold of the image; then the largest connected component with holes filled in every slice along
+    ``a_op``. Falls back to all-ones for a constant image.
+    """
+    if threshold is None:
+        from skimage.filters import threshold_otsu
+        values = image[::2, ::2, ::2].ravel() if image.size > 2 ** 21 else image.ravel()
+        if values.min() == values.max():
+            return np.ones(image.shape, dtype=bool)
+        threshold = float(threshold_otsu(values))
+    mask = _largest_component(image > threshold)
+    if not mask.any():
+        return np.ones(image.shape, dtype=bool)
+    moved = np.moveaxis(mask, a_op, 0)
+    filled = np.stack([ndimage.binary_fill_holes(s) for s in moved])
+    return np.moveaxis(filled, 0, a_op)
+
+
+def bounding_box(mask: np.ndarray) -> List[List[int]]:
+    """``[[lo, hi), ...]`` per axis of a non-empty boolean mask."""
+    out = []
+    for ax in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != ax)
+        idx = np.nonzero(mask.any(axis=other))[0]
+        out.append([int(idx[0]), int(idx[-1]) + 1])
+    return out
+
+
+def longitudinal_profile(image: np.ndarray, mask: np.ndarray, a_op: int, low: float, high: float,
+                         sigma: float = 1.0) -> np.ndarray:
+    """Per-slice descriptor along ``a_op``: ``(L, 4)`` float64 = (relative body area, mean body intensity,
+    fraction of body voxels ``< low``, fraction ``> high``), Gaussian-smoothed along the slices."""
+    img = np.moveaxis(image, a_op, 0).reshape(image.shape[a_op], -1).astype(np.float64)
+    m = np.moveaxis(mask, a_op, 0).reshape(image.shape[a_op], -1)
+    area = m.sum(1).astype(np.float64)
+    safe = np.maximum(area, 1.0)
+    mean = np.where(m, img, 0.0).sum(1) / safe
+    low_frac = (m & (img < low)).sum(1) / safe
+    high_frac = (m & (img > high)).sum(1) / safe
+    prof = np.stack([area / max(area.max(), 1.0), mean, low_frac, high_frac], axis=1)
+    return ndimage.gaussian_filter1d(prof, sigma, axis=0, mode="nearest") if sigma > 0 else prof
+
+
+# ------------------------------------------------------------------------------------------------ 1-D alignment
+
+def _stretch(profile: np.ndarray, scale: float) -> np.ndarray:
+    """Resample ``profile (L, F)`` at positions ``k / scale`` for ``k = 0 .. floor(scale (L - 1))``."""
+    n = int(math.floor(scale * (len(profile) - 1))) + 1
+    pos = np.arange(n) / scale
+    return np.stack([np.interp(pos, np.arange(len(profile)), profile[:, f]) for f in range(profile.shape[1])], 1)
+
+
+def _ncc_all_shifts(c: np.ndarray, r: np.ndarray, min_overlap: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean per-feature NCC of ``c (m, F)`` placed at every integer shift ``s`` on ``r (n, F)`` (``c[i]`` on
+    ``r[i + s]``), over the overlap only. Returns ``(shifts, ncc)``; shifts with too small an overlap or
+    no feature with variance get ``-inf``."""
+    m, n = len(c), len(r)
+    shifts = np.arange(-(m - 1), n)
+    lo = np.maximum(0, -shifts)
+    hi = np.minimum(m, n - shifts)
+    count = (hi - lo).astype(np.float64)
+    total = np.zeros(len(shifts))
+    used = np.zeros(len(shifts))
+    for f in range(c.shape[1]):
+        cf, rf = c[:, f], r[:, f]
+        c1 = np.concatenate([[0.0], np.cumsum(cf)])
+        c2 = np.concatenate([[0.0], np.cumsum(cf * cf)])
+        r1 = np.concatenate([[0.0], np.cumsum(rf)])
+        r2 = np.concatenate([[0.0], np.cumsum(rf * rf)])
+        sxy = np.correlate(rf, cf, mode="full")  # index k <-> shift k - (m - 1)
+        sc, sc2 = c1[hi] - c1[lo], c2[hi] - c2[lo]
+        sr, sr2 = r1[hi + shifts] - r1[lo + shifts], r2[hi + shifts] - r2[lo + shifts]
+        cov = sxy - sc * sr / count
+        var = (sc2 - sc * sc / count) * (sr2 - sr * sr / count)
+        ok = var > 1e-12 * np.maximum(count, 1.0) ** 2
+        total += np.where(ok, cov / np.sqrt(np.where(ok, var, 1.0)), 0.0)
+        used += ok
+    ncc = np.where(used > 0, total / np.maximum(used, 1), -np.inf)
+    ncc[count < min_overlap * min(m, n)] = -np.inf
+    return shifts, ncc
+
+
+def _best_shift(c: np.ndarray, r: np.ndarray, min_overlap: float) -> Tuple[float, float]:
+    shifts, ncc = _ncc_all_shifts(c, r, min_overlap)
+    k = int(np.argmax(ncc))
+    best = float(ncc[k])
+    if not np.isfinite(best):
+        return 0.0, -np.inf
+    sub = 0.0
+    if 0 < k < len(ncc) - 1 and np.isfinite(ncc[k - 1]) and np.isfinite(ncc[k + 1]):
+        denom = ncc[k - 1] - 2 * ncc[k] + ncc[k + 1]
+        if denom < 0:
+            sub = float(np.clip(0.5 * (ncc[k - 1] - ncc[k + 1]) / denom, -0.5, 0.5))
+    return float(shifts[k]) + sub, best
+
+
+def fit_profile_affine(profile: np.ndarray, reference: np.ndarray, scale_range: Sequence[float] = SCALE_RANGE,
+                       min_overlap: float = MIN_OVERLAP) -> Tuple[float, float, float]:
+    """Affine map ``z_ref = scale * z + offset`` of a case profile ``(L, F)`` onto ``reference (L_ref, F)``.
+
+    Coarse grid over ``scale`` (step 0.02), then a fine grid (step 0.002) around the best; for every scale all
+    integer offsets are scored at once (NCC via cumulative sums and one correlation per feature) and the best
+    offset is refined to sub-voxel precision by a parabola through the neighbouring scores.
+
+    Returns:
+        ``(scale, offset, ncc)``; ``ncc = -inf`` when no placement has enough overlap.
+    """
+    lo, hi = float(scale_range[0]), float(scale_range[1])
+    best = (1.0, 0.0, -np.inf)
+    for grid in (np.arange(lo, hi + 1e-9, 0.02), None):
+        if grid is None:
+            grid = np.arange(max(lo, best[0] - 0.02), min(hi, best[0] + 0.02) + 1e-9, 0.002)
+        for scale in grid:
+            offset, score = _best_shift(_stretch(profile, float(scale)), reference, min_overlap)
+            if score > best[2]:
+                best = (float(scale), offset, score)
+    return best
+
+
+# ------------------------------------------------------------------------------------------------ the matcher
+
+@dataclass
+class CaseGeometry:
+    """Per-case artefacts of the matcher (JSON-serialisable).
+
+    Attributes:
+        shape: spatial shape ``(a0, a1, a2)`` of the preprocessed array.
+        bbox: body box ``[[lo, hi), ...]`` per axis.
+        scale, offset: ``z_ref = scale * z + offset`` along ``a_op``.
+        ncc: profile NCC of the fit (``None`` for body-box maps).
+        source: ``"profile"`` or ``"bbox"`` (which map is stored).
+    """
+
+    shape: List[int]
+    bbox: List[List[int]]
+    scale: float
+    offset: float
+    ncc: Optional[float]
+    source: str
+
+
+def _bbox_affine(bbox_op: Sequence[int], ref_bbox_op: Sequence[int]) -> Tuple[float, float]:
+    scale = (ref_bbox_op[1] - ref_bbox_op[0]) / max(bbox_op[1] - bbox_op[0], 1)
+    return scale, ref_bbox_op[0] - scale * bbox_op[0]
+
+
+class CrossVolumeMatcher:
+    """Maps points between preprocessed cases (see the module docstring for the formulas).
+
+    Args:
+        cases: ``{identifier: CaseGeometry}``.
+        a_op: out-of-plane axis (``plans["ssl"]["out_of_plane_axis"]``).
+        reference_length: ``L_ref`` (``shape[a_op]`` of the reference case); ``t = z_ref / L_ref``.
+        kind: ``"profile_bbox"`` or ``"bbox"``.
+    """
+
+    def __init__(self, cases: Dict[str, CaseGeometry], a_op: int, reference_length: int,
+                 kind: str = "profile_bbox", reference: str = ""):
+        self.cases = cases
+        self.a_op = int(a_op)
+        self.reference_length = int(reference_length)
+        self.kind = kind
+        self.reference = reference
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def from_arrays(cls, images: Dict[str, np.ndarray], a_op: int, kind: str = "profile_bbox",
+                    ct_units: Optional[Dict[str, float]] = None, min_ncc: float = MIN_NCC) -> "CrossVolumeMatcher":
+        """Build from channel-0 arrays ``{identifier: (a0, a1, a2)}``.
+
+        Args:
+            ct_units: for CT, the thresholds in the arrays' units: ``{"body": .., "low": .., "high": ..}``;
+                ``None``: Otsu body mask, low/high = the case's 10th/90th body percentile.
+            min_ncc: below this profile NCC a case falls back to the body-box map.
+        """
+        if kind not in ("profile_bbox", "bbox"):
+            raise SSLInputError(f"alice matcher '{kind}' cannot be built; choose 'profile_bbox' or 'bbox'")
+        if not images:
+            raise SSLInputError("alice matcher: no cases to build the matcher from")
+        boxes, profiles, shapes = {}, {}, {}
+        for ident, image in images.items():
+            image = np.asarray(image, dtype=np.float32)
+            mask = body_mask_of(image, a_op, None if ct_units is None else ct_units["body"])
+            boxes[ident] = bounding_box(mask)
+            shapes[ident] = [int(s) for s in image.shape]
+            if ct_units is None:
+                low, high = np.percentile(image[mask], (10, 90))
+            else:
+                low, high = ct_units["low"], ct_units["high"]
+            profiles[ident] = longitudinal_profile(image, mask, a_op, float(low), float(high))
+        idents = sorted(images)
+        lengths = [boxes[i][a_op][1] - boxes[i][a_op][0] for i in idents]
+        order = np.argsort(lengths, kind="stable")
+        reference = idents[int(order[(len(order) - 1) // 2])]
+        cases = {}
+        for ident in idents:
+            scale, offset = _bbox_affine(boxes[ident][a_op], boxes[reference][a_op])
+            ncc, source = None, "bbox"
+            if kind == "profile_bbox":
+                if ident == reference:
+                    fit = (1.0, 0.0, 1.0)
+                else:
+                    fit = fit_profile_affine(profiles[ident], profiles[reference])
+                if np.isfinite(fit[2]) and fit[2] >= min_ncc:
+                    scale, offset, ncc, source = fit[0], fit[1], float(fit[2]), "profile"
+                elif np.isfinite(fit[2]):
+                    ncc = float(fit[2])
+            cases[ident] = CaseGeometry(shapes[ident], boxes[ident], float(scale), float(offset), ncc, source)
+        return cls(cases, a_op, shapes[reference][a_op], kind, reference)
+
+    def to_json(self, stamps: Optional[Dict[str, List[int]]] = None) -> dict:
+        return {"version": CACHE_VERSION, "matcher": self.kind, "out_of_plane_axis": self.a_op,
+                "reference": self.reference, "reference_length": self.reference_length,
+                "case_files": stamps or {}, "cases": {k: asdict(v) for k, v in sorted(self.cases.items())}}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "CrossVolumeMatcher":
+        cases = {k: CaseGeometry(**v) for k, v in obj["cases"].items()}
+        return cls(cases, obj["out_of_plane_axis"], obj["reference_length"], obj["matcher"], obj["reference"])
+
+    @classmethod
+    def load_or_build(cls, dataset, a_op: int, kind: str = "profile_bbox",
+                      folder: Optional[str] = None, verbose: bool = True) -> "CrossVolumeMatcher":
+        """The matcher of every case of ``dataset`` (an nnU-Net dataset: ``load_case``, ``identifiers``),
+        read from :func:`cache_path` when it is current, else computed and written atomically.
+
+        ``folder`` (the preprocessed data folder) defaults to ``dataset.source_folder``; CT thresholds come from
+        ``dataset.json`` and ``dataset_fingerprint.json`` in its parent folder.
+        """
+        folder = os.path.abspath(folder or dataset.source_folder)
+        identifiers = sorted(dataset.identifiers)
+        path = cache_path(folder)
+        stamps = {i: _file_stamp(os.path.join(folder, i + ".pkl")) for i in identifiers}
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    obj = json.load(f)
+                if (obj.get("version") == CACHE_VERSION and obj.get("matcher") == kind
+                        and obj.get("out_of_plane_axis") == int(a_op) and obj.get("case_files") == stamps
+                        and sorted(obj.get("cases", {})) == identifiers):
+                    return cls.from_json(obj)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # unreadable or stale cache: rebuild
+        if verbose:
+            print(f"alice matcher ({kind}): computing body boxes and profiles of {len(identifiers)} cases "
+                  f"(once; cached in {path})")
+        images = {}
+        for ident in identifiers:
+            data = dataset.load_case(ident)[0]
+            images[ident] = np.asarray(data[0], dtype=np.float32)
+        matcher = cls.from_arrays(images, a_op, kind, ct_units=ct_thresholds(os.path.dirname(folder)))
+        atomic_save_json(matcher.to_json(stamps), path)
+        return matcher
+
+    # ---------------------------------------------------------------- mapping
+    def canonical(self, identifier: str, z: float) -> float:
+        """Canonical coordinate ``t = (scale z + offset) / L_ref`` of slice ``z`` of a case."""
+        g = self.cases[identifier]
+        return (g.scale * float(z) + g.offset) / self.reference_length
+
+    def coverage(self, identifier: str) -> Tuple[float, float]:
+        """``[t_min, t_max]`` of the case's body along ``a_op``."""
+        lo, hi = self.cases[identifier].bbox[self.a_op]
+        return self.canonical(identifier, lo), self.canonical(identifier, hi - 1)
+
+    def map_point(self, source: str, target: str, point: Sequence[float]) -> Tuple[np.ndarray, bool]:
+        """Map ``point`` (continuous voxel indices ``(p0, p1, p2)``) of case ``source`` into case ``target``.
+
+        Returns:
+            ``(p', valid)``: float64 ``(3,)`` and whether ``p'_op`` lies inside the target's body extent
+            ``[lo, hi - 1]`` along ``a_op`` (outside: the anatomy at ``p`` is not in the target's field of view).
+        """
+        a, b = self.cases[source], self.cases[target]
+        p = np.asarray(point, dtype=np.float64)
+        out = np.empty_like(p)
+        for ax in range(len(p)):
+            if ax == self.a_op:
+                out[ax] = (a.scale * p[ax] + a.offset - b.offset) / b.scale
+            else:
+                (lo_a, hi_a), (lo_b, hi_b) = a.bbox[ax], b.bbox[ax]
+                out[ax] = lo_b + (p[ax] - lo_a) * (hi_b - lo_b) / max(hi_a - lo_a, 1)
+        lo, hi = b.bbox[self.a_op]
+        return out, bool(lo <= out[self.a_op] <= hi - 1)
+
+
+def cache_path(data_folder: str) -> str:
+    """``<parent>/alice_matcher_<data folder name>.json`` for a preprocessed data folder."""
+    data_folder = os.path.abspath(data_folder)
+    return os.path.join(os.path.dirname(data_folder), f"alice_matcher_{os.path.basename(data_folder)}.json")
+
+
+def _file_stamp(path: str) -> List[int]:
+    """``[size, mtime_ns]`` of a file (``[-1, -1]`` when it does not exist)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [-1, -1]
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def plan_out_of_plane_axis(data_folder: str) -> int:
+    """``ssl.out_of_plane_axis`` of the plans whose configuration wrote ``data_folder`` (found among the JSON
+    files of its parent folder by ``data_identifier``); else the first axis of largest spacing of that
+    configuration; else 0."""
+    data_folder = os.path.abspath(data_folder)
+    parent, ident = os.path.dirname(data_folder), os.path.basename(data_folder)
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        if not name.endswith(".json") or name.startswith("alice_matcher_"):
+            continue
+        try:
+            with open(os.path.join(parent, name)) as f:
+                plans = json.load(f)
+            configs = [c for c in plans.get("configurations", {}).values() if c.get("data_identifier") == ident]
+        except (OSError, ValueError, AttributeError):
+            continue
+        if configs:
+            if "out_of_plane_axis" in plans.get("ssl", {}):
+                return int(plans["ssl"]["out_of_plane_axis"])
+            if "spacing" in configs[0]:
+                return int(np.argmax(configs[0]["spacing"]))
+    return 0
+
+
+def ct_thresholds(preprocessed_dataset_folder: str) -> Optional[Dict[str, float]]:
+    """CT thresholds (-500 HU body and low, +200 HU high) in nnU-Net's CT-normalised units, or ``None`` when
+    channel 0 is not CT (or ``dataset.json`` / ``dataset_fingerprint.json`` are missing)."""
+    try:
+        with open(os.path.join(preprocessed_dataset_folder, "dataset.json")) as f:
+            channels = json.load(f)["channel_names"]
+        name = channels.get("0", channels.get(0, ""))
+        if str(name).strip().upper() != "CT":
+            return None
+        with open(os.path.join(preprocessed_dataset_folder, "dataset_fingerprint.json")) as f:
+            props = json.load(f)["foreground_intensity_properties_per_channel"]["0"]
+    except (OSError, ValueError, KeyError):
+        return None
+    lo, hi = props["percentile_00_5"], props["percentile_99_5"]
+    std = max(float(props["std"]), 1e-8)
+
+    def norm(hu: float) -> float:
+        return (min(max(hu, lo), hi) - props["mean"]) / std
+
+    return {"body": norm(CT_BODY_HU), "low": norm(CT_BODY_HU), "high": norm(CT_BONE_HU)}
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+def centre_range(bbox: Sequence[Sequence[int]], shape: Sequence[int], patch: Sequence[int]
+                 ) -> List[Tuple[int, int]]:
+    """Per axis the inclusive range ``[c_min, c_max]`` of crop centres (crop = ``[c - P//2, c - P//2 + P)``)
+    that keep the crop inside the body box where the box is at least ``P`` long, else centre the crop on the
+    box; then, where the image is at least ``P`` long, inside the image (METHODS.md §7.8)."""
+    out = []
+    for (lo, hi), d, p in zip(bbox, shape, patch):
+        if hi - lo >= p:
+            cmin, cmax = lo + p // 2, hi - p + p // 2
+        else:
+            cmin = cmax = (lo + hi) // 2
+        if d >= p:
+            cmin = min(max(cmin, p // 2), d - p + p // 2)
+            cmax = min(max(cmax, p // 2), d - p + p // 2)
+        out.append((int(cmin), int(cmax)))
+    return out
+
+
+class MatchedPairSampler:
+    """Pairs of crops of the same body part from two different cases.
+
+    Per batch element: a query case A is drawn from ``identifiers`` and a key case B ≠ A from
+    ``key_identifiers`` (default: ``identifiers``; a single held-out validation case is paired with the other
+    cases of the dataset this way); a crop centre ``c_A`` is drawn uniformly from A's
+    :func:`centre_range`, mapped to B with the matcher and redrawn (up to ``max_tries``) while the point falls
+    outside B's field of view; the mapped centre is rounded and clamped to B's :func:`centre_range`. When no
+    try succeeds the last mapped point is clamped (nearest covered position).
+
+    ``next_batch() -> float32 (B, 2, C, *P)``: ``[:, 0]`` query crops Q (case A), ``[:, 1]`` key crops K
+    (case B). ``last_pairs`` holds ``(id_A, id_B, c_A, c_B, matched)`` of the latest batch.
+    """
+
+    def __init__(self, dataset, identifiers: List[str], patch_size: Sequence[int], batch_size: int,
+                 matcher: CrossVolumeMatcher, seed: int = 0, max_tries: int = 100,
+                 key_identifiers: Optional[List[str]] = None):
+        keys = sorted(set(key_identifiers if key_identifiers is not None else identifiers))
+        if not identifiers or any(all(k == q for k in keys) for q in identifiers):
+            raise ValueError(f"every query case needs a different key case; got queries {list(identifiers)} and "
+                             f"keys {keys}")
+        missing = [i for i in list(identifiers) + keys if i not in matcher.cases]
+        if missing:
+            raise SSLInputError(f"alice matcher has no geometry for {missing[:3]}; delete the matcher cache "
+                                f"(alice_matcher_*.json beside the preprocessed data) to rebuild it")
+        self.dataset = dataset
+        self.identifiers = list(identifiers)
+        self.key_identifiers = keys
+        self.patch_size = [int(p) for p in patch_size]
+        self.batch_size = int(batch_size)
+        self.matcher = matcher
+        self.max_tries = max(1, int(max_tries))
+        self.rng = np.random.RandomState(seed)
+        self.last_pairs: List[tuple] = []
+        self._cache: Dict[str, object] = {}
+
+    def _data(self, identifier: str):
+        if identifier not in self._cache:
+            self._cache[identifier] = self.dataset.load_case(identifier)[0]
+        return self._cache[identifier]
+
+    def _crop(self, identifier: str, centre: Sequence[int]) -> np.ndarray:
+        start = [c - p // 2 for c, p in zip(centre, self.patch_size)]
+        return crop_with_padding(self._data(identifier), start, self.patch_size)
+
+    def draw_pair(self, source: str, target: str) -> Tuple[List[int], List[int], bool]:
+        """Centres ``(c_A, c_B, matched)`` of a query crop in ``source`` and its key crop in ``target``."""
+        ga, gb = self.matcher.cases[source], self.matcher.cases[target]
+        range_a = centre_range(ga.bbox, ga.shape, self.patch_size)
+        range_b = centre_range(gb.bbox, gb.shape, self.patch_size)
+        for _ in range(self.max_tries):
+            c_a = [int(self.rng.randint(lo, hi + 1)) for lo, hi in range_a]
+            mapped, valid = self.matcher.map_point(source, target, c_a)
+            if valid:
+                break
+        c_b = [int(min(max(int(round(v)), lo), hi)) for v, (lo, hi) in zip(mapped, range_b)]
+        return c_a, c_b, valid
+
+    def next_batch(self) -> torch.Tensor:
+        items, self.last_pairs = [], []
+        for _ in range(self.batch_size):
+            source = self.identifiers[self.rng.randint(len(self.identifiers))]
+            candidates = [k for k in self.key_identifiers if k != source]
+            target = candidates[self.rng.randint(len(candidates))]
+            c_a, c_b, matched = self.draw_pair(source, target)
+            items.append(np.stack([self._crop(source, c_a), self._crop(target, c_b)]))
+            self.last_pairs.append((source, target, c_a, c_b, matched))
+        return torch.from_numpy(np.stack(items))

@@ -1,0 +1,479 @@
+"""MiM — Mask in Mask (METHODS.md §6): hierarchical masked reconstruction + cross-level alignment on a CNN U-Net.
+
+Views (all built on the batch's device from one native level-1 region per sample; L = 3 levels):
+
+* ``X1 (B, C, R1)`` with ``R1 = r1 ⊙ P`` (``layout.level1_region``, cut natively by the loader);
+  ``x1 = avgpool_{r1}(X1) (B, C, P)``; level-1 unit grid ``g1 = P / level1_unit`` (n1 = ∏ g1 units),
+  mask ratio ρ1.
+* level 2: per sample γ *hidden* level-1 units, drawn without replacement; ``x2 (B·γ, C, P)`` is the native
+  region ``R2 = R1 / g1`` of ``X1`` under the unit (bit-exact slice when ``R2 = P``; upsampled by
+  ``level2_zoom = P / R2`` otherwise, see the small-image fallback in ``documentation/methods/mim.md``);
+  ``label12 (B·γ,)`` = index of that unit (C order over ``g1``). Unit ``u2``, grid ``n2 = P / u2``, ratio ρ2.
+* level 3: per level-2 volume β *hidden* level-2 units; ``x3 (B·γ·β, C, P)`` = trilinear upsampling by
+  ``P / u2`` of the ``u2`` region of ``x2``; ``label23 (B·γ·β,)``. Unit ``u2`` (in x3 coordinates), ratio ρ3.
+
+Volume ``i`` of level l+1 comes from volume ``i // k`` of level l (k = γ for l = 1, β for l = 2).
+
+Network: one SparK-style sparse U-Net (:func:`ssl_nnunet.methods.sparse.sparse_masked_forward`, shared with
+MAE) with one :class:`Densify`. All levels go through the network in one batch of ``B (1 + γ + γβ)`` volumes
+when their masks can be written on a common unit grid without changing which encoder maps are re-masked
+(``fused``); otherwise one masked forward per level. Instance norms are per sample, so both are the same.
+
+Loss (float32)::
+
+    L_R^l  = Σ_v (1 − m_v) (ŷ_v − t_v)² / Σ_v (1 − m_v)          (hidden voxels of all level-l volumes)
+    t      = per-unit normalised input (``target = per_unit``, units = that level's mask units) or the input
+    p_j    = Proj( sg( mean of the tap map of the coarser volume over unit j ) )        (n candidates, D)
+    c_i    = Agg( mean of the tap map of the finer volume i over all positions )         (D)
+    s_ij   = cos(c_i, p_j) = c·p / (‖c‖‖p‖ + 1e-8)
+    L_C    = mean_i −log( exp(s_{i,label_i}/τ) / Σ_j exp(s_ij/τ) )   (candidates: all units of the parent volume)
+    L      = w1 L_R^1 + w2 L_R^2 + w3 L_R^3 + α (L_C^{1,2} + L_C^{2,3})
+
+The tap is the decoder map whose stride equals ``align_stride`` (default q → ``dec_first``, METHODS §6.2 step 7):
+the positive candidate is a *hidden* unit of the coarser volume, so its features must come from the decoder
+(after densification), not the encoder. Proj and Agg are ``Linear(C, D) → GELU → Linear(D, D)`` with separate
+weights, shared by both level pairs.
+
+Layout keys (``method_plan["layout"]``; every size per axis (a0, a1, a2)):
+    r1             downsampling factor of the level-1 region (``level1_region = r1 ⊙ P``)
+    level1_region  native size of X1 = the loader's patch (``required_patch_size``)
+    level1_unit    level-1 mask unit in x1 coordinates (``g1 = P / level1_unit``)
+    level2_zoom    optional; ``P / (level1_region / g1)`` (1 = native level 2); checked if present
+    u2             level-2 and level-3 mask unit (also the size of the region a level-3 volume is cut from)
+    level3_zoom    optional; ``P / u2``; checked if present
+    ratios         [ρ1, ρ2, ρ3] (default [0.5, 0.6, 0.5])
+    gamma, beta    level-2 volumes per level-1 volume, level-3 volumes per level-2 volume (β = 0: two levels)
+    alpha, tau     alignment weight (0.1) and InfoNCE temperature (0.2)
+    proj_dim       D
+    align_stride   stride of the decoder map used for alignment (q)
+    target         "per_unit" | "none"
+    level_weights  optional [w1, w2, w3] (default [1, 1, 1])
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_nnunet.methods import register
+from ssl_nnunet.methods.base import SSLMethod
+from ssl_nnunet.methods.features import check_unet, cumulative_strides
+from ssl_nnunet.methods.masking import (expand_mask, masked_mse, num_hidden_units, per_unit_target,
+                                        random_block_mask, unit_grid)
+from ssl_nnunet.methods.sparse import Densify, convert_encoder_to_sparse, derive_remask_strides, sparse_masked_forward
+from ssl_nnunet.utilities.errors import SSLInputError
+
+TARGETS = ("none", "per_unit")
+
+__all__ = ["MiM", "MiMViews", "split_units", "unit_boxes", "sample_hidden_units", "unit_mean_features",
+           "info_nce", "resize_to"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# tensor helpers (any number of spatial axes; docstrings use 3D)
+
+def split_units(x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """``x (N, C, a0, a1, a2)`` cut into the units of a ``grid (n0, n1, n2)`` → ``(N, n, C, a0/n0, a1/n1, a2/n2)``.
+
+    Units are numbered in C order over the grid (as in :func:`random_block_mask`); pure reshape/permute,
+    so every unit is a bit-exact slice of ``x``.
+    """
+    n_ax = len(grid)
+    spatial = tuple(int(s) for s in x.shape[2:])
+    unit = unit_grid(spatial, grid)  # = spatial / grid; raises when the grid does not divide the shape
+    n, c = x.shape[:2]
+    shape = [n, c]
+    for g, u in zip(grid, unit):
+        shape += [int(g), int(u)]
+    perm = [0] + [2 + 2 * i for i in range(n_ax)] + [1] + [3 + 2 * i for i in range(n_ax)]
+    return x.reshape(shape).permute(perm).reshape(n, math.prod(grid), c, *unit)
+
+
+def unit_boxes(index: torch.Tensor, grid: Sequence[int], unit: Sequence[int]) -> torch.Tensor:
+    """Boxes of units ``index (...,)`` (C order over ``grid``) of size ``unit`` → ``(..., 2, n_ax)`` long:
+    ``[..., 0, :]`` start, ``[..., 1, :]`` stop (exclusive), in the coordinates of the split volume."""
+    coords = []
+    rest = index.long()
+    for g in reversed([int(v) for v in grid]):
+        coords.append(rest % g)
+        rest = rest // g
+    coords = torch.stack(coords[::-1], dim=-1)
+    size = torch.tensor([int(u) for u in unit], device=index.device, dtype=torch.long)
+    start = coords * size
+    return torch.stack([start, start + size], dim=-2)
+
+
+def sample_hidden_units(mask: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``k`` distinct hidden units per sample of a unit mask ``(N, 1, n0, n1, n2)`` (1 = visible) → ``(N, k)`` long.
+
+    Uniform without replacement among the hidden units (random scores drawn with ``generator`` on its device;
+    visible units get scores above every hidden one). Raises ``ValueError`` if a sample hides fewer than k.
+    """
+    flat = mask.reshape(mask.shape[0], -1)
+    hidden = flat == 0
+    if k > 0 and int(hidden.sum(1).min()) < k:
+        raise ValueError(f"cannot pick {k} hidden units: a sample hides only {int(hidden.sum(1).min())}")
+    draw_device = generator.device if generator is not None else flat.device
+    scores = torch.rand(flat.shape, generator=generator, device=draw_device).to(flat.device)
+    scores = torch.where(hidden, scores, scores + 2.0)
+    return scores.argsort(dim=1)[:, :k]
+
+
+def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Linear (trilinear in 3D) resampling of ``x (N, C, *s)`` to ``(N, C, *size)``; identity if sizes match."""
+    size = [int(s) for s in size]
+    if list(x.shape[2:]) == size:
+        return x
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    return F.interpolate(x, size=size, mode=mode, align_corners=False)
+
+
+def _avg_pool(x: torch.Tensor, factor: Sequence[int]) -> torch.Tensor:
+    factor = [int(f) for f in factor]
+    if all(f == 1 for f in factor):
+        return x
+    pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(factor)]
+    return pool(x, kernel_size=factor, stride=factor)
+
+
+def unit_mean_features(fmap: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """Mean of a feature map ``(N, C, f0, f1, f2)`` over each unit of ``grid`` → ``(N, n, C)`` (float32)."""
+    return split_units(fmap.float(), grid).flatten(3).mean(dim=3)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a (N, D)``, ``b (N, n, D)`` → ``(N, n)``: a·b / (‖a‖‖b‖ + 1e-8) in float32."""
+    a, b = a.float(), b.float()
+    dot = (b * a[:, None, :]).sum(-1)
+    return dot / (a.norm(dim=-1)[:, None] * b.norm(dim=-1) + 1e-8)
+
+
+def info_nce(context: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor, tau: float
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE over units (METHODS §6.1, paper Eq. 4–6 with the code's softmax over *all* units).
+
+    Args:
+        context: ``(N, D)`` context vectors of the finer volumes.
+        candidates: ``(N, n, D)`` unit features of each finer volume's parent (coarser) volume.
+        labels: ``(N,)`` index of the positive unit.
+        tau: temperature.
+    Returns:
+        ``(loss, logits)``: float32 scalar ``mean_i −log softmax(s_i / τ)[label_i]`` and the logits ``(N, n)``.
+    """
+    logits = _cosine(context, candidates) / float(tau)
+    return F.cross_entropy(logits, labels.long()), logits
+
+
+def _per_unit_stats(x: torch.Tensor, unit: Sequence[int], eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit mean and sqrt(var + eps) of ``x (N, C, *a)``, broadcast back to ``(N, C, *a)`` (for previews)."""
+    grid = unit_grid(x.shape[2:], unit)
+    u = split_units(x.float(), grid)
+    mean = u.flatten(3).mean(3)
+    std = torch.sqrt(u.flatten(3).var(3, unbiased=False) + eps)
+
+    def back(v):  # (N, n, C) -> (N, C, *a) by unit repetition
+        n, _, c = v.shape
+        v = v.transpose(1, 2).reshape(n, c, *grid)
+        return torch.cat([expand_mask(v[:, i:i + 1], x.shape[2:]) for i in range(c)], dim=1)
+
+    return back(mean), back(std)
+
+
+def _mlp(c_in: int, dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(c_in, dim), nn.GELU(), nn.Linear(dim, dim))
+
+
+def _per_axis(value, ndim: int, key: str) -> List[int]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [int(value)] * ndim
+    if isinstance(value, (list, tuple)) and len(value) == ndim and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return [int(v) for v in value]
+    raise SSLInputError(f"ssl layout of 'mim': key '{key}' must be an int or a list of {ndim} ints, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class MiMViews:
+    """The three levels of one batch (shapes with B samples, γ, β from the layout, P the network input).
+
+    Attributes:
+        x1, x2, x3: ``(B, C, *P)``, ``(B·γ, C, *P)``, ``(B·γ·β, C, *P)`` network inputs.
+        mask1, mask2, mask3: unit masks ``(B, 1, *g1)``, ``(B·γ, 1, *n2)``, ``(B·γ·β, 1, *n2)``; 1 = visible.
+        label12: ``(B·γ,)`` level-1 unit each x2 was cut from; label23: ``(B·γ·β,)`` level-2 unit of each x3.
+        box12: ``(B·γ, 2, 3)`` start/stop of each x2's region in X1 (native) coordinates.
+        box23: ``(B·γ·β, 2, 3)`` start/stop of each x3's region in x2 coordinates.
+    """
+    x1: torch.Tensor
+    mask1: torch.Tensor
+    x2: torch.Tensor
+    mask2: torch.Tensor
+    label12: torch.Tensor
+    box12: torch.Tensor
+    x3: Optional[torch.Tensor]
+    mask3: Optional[torch.Tensor]
+    label23: Optional[torch.Tensor]
+    box23: Optional[torch.Tensor]
+
+
+@register
+class MiM(SSLMethod):
+    """Mask in Mask on a nnU-Net U-Net (``ResidualEncoderUNet`` / ``PlainConvUNet``), see module docstring.
+
+    Attributes:
+        patch: P (network input of every level); region: R1; r1; grid1: g1; unit1: level-1 unit (x1 coords);
+        region2: native size R2 of a level-2 region; u2; grid2: n2 = P / u2; ratios; gamma; beta; alpha; tau;
+        level_weights; target; fused: whether all levels share one masked forward.
+        densify: :class:`Densify`; projector, aggregator: the alignment MLPs (C_tap → D → D).
+    """
+
+    name = "mim"
+
+    def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
+        super().__init__(network, method_plan, ssl_plan, num_input_channels)
+        check_unet(network)
+        lay = self.layout
+        ndim = len(network.encoder.strides[0])
+        missing = [k for k in ("r1", "level1_region", "level1_unit", "u2", "gamma", "beta", "proj_dim",
+                               "align_stride") if k not in lay]
+        if missing:
+            raise SSLInputError(f"ssl layout of 'mim' lacks {missing}; re-run the SSL planner")
+        self.patch = _per_axis(method_plan["pretrain_patch_size"], ndim, "pretrain_patch_size")
+        self.r1 = _per_axis(lay["r1"], ndim, "r1")
+        self.region = _per_axis(lay["level1_region"], ndim, "level1_region")
+        self.unit1 = _per_axis(lay["level1_unit"], ndim, "level1_unit")
+        self.u2 = _per_axis(lay["u2"], ndim, "u2")
+        self.align_stride = _per_axis(lay["align_stride"], ndim, "align_stride")
+        P = self.patch
+        if self.region != [r * p for r, p in zip(self.r1, P)]:
+            raise SSLInputError(f"ssl layout of 'mim': level1_region {self.region} must equal r1 {self.r1} times the "
+                                f"patch {P}")
+        try:
+            self.grid1 = list(unit_grid(P, self.unit1))
+            self.grid2 = list(unit_grid(P, self.u2))
+        except ValueError as e:
+            raise SSLInputError(f"ssl layout of 'mim': {e}") from None
+        if any(R % g for R, g in zip(self.region, self.grid1)):
+            raise SSLInputError(f"ssl layout of 'mim': the level-1 grid {self.grid1} does not divide the level-1 "
+                                f"region {self.region}")
+        self.region2 = [R // g for R, g in zip(self.region, self.grid1)]
+        if any(p % r for p, r in zip(P, self.region2)):
+            raise SSLInputError(f"ssl layout of 'mim': the native level-2 region {self.region2} must divide the patch "
+                                f"{P} (integral level-2 zoom)")
+        zoom2 = [p // r for p, r in zip(P, self.region2)]
+        if "level2_zoom" in lay and _per_axis(lay["level2_zoom"], ndim, "level2_zoom") != zoom2:
+            raise SSLInputError(f"ssl layout of 'mim': level2_zoom {lay['level2_zoom']} != patch / (level1_region / "
+                                f"grid) = {zoom2}")
+        if "level3_zoom" in lay and _per_axis(lay["level3_zoom"], ndim, "level3_zoom") != self.grid2:
+            raise SSLInputError(f"ssl layout of 'mim': level3_zoom {lay['level3_zoom']} != patch / u2 = {self.grid2}")
+        n1, n2 = math.prod(self.grid1), math.prod(self.grid2)
+        if n1 < 2:
+            raise SSLInputError(
+                f"ssl layout of 'mim': the level-1 region {self.region} has a single unit (level1_unit "
+                f"{self.unit1} = patch {P}), so there is no hidden unit to cut level 2 from next to a visible one. "
+                f"The images are smaller than two patches on every axis; re-run the SSL planner (it then splits "
+                f"the patch into halves, the zoom fallback) or use a smaller patch / another -profile.")
+
+        self.ratios = [float(r) for r in lay.get("ratios", [0.5, 0.6, 0.5])]
+        if len(self.ratios) != 3 or not all(0.0 < r < 1.0 for r in self.ratios):
+            raise SSLInputError(f"ssl layout of 'mim': ratios must be three values in (0, 1), got {self.ratios}")
+        self.gamma, self.beta = int(lay["gamma"]), int(lay["beta"])
+        self.n_hidden = [num_hidden_units(n1, self.ratios[0]), num_hidden_units(n2, self.ratios[1]),
+                         num_hidden_units(n2, self.ratios[2])]
+        for lvl, (n, h) in enumerate(zip((n1, n2, n2), self.n_hidden), start=1):
+            if not 1 <= h < n:
+                raise SSLInputError(f"ssl layout of 'mim': level {lvl} hides {h} of {n} units with ratio "
+                                    f"{self.ratios[lvl - 1]}; at least one hidden and one visible unit are needed")
+        if not 1 <= self.gamma <= self.n_hidden[0]:
+            raise SSLInputError(f"ssl layout of 'mim': gamma = {self.gamma} must lie in [1, {self.n_hidden[0]}] "
+                                f"(hidden level-1 units)")
+        if not 0 <= self.beta <= self.n_hidden[1]:
+            raise SSLInputError(f"ssl layout of 'mim': beta = {self.beta} must lie in [0, {self.n_hidden[1]}] "
+                                f"(hidden level-2 units)")
+        self.alpha = float(lay.get("alpha", 0.1))
+        self.tau = float(lay.get("tau", 0.2))
+        if self.tau <= 0:
+            raise SSLInputError(f"ssl layout of 'mim': tau must be > 0, got {self.tau}")
+        self.level_weights = [float(w) for w in lay.get("level_weights", [1.0, 1.0, 1.0])]
+        if len(self.level_weights) != 3:
+            raise SSLInputError(f"ssl layout of 'mim': level_weights must have 3 entries, got {self.level_weights}")
+        self.target = str(lay.get("target", "per_unit"))
+        if self.target not in TARGETS:
+            raise SSLInputError(f"ssl layout of 'mim': target must be one of {TARGETS}, got '{self.target}'")
+
+        n_out = getattr(network.decoder, "num_classes", num_input_channels)
+        if n_out != num_input_channels:
+            raise SSLInputError(f"MiM needs a network with num_classes = C_in = {num_input_channels}, got {n_out}")
+
+        # sparse encoder: which stages are re-masked for each level's unit (input coordinates)
+        cum = [list(s) for s in cumulative_strides(network)]
+        rem1 = derive_remask_strides(network, self.unit1)
+        rem2 = derive_remask_strides(network, self.u2)
+        if not rem1 or not rem2:
+            raise SSLInputError(f"ssl layout of 'mim': level1_unit {self.unit1} and u2 {self.u2} must be multiples "
+                                f"of the first stage's stride {cum[0]}")
+        # one forward for all levels when mask 1 can be written on the u2 grid with the same re-masked stages
+        self.fused = (all(a % b == 0 for a, b in zip(self.unit1, self.u2))
+                      and sorted(map(tuple, rem1)) == sorted(map(tuple, rem2)))
+        convert_encoder_to_sparse(network)
+        masked = [s in rem1 or s in rem2 for s in cum]
+        self.densify = Densify(network.encoder.output_channels, network.encoder.conv_op, masked_stages=masked)
+
+        # alignment tap: decoder map d_j with stride align_stride (d_j has the stride of encoder stage K-2-j)
+        K = len(cum)
+        taps = [j for j in range(K - 1) if cum[K - 2 - j] == self.align_stride]
+        if not taps:
+            raise SSLInputError(f"ssl layout of 'mim': align_stride {self.align_stride} is not the stride of a decoder "
+                                f"stage (available: {[cum[K - 2 - j] for j in range(K - 1)]})")
+        self.tap = taps[0]
+        if any(u % a for u, a in zip(self.unit1, self.align_stride)) or any(
+                u % a for u, a in zip(self.u2, self.align_stride)):
+            raise SSLInputError(f"ssl layout of 'mim': align_stride {self.align_stride} must divide level1_unit "
+                                f"{self.unit1} and u2 {self.u2}")
+        c_tap = int(network.encoder.output_channels[K - 2 - self.tap])
+        self.proj_dim = int(lay["proj_dim"])
+        self.projector = _mlp(c_tap, self.proj_dim)   # candidates (coarser volume's units)
+        self.aggregator = _mlp(c_tap, self.proj_dim)  # context vector (finer volume)
+
+    # --------------------------------------------------------------------------------------------------------
+    @classmethod
+    def required_patch_size(cls, method_plan: dict) -> List[int]:
+        """The level-1 region ``r1 ⊙ P``: the loader cuts X1 at native resolution."""
+        return [int(v) for v in method_plan["layout"]["level1_region"]]
+
+    def num_passes(self) -> int:
+        """Network passes (volumes through the U-Net) per input sample: 1 + γ + γβ."""
+        return 1 + self.gamma + self.gamma * self.beta
+
+    def make_views(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None) -> MiMViews:
+        """Build the three levels from ``batch (B, C, *level1_region)`` on ``batch.device`` (see :class:`MiMViews`).
+
+        Random draws, in this order, all with ``generator`` (on its own device, results moved to the batch's):
+        mask1, the γ hidden level-1 units, mask2, the β hidden level-2 units, mask3.
+        """
+        if batch.dim() != 2 + len(self.patch) or list(batch.shape[2:]) != self.region:
+            raise ValueError(f"MiM expects a batch (B, C, *level1_region) = (B, C, {', '.join(map(str, self.region))}),"
+                             f" got shape {tuple(batch.shape)}")
+        dev = batch.device
+        B = batch.shape[0]
+        x1 = _avg_pool(batch, self.r1)
+        mask1 = random_block_mask(B, self.grid1, self.ratios[0], device=dev, generator=generator)
+        idx2 = sample_hidden_units(mask1, self.gamma, generator)                       # (B, γ)
+        units1 = split_units(batch, self.grid1)                                          # (B, n1, C, *R2)
+        x2 = torch.gather(units1, 1, idx2.view(B, self.gamma, *([1] * (units1.dim() - 2))).expand(
+            B, self.gamma, *units1.shape[2:]))
+        x2 = resize_to(x2.reshape(B * self.gamma, *units1.shape[2:]), self.patch)
+        label12 = idx2.reshape(-1)
+        box12 = unit_boxes(label12, self.grid1, self.region2)
+        n2v = B * self.gamma
+        mask2 = random_block_mask(n2v, self.grid2, self.ratios[1], device=dev, generator=generator)
+        x3 = mask3 = label23 = box23 = None
+        if self.beta > 0:
+            idx3 = sample_hidden_units(mask2, self.beta, generator)                      # (Bγ, β)
+            units2 = split_units(x2, self.grid2)                                         # (Bγ, n2, C, *u2)
+            x3 = torch.gather(units2, 1, idx3.view(n2v, self.beta, *([1] * (units2.dim() - 2))).expand(
+                n2v, self.beta, *units2.shape[2:]))
+            x3 = resize_to(x3.reshape(n2v * self.beta, *units2.shape[2:]), self.patch)
+            label23 = idx3.reshape(-1)
+            box23 = unit_boxes(label23, self.grid2, self.u2)
+            mask3 = random_block_mask(n2v * self.beta, self.grid2, self.ratios[2], device=dev, generator=generator)
+        return MiMViews(x1, mask1, x2, mask2, label12, box12, x3, mask3, label23, box23)
+
+    def _levels(self, views: MiMViews):
+        """``[(x_l, mask_l, unit_l)]`` for the levels that exist (unit in x_l coordinates)."""
+        out = [(views.x1, views.mask1, self.unit1), (views.x2, views.mask2, self.u2)]
+        if views.x3 is not None:
+            out.append((views.x3, views.mask3, self.u2))
+        return out
+
+    def masked_forward(self, views: MiMViews, fused: Optional[bool] = None
+                       ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Sparse masked forward of every level → ``[(tap_l (N_l, C_tap, *P/align_stride), rec_l (N_l, C, *P))]``.
+
+        ``fused`` (default: ``self.fused``) runs all levels as one batch, the level-1 mask repeated onto the u2
+        grid; otherwise one forward per level. Both give the same result (instance norms are per sample).
+        """
+        levels = self._levels(views)
+        fused = self.fused if fused is None else fused
+        if fused:
+            x = torch.cat([lv[0] for lv in levels])
+            masks = [expand_mask(views.mask1, self.grid2)] + [lv[1] for lv in levels[1:]]
+            _, dec, rec = sparse_masked_forward(self.network, x, torch.cat(masks), self.densify)
+            sizes = [lv[0].shape[0] for lv in levels]
+            return list(zip(dec[self.tap].split(sizes), rec.split(sizes)))
+        out = []
+        for x, m, _ in levels:
+            _, dec, rec = sparse_masked_forward(self.network, x, m, self.densify)
+            out.append((dec[self.tap], rec))
+        return out
+
+    def make_target(self, x: torch.Tensor, unit: Sequence[int]) -> torch.Tensor:
+        """Reconstruction target of one level, float32 ``(N, C, *P)``."""
+        if self.target == "per_unit":
+            return per_unit_target(x, unit)
+        return x.detach().float()
+
+    def alignment(self, tap_coarse: torch.Tensor, grid_coarse: Sequence[int], tap_fine: torch.Tensor,
+                  labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """InfoNCE between the finer volumes' contexts and their parents' unit candidates.
+
+        Args:
+            tap_coarse: ``(N_c, C_tap, *f)`` tap maps of the coarser volumes (stop-gradient applied here).
+            grid_coarse: unit grid of the coarser level (g1 or n2).
+            tap_fine: ``(N_f, C_tap, *f)`` tap maps of the finer volumes, ``N_f = k N_c``; volume i's parent is i // k.
+            labels: ``(N_f,)`` unit of the parent each finer volume was cut from.
+        Returns:
+            ``(loss, logits (N_f, n))``.
+        """
+        k = tap_fine.shape[0] // tap_coarse.shape[0]
+        candidates = self.projector(unit_mean_features(tap_coarse.detach(), grid_coarse))   # (N_c, n, D)
+        context = self.aggregator(tap_fine.float().flatten(2).mean(2))                        # (N_f, D)
+        return info_nce(context, candidates.repeat_interleave(k, dim=0), labels, self.tau)
+
+    def forward(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """``batch (B, C_in, *level1_region)`` → ``{"loss", "rec_l1", "rec_l2", "rec_l3", "align_12", "align_23"}``
+        (float32 scalars; only ``loss`` carries gradient)."""
+        views = self.make_views(batch, generator)
+        outs = self.masked_forward(views)
+        rec_terms = []
+        for (x, m, unit), (_, rec) in zip(self._levels(views), outs):
+            rec_terms.append(masked_mse(rec.float(), self.make_target(x, unit), expand_mask(m, x.shape[2:])))
+        align12, _ = self.alignment(outs[0][0], self.grid1, outs[1][0], views.label12)
+        zero = batch.new_zeros((), dtype=torch.float32)
+        if views.x3 is not None:
+            align23, _ = self.alignment(outs[1][0], self.grid2, outs[2][0], views.label23)
+        else:
+            rec_terms.append(zero)
+            align23 = zero
+        loss = sum(w * r for w, r in zip(self.level_weights, rec_terms)) + self.alpha * (align12 + align23)
+        return {"loss": loss, "rec_l1": rec_terms[0].detach(), "rec_l2": rec_terms[1].detach(),
+                "rec_l3": rec_terms[2].detach(), "align_12": align12.detach(), "align_23": align23.detach()}
+
+    @torch.no_grad()
+    def previews(self, batch: torch.Tensor) -> Dict[str, Sequence[torch.Tensor]]:
+        """Paper Fig. 9: one row per level, columns input / masked input / reconstruction (first volume of the
+        level, sample 0, channel 0; 3D tensors (a0, a1, a2), float32 on CPU).
+
+        The reconstruction shows the input at visible voxels and the prediction at hidden ones; with the
+        ``per_unit`` target the prediction is mapped back to intensities with each unit's mean and std (display
+        only). Masks and sampled units use a fixed seed so previews are comparable across epochs.
+        """
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(0)
+        views = self.make_views(batch[:1], gen)
+        outs = self.masked_forward(views)
+        rows = {}
+        for lvl, ((x, m, unit), (_, rec)) in enumerate(zip(self._levels(views), outs), start=1):
+            x, rec = x[:1].float(), rec[:1].float()
+            visible = expand_mask(m[:1], x.shape[2:]).bool()
+            if self.target == "per_unit":
+                mean, std = _per_unit_stats(x, unit)
+                rec = rec * std + mean
+            rows[f"level {lvl}: input | masked | reconstruction"] = [
+                x[0, 0].cpu(), torch.where(visible, x, 0.0)[0, 0].cpu(), torch.where(visible, x, rec)[0, 0].cpu()]
+        return rows

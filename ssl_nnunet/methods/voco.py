@@ -1,0 +1,536 @@
+"""VoCo: volume contrast with contextual-position prediction (METHODS.md §4; Wu et al., CVPR 2024).
+
+Views (all torch ops on the batch's device). The loader cuts one region ``R = g ⊙ c`` per batch element
+(``required_patch_size = region_size``, native spacing, centre inside the body box). Per region:
+
+* **bases**: the region split into the ``n = g0·g1·g2`` non-overlapping crops of size ``c`` (base grid ``g``,
+  ``g = 1`` on the out-of-plane axis). Base ``j`` is grid cell ``(k0, k1, k2)`` with ``j = (k0·g1 + k1)·g2 + k2``
+  (C order over the grid, nnU-Net axis order ``a0, a1, a2``);
+* **target crops**: ``n_t`` crops of size ``c`` fully inside R, start ``s_ax`` uniform in ``[0, R_ax − c_ax]``;
+* **position labels**: ``y_j = |crop ∩ base_j| / |crop| = Π_ax ov_ax(k_ax)`` with
+  ``ov_ax(k) = max(0, min(s+c, (k+1)c) − max(s, kc)) / c``; ``Σ_j y_j = 1``, at most ``2^(#split axes)``
+  non-zero entries;
+* **augmentation** (every base and target crop independently): flips along each axis (p ``p_flip``), rot90 in
+  the in-plane plane (the two axes other than the out-of-plane one; p ``p_rot90``, k ∈ {1, 2, 3}, only 180° if
+  the in-plane crop is not square) and an intensity shift ``U(−shift, shift)`` (p ``p_shift``).
+
+Network: all ``B·(n + n_t)`` crops ``(N, C, c0, c1, c2)`` pass the **encoder only** in one stacked batch;
+embedding = ``concat_k GAP(e_k)`` ``(N, ΣC_k)`` → projector ``Linear → Norm → ReLU → … → Linear``
+(``proj_dims``; Norm = BatchNorm1d over all crops of the step, no affine, batch statistics always, or
+LayerNorm without affine) → ``(N, D)``. Bases give ``q (B, n, D)``, target crops ``p (B, n_t, D)``.
+
+Loss (float32), ``cos(a, b) = a·b / (‖a‖‖b‖ + 1e-8)``:
+
+* logits ``l (B, n_t, n) = clamp(cos(p, sg(q)), 0, 1)`` (stop-gradient on the bases, ReLU'd cosine);
+* ``loss_variant = "paper"`` (default): Eq. 2–3 ``d = clamp(|y − l|, 0, 1)``,
+  ``L_pred = −mean_{b,t,j} log(1 − d + 1e-6)``; Eq. 4–5 ``s_jk = cos(q_j, q_k)`` (bases carry gradient),
+  ``L_reg = mean_b 2/(n(n−1)) Σ_{j<k} |s_jk|``;
+* ``loss_variant = "official"`` (the authors' later code): ``L_pred = mean_{b,t} Σ_{j: y_j>0} y_j·(−log(1 − d_j
+  + 1e-6)) + mean_{(b,t,j): y_j=0} l²``; ``L_reg = mean_{b, j<k} ReLU(s_jk)²``;
+* total ``L = L_pred + λ·L_reg`` (``lambda_reg``, 1 by default).
+
+Optional EMA teacher (``use_ema_teacher``; the v2 code and the fix nnssl users reported): a copy of encoder +
+projector, updated after every optimizer step ``θ_t ← μ·θ_t + (1 − μ)·θ_s``; logits become
+``½[clamp(cos(p_s, sg(q_t))) + clamp(cos(sg(p_t), q_s))]``, so in this mode the student bases also receive a
+prediction gradient; ``L_reg`` stays on the student bases.
+
+Logged terms: ``L_pred``, ``L_reg``, ``pos_acc`` = mean over target crops of
+``[argmax_j l_j == argmax_j y_j]`` (chance ≈ 1/n).
+
+Export: only the encoder is trained. The decoder's own modules (``transpconvs``, ``stages``, ``seg_layers``) are
+frozen (``requires_grad = False``) so they stay bit-exactly at their initialisation — also under weight decay
+and DDP — and are exported as such (nnU-Net needs every key).
+
+Layout keys (``method_plan["layout"]``):
+    crop_size        [c0, c1, c2] base/target crop = network input (multiple of the total stride)
+    base_grid        [g0, g1, g2]
+    region_size      [R0, R1, R2] = base_grid ⊙ crop_size (what the loader cuts)
+    n_target_crops   n_t (4; CPU 2)
+    lambda_reg       λ (1.0)
+    loss_variant     "paper" | "official"
+    region_mode      "native" (the only mode implemented; the paper's "body_resized" needs loader support)
+    proj_dims        [2048, 2048, 2048] (CPU [256, 256, 256])
+    projector_norm   "batch" | "layer" ("batch" falls back to "layer" below 8 crops per step)
+    use_ema_teacher  false
+    ema_momentum     0.9 (constant) or [μ0, μ1] (cosine schedule μ0 → μ1 over the run)
+    augmentation     {"p_flip": 0.2, "p_rot90": 0.2, "p_shift": 0.1, "shift": 0.1}
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ssl_nnunet.methods import register
+from ssl_nnunet.methods.base import SSLMethod
+from ssl_nnunet.methods.features import check_unet, cumulative_strides, encoder_forward
+from ssl_nnunet.utilities.errors import SSLInputError
+
+LOSS_VARIANTS = ("paper", "official")
+REGION_MODES = ("native",)
+LOGIT_CLAMPS = ("straight_through", "hard")
+PROJECTOR_NORMS = ("batch", "layer")
+#: below this many crops per step a BatchNorm1d projector is replaced by LayerNorm (METHODS.md §4.4)
+MIN_CROPS_FOR_BATCHNORM = 8
+DEFAULT_AUGMENTATION = {"p_flip": 0.2, "p_rot90": 0.2, "p_shift": 0.1, "shift": 0.1}
+LOG_EPS = 1e-6
+COS_EPS = 1e-8
+
+__all__ = [
+    "VoCo",
+    "Projector",
+    "split_into_bases",
+    "random_crop_starts",
+    "extract_crops",
+    "position_labels",
+    "augment_crops",
+    "pairwise_cosine",
+    "prediction_loss",
+    "regularisation_loss",
+    "position_accuracy",
+]
+
+
+# ------------------------------------------------------------------------------------------------ views
+
+def split_into_bases(region: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """Split ``region (B, C, R0, R1, R2)`` into the base grid ``g`` → ``(B, n, C, c0, c1, c2)``, ``c = R / g``.
+
+    Base ``j = (k0·g1 + k1)·g2 + k2`` covers ``[k_ax·c_ax, (k_ax+1)·c_ax)`` on every axis; the bases tile the
+    region exactly (no overlap, nothing left out).
+    """
+    b, ch = region.shape[:2]
+    spatial = region.shape[2:]
+    grid = [int(g) for g in grid]
+    if len(grid) != len(spatial) or any(s % g for s, g in zip(spatial, grid)):
+        raise ValueError(f"region {tuple(spatial)} cannot be split into a base grid {tuple(grid)}")
+    crop = [s // g for s, g in zip(spatial, grid)]
+    shape = [b, ch]
+    for g, c in zip(grid, crop):
+        shape += [g, c]
+    nd = len(grid)
+    x = region.reshape(shape)
+    # (B, C, g0, c0, g1, c1, g2, c2) -> (B, g0, g1, g2, C, c0, c1, c2)
+    perm = [0] + [2 + 2 * i for i in range(nd)] + [1] + [3 + 2 * i for i in range(nd)]
+    return x.permute(perm).reshape(b, math.prod(grid), ch, *crop)
+
+
+def _uniform(shape, device, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """``U[0, 1)`` float32 on ``device``; drawn on the generator's device (may differ) when one is given."""
+    if generator is None:
+        return torch.rand(shape, device=device)
+    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+
+
+def random_crop_starts(batch_size: int, n_crops: int, region: Sequence[int], crop: Sequence[int], device=None,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Integer starts ``(B, n_t, 3)`` (int64), uniform in ``[0, R_ax − c_ax]``: every crop lies fully inside R."""
+    hi = torch.tensor([int(r) - int(c) for r, c in zip(region, crop)], dtype=torch.float32, device=device)
+    if bool((hi < 0).any()):
+        raise ValueError(f"crop {tuple(crop)} is larger than the region {tuple(region)}")
+    u = _uniform((batch_size, n_crops, len(crop)), device, generator)
+    return torch.clamp(torch.floor(u * (hi + 1)), max=hi).long()
+
+
+def extract_crops(region: torch.Tensor, starts: torch.Tensor, crop: Sequence[int]) -> torch.Tensor:
+    """Cut crops of size ``c`` at ``starts (B, n_t, 3)`` from ``region (B, C, R0, R1, R2)`` → ``(B, n_t, C, *c)``.
+
+    One gather by advanced indexing (no Python loop over crops, no host synchronisation).
+    """
+    b, n_t = starts.shape[:2]
+    dev = region.device
+    starts = starts.to(dev)
+    c0, c1, c2 = (int(c) for c in crop)
+    bi = torch.arange(b, device=dev).view(b, 1, 1, 1, 1)
+    i0 = starts[..., 0].view(b, n_t, 1, 1, 1) + torch.arange(c0, device=dev).view(1, 1, c0, 1, 1)
+    i1 = starts[..., 1].view(b, n_t, 1, 1, 1) + torch.arange(c1, device=dev).view(1, 1, 1, c1, 1)
+    i2 = starts[..., 2].view(b, n_t, 1, 1, 1) + torch.arange(c2, device=dev).view(1, 1, 1, 1, c2)
+    channels_last = region.permute(0, 2, 3, 4, 1)          # (B, R0, R1, R2, C)
+    crops = channels_last[bi, i0, i1, i2]                  # (B, n_t, c0, c1, c2, C)
+    return crops.permute(0, 1, 5, 2, 3, 4).contiguous()
+
+
+def position_labels(starts: torch.Tensor, crop: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
+    """Overlap fractions ``y (B, n_t, n)`` (float32) of crops at ``starts (B, n_t, 3)`` with the base grid.
+
+    ``y_j = Π_ax ov_ax(k_ax(j))``, ``ov_ax(k) = max(0, min(s + c, (k+1)·c) − max(s, k·c)) / c``, base order as in
+    :func:`split_into_bases`.
+    """
+    s = starts.float()
+    out = None
+    for ax, (c, g) in enumerate(zip(crop, grid)):
+        k = torch.arange(int(g), device=s.device, dtype=torch.float32)
+        lo = torch.maximum(s[..., ax:ax + 1], k * c)
+        hi = torch.minimum(s[..., ax:ax + 1] + c, (k + 1) * c)
+        ov = torch.clamp(hi - lo, min=0) / float(c)        # (B, n_t, g_ax)
+        out = ov if out is None else (out.unsqueeze(-1) * ov.unsqueeze(-2)).flatten(-2)
+    return out
+
+
+def augment_crops(crops: torch.Tensor, in_plane_axes: Tuple[int, int], p_flip: float = 0.2, p_rot90: float = 0.2,
+                  p_shift: float = 0.1, shift: float = 0.1,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Independent augmentation of every crop of ``crops (N, C, c0, c1, c2)`` (same shape back).
+
+    Flip along each spatial axis with probability ``p_flip``; with probability ``p_rot90`` a rotation by
+    k·90°, k ∈ {1, 2, 3}, in the plane of ``in_plane_axes`` (spatial axis indices; only k = 2 when the crop is
+    not square in that plane); with probability ``p_shift`` add ``U(−shift, shift)`` to all voxels of the crop.
+    Implemented with ``torch.where`` over the whole stack, so there is no per-crop Python branching.
+    """
+    n = crops.shape[0]
+    dev = crops.device
+    bshape = (n,) + (1,) * (crops.dim() - 1)
+    x = crops
+    for ax in range(crops.dim() - 2):
+        if p_flip > 0:
+            flag = _uniform((n,), dev, generator) < p_flip
+            x = torch.where(flag.view(bshape), x.flip(2 + ax), x)
+    if p_rot90 > 0:
+        a, b = (2 + in_plane_axes[0], 2 + in_plane_axes[1])
+        flag = _uniform((n,), dev, generator) < p_rot90
+        k = torch.floor(_uniform((n,), dev, generator) * 3).long() + 1  # 1, 2 or 3
+        square = x.shape[a] == x.shape[b]
+        if square:
+            rotated = torch.where((k == 1).view(bshape), torch.rot90(x, 1, (a, b)),
+                                  torch.where((k == 2).view(bshape), torch.rot90(x, 2, (a, b)),
+                                              torch.rot90(x, 3, (a, b))))
+        else:
+            rotated = torch.rot90(x, 2, (a, b))
+        x = torch.where(flag.view(bshape), rotated, x)
+    if p_shift > 0 and shift > 0:
+        flag = (_uniform((n,), dev, generator) < p_shift).to(x.dtype)
+        offset = (_uniform((n,), dev, generator) * 2 - 1).to(x.dtype) * shift * flag
+        x = x + offset.view(bshape)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------ heads
+
+class Projector(nn.Module):
+    """``Linear(d_in, d_0) → Norm → ReLU → … → Linear(d_{L-2}, d_{L-1})``: ``(N, d_in)`` → ``(N, d_{L-1})``.
+
+    ``norm = "batch"``: ``BatchNorm1d`` without affine and without running statistics (batch statistics in
+    train and eval mode, computed over all N crops of the step); ``"layer"``: ``LayerNorm`` without affine
+    (each embedding normalised over its own features).
+    """
+
+    def __init__(self, in_dim: int, dims: Sequence[int], norm: str = "batch"):
+        super().__init__()
+        if norm not in PROJECTOR_NORMS:
+            raise ValueError(f"projector norm must be one of {PROJECTOR_NORMS}, got '{norm}'")
+        layers: List[nn.Module] = []
+        prev = int(in_dim)
+        for i, d in enumerate(dims):
+            layers.append(nn.Linear(prev, int(d)))
+            if i < len(dims) - 1:
+                layers.append(nn.BatchNorm1d(int(d), affine=False, track_running_stats=False) if norm == "batch"
+                              else nn.LayerNorm(int(d), elementwise_affine=False))
+                layers.append(nn.ReLU(inplace=True))
+            prev = int(d)
+        self.norm = norm
+        self.net = nn.Sequential(*layers)
+        self.out_dim = prev
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def pooled_encoder_features(net: nn.Module, crops: torch.Tensor) -> torch.Tensor:
+    """``concat_k GAP(e_k)`` over all encoder stages: ``crops (N, C, c0, c1, c2)`` → ``(N, ΣC_k)``."""
+    skips = encoder_forward(net, crops)
+    return torch.cat([e.mean(dim=tuple(range(2, e.dim()))) for e in skips], dim=1)
+
+
+# ------------------------------------------------------------------------------------------------ losses
+
+def pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``cos(a_i, b_j) = a_i·b_j / (‖a_i‖‖b_j‖ + 1e-8)`` in float32: ``(B, m, D), (B, n, D)`` → ``(B, m, n)``."""
+    a = a.float()
+    b = b.float()
+    dots = torch.einsum("bmd,bnd->bmn", a, b)
+    norms = a.norm(dim=-1).unsqueeze(-1) * b.norm(dim=-1).unsqueeze(-2)
+    return dots / (norms + COS_EPS)
+
+
+def clamp_logits(cos: torch.Tensor, mode: str = "straight_through") -> torch.Tensor:
+    """Logits in [0, 1] from cosines: the value is always ``clamp(cos, 0, 1)``.
+
+    ``"hard"``: plain clamp (the reference code's ReLU): a positive pair (y > 0) whose cosine is negative gets no
+    gradient at all. ``"straight_through"``: same value, identity gradient, so such a pair is still pulled up
+    (a negative pair with l = 0 stays gradient-free because d = |0 − 0| has zero subgradient).
+    """
+    clamped = torch.clamp(cos, 0.0, 1.0)
+    if mode == "hard":
+        return clamped
+    if mode == "straight_through":
+        return cos + (clamped - cos).detach()
+    raise ValueError(f"unknown logit clamp '{mode}'")
+
+
+def prediction_loss(logits: torch.Tensor, labels: torch.Tensor, variant: str = "paper") -> torch.Tensor:
+    """``L_pred`` for ``logits, labels (B, n_t, n)`` (float32 scalar).
+
+    ``paper`` (Eq. 2–3): ``−mean log(1 − clamp(|y − l|, 0, 1) + 1e-6)`` over all entries.
+    ``official``: ``mean_{crops} Σ_{y>0} y·(−log(1 − d + 1e-6)) + mean_{y=0} l²``.
+    """
+    logits = logits.float()
+    labels = labels.float()
+    d = torch.clamp((labels - logits).abs(), 0.0, 1.0)
+    nll = -torch.log(1.0 - d + LOG_EPS)
+    if variant == "paper":
+        return nll.mean()
+    if variant == "official":
+        pos = (labels * nll).sum(-1).mean()
+        neg_mask = (labels <= 0).float()
+        neg = (neg_mask * logits ** 2).sum() / neg_mask.sum().clamp(min=1.0)
+        return pos + neg
+    raise ValueError(f"unknown loss variant '{variant}'")
+
+
+def regularisation_loss(bases: torch.Tensor, variant: str = "paper") -> torch.Tensor:
+    """``L_reg`` over the base embeddings ``bases (B, n, D)`` (float32 scalar; bases carry gradient).
+
+    ``paper`` (Eq. 4–5): ``mean_b 2/(n(n−1)) Σ_{j<k} |cos(q_j, q_k)|`` — 0 for mutually orthogonal bases, 1 for
+    identical ones. ``official``: ``mean_{b, j<k} ReLU(cos(q_j, q_k))²``.
+    """
+    n = bases.shape[1]
+    if n < 2:
+        return bases.new_zeros((), dtype=torch.float32)
+    s = pairwise_cosine(bases, bases)
+    iu = torch.triu_indices(n, n, offset=1, device=bases.device)
+    pairs = s[:, iu[0], iu[1]]                              # (B, n(n-1)/2)
+    if variant == "paper":
+        return pairs.abs().mean()
+    if variant == "official":
+        return torch.relu(pairs).pow(2).mean()
+    raise ValueError(f"unknown loss variant '{variant}'")
+
+
+@torch.no_grad()
+def position_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Share of target crops whose most similar base is the base they overlap most: ``(B, n_t, n)`` → scalar."""
+    return (logits.argmax(-1) == labels.argmax(-1)).float().mean()
+
+
+# ------------------------------------------------------------------------------------------------ method
+
+def _int_list(value, ndim: int, key: str) -> List[int]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [int(value)] * ndim
+    if isinstance(value, (list, tuple)) and len(value) == ndim and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return [int(v) for v in value]
+    raise SSLInputError(f"ssl layout of 'voco': '{key}' must be an int or a list of {ndim} ints, got {value!r}")
+
+
+class _EncoderHolder(nn.Module):
+    """Holds a copy of a U-Net encoder under ``.encoder`` so that :func:`encoder_forward` accepts it."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+
+@register
+class VoCo(SSLMethod):
+    """VoCo on a nnU-Net U-Net (``ResidualEncoderUNet`` / ``PlainConvUNet``); see the module docstring.
+
+    Attributes:
+        crop, grid, region: per-axis crop size ``c``, base grid ``g`` and region ``R = g ⊙ c``.
+        n_bases, n_targets: ``n = Π g`` and ``n_t``.
+        projector: :class:`Projector` (dropped at export).
+        teacher_encoder, teacher_projector: EMA copies (only with ``use_ema_teacher``).
+    """
+
+    name = "voco"
+
+    def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
+        super().__init__(network, method_plan, ssl_plan, num_input_channels)
+        check_unet(network)
+        layout = self.layout
+        ndim = len(network.encoder.strides[0])
+        if ndim != 3:
+            raise SSLInputError("VoCo is implemented for 3D networks only")
+        for key in ("crop_size", "base_grid"):
+            if key not in layout:
+                raise SSLInputError(f"ssl layout of 'voco' has no '{key}'; re-run the SSL planner")
+        self.crop = _int_list(layout["crop_size"], ndim, "crop_size")
+        self.grid = _int_list(layout["base_grid"], ndim, "base_grid")
+        self.region = [g * c for g, c in zip(self.grid, self.crop)]
+        if "region_size" in layout and _int_list(layout["region_size"], ndim, "region_size") != self.region:
+            raise SSLInputError(f"ssl layout of 'voco': region_size {layout['region_size']} != base_grid "
+                                f"{self.grid} x crop_size {self.crop}")
+        if any(g < 1 for g in self.grid) or math.prod(self.grid) < 2:
+            raise SSLInputError(f"ssl layout of 'voco': base_grid {self.grid} must have at least 2 bases")
+        total_stride = cumulative_strides(network)[-1]
+        if any(c % s for c, s in zip(self.crop, total_stride)):
+            raise SSLInputError(f"ssl layout of 'voco': crop_size {self.crop} is not a multiple of the network's "
+                                f"total stride {list(total_stride)}")
+        if "pretrain_patch_size" in method_plan and [int(p) for p in method_plan["pretrain_patch_size"]] != self.crop:
+            raise SSLInputError(f"ssl plan of 'voco': pretrain_patch_size {method_plan['pretrain_patch_size']} must "
+                                f"equal crop_size {self.crop} (the network input)")
+        self.n_bases = math.prod(self.grid)
+        self.n_targets = int(layout.get("n_target_crops", 4))
+        if self.n_targets < 1:
+            raise SSLInputError("ssl layout of 'voco': n_target_crops must be >= 1")
+        self.lambda_reg = float(layout.get("lambda_reg", 1.0))
+        self.loss_variant = str(layout.get("loss_variant", "paper"))
+        if self.loss_variant not in LOSS_VARIANTS:
+            raise SSLInputError(f"ssl layout of 'voco': loss_variant must be one of {LOSS_VARIANTS}, got "
+                                f"'{self.loss_variant}'")
+        self.logit_clamp = str(layout.get("logit_clamp", "straight_through"))
+        if self.logit_clamp not in LOGIT_CLAMPS:
+            raise SSLInputError(f"ssl layout of 'voco': logit_clamp must be one of {LOGIT_CLAMPS}, got "
+                                f"'{self.logit_clamp}'")
+        region_mode = str(layout.get("region_mode", "native"))
+        if region_mode not in REGION_MODES:
+            raise SSLInputError(f"ssl layout of 'voco': region_mode '{region_mode}' is not implemented (only "
+                                f"'native': the loader cuts the region at the plan's spacing)")
+        a_op = int(ssl_plan.get("out_of_plane_axis", 0)) if ssl_plan else 0
+        self.in_plane_axes = tuple(ax for ax in range(ndim) if ax != a_op)
+        aug = {**DEFAULT_AUGMENTATION, **(layout.get("augmentation") or {})}
+        self.augmentation = {k: float(aug[k]) for k in DEFAULT_AUGMENTATION}
+
+        # projector: BN over all crops of the step, LayerNorm when there are too few crops (METHODS.md §10 row 3)
+        norm = str(layout.get("projector_norm", "batch"))
+        if norm not in PROJECTOR_NORMS:
+            raise SSLInputError(f"ssl layout of 'voco': projector_norm must be one of {PROJECTOR_NORMS}, got "
+                                f"'{norm}'")
+        crops_per_step = int(method_plan.get("batch_size", 2)) * (self.n_bases + self.n_targets)
+        if norm == "batch" and crops_per_step < MIN_CROPS_FOR_BATCHNORM:
+            warnings.warn(f"voco: {crops_per_step} crops per step < {MIN_CROPS_FOR_BATCHNORM}; the projector uses "
+                          f"LayerNorm instead of BatchNorm1d")
+            norm = "layer"
+        proj_dims = layout.get("proj_dims", [2048, 2048, 2048])
+        if not isinstance(proj_dims, (list, tuple)) or not proj_dims or any(int(d) < 1 for d in proj_dims):
+            raise SSLInputError(f"ssl layout of 'voco': proj_dims must be a non-empty list of ints, got {proj_dims!r}")
+        in_dim = sum(int(c) for c in network.encoder.output_channels)
+        self.projector = Projector(in_dim, proj_dims, norm)
+
+        # the decoder gets no gradient from VoCo: freeze its own modules so it stays exactly at initialisation
+        # (the encoder is shared with decoder.encoder and stays trainable)
+        for part in (network.decoder.transpconvs, network.decoder.stages, network.decoder.seg_layers):
+            for p in part.parameters():
+                p.requires_grad_(False)
+
+        self.use_ema_teacher = bool(layout.get("use_ema_teacher", False))
+        mom = layout.get("ema_momentum", 0.9)
+        self.ema_momentum = [float(mom), float(mom)] if isinstance(mom, (int, float)) else [float(m) for m in mom]
+        if len(self.ema_momentum) != 2 or not all(0.0 <= m <= 1.0 for m in self.ema_momentum):
+            raise SSLInputError(f"ssl layout of 'voco': ema_momentum must be a number or [start, end] in [0, 1], "
+                                f"got {mom!r}")
+        if self.use_ema_teacher:
+            self.teacher = _EncoderHolder(copy.deepcopy(network.encoder))
+            self.teacher_projector = copy.deepcopy(self.projector)
+            for p in list(self.teacher.parameters()) + list(self.teacher_projector.parameters()):
+                p.requires_grad_(False)
+        else:
+            self.teacher = None
+            self.teacher_projector = None
+
+    @classmethod
+    def required_patch_size(cls, method_plan: dict) -> List[int]:
+        """The region ``R = base_grid ⊙ crop_size`` (the loader cuts it natively, centre inside the body box)."""
+        layout = method_plan["layout"]
+        if "region_size" in layout:
+            return [int(r) for r in layout["region_size"]]
+        return [int(g) * int(c) for g, c in zip(layout["base_grid"], layout["crop_size"])]
+
+    # -------------------------------------------------------------------------------------------- views
+    def make_views(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None):
+        """``batch (B, C, R0, R1, R2)`` → ``(crops, labels, starts)``.
+
+        ``crops (B·(n + n_t), C, c0, c1, c2)``: per volume its n bases then its n_t target crops (volume-major),
+        augmented; ``labels (B, n_t, n)`` float32; ``starts (B, n_t, 3)`` int64.
+        """
+        if batch.dim() != 5:
+            raise ValueError(f"VoCo expects a batch (B, C, a0, a1, a2), got shape {tuple(batch.shape)}")
+        if list(batch.shape[2:]) != self.region:
+            raise ValueError(f"VoCo expects regions of size {self.region} (layout region_size), got "
+                             f"{list(batch.shape[2:])}")
+        b, ch = batch.shape[:2]
+        bases = split_into_bases(batch, self.grid)                                     # (B, n, C, *c)
+        starts = random_crop_starts(b, self.n_targets, self.region, self.crop, batch.device, generator)
+        targets = extract_crops(batch, starts, self.crop)                              # (B, n_t, C, *c)
+        labels = position_labels(starts, self.crop, self.grid)                         # (B, n_t, n)
+        crops = torch.cat([bases, targets], dim=1).reshape(b * (self.n_bases + self.n_targets), ch, *self.crop)
+        crops = augment_crops(crops, self.in_plane_axes, generator=generator, **self.augmentation)
+        return crops, labels, starts
+
+    def embed(self, crops: torch.Tensor, teacher: bool = False) -> torch.Tensor:
+        """Encoder-only forward of the stacked crops + projector: ``(N, C, *c)`` → ``(N, D)`` (float32)."""
+        net = self.teacher if teacher else self.network
+        proj = self.teacher_projector if teacher else self.projector
+        return proj(pooled_encoder_features(net, crops)).float()
+
+    def _split(self, emb: torch.Tensor, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        emb = emb.view(b, self.n_bases + self.n_targets, -1)
+        return emb[:, :self.n_bases], emb[:, self.n_bases:]
+
+    def logits_and_bases(self, crops: torch.Tensor, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(logits (B, n_t, n), student base embeddings q (B, n, D))``; stop-gradient as in the docstring."""
+        q, p = self._split(self.embed(crops), b)
+        if self.teacher is None:
+            return clamp_logits(pairwise_cosine(p, q.detach()), self.logit_clamp), q
+        with torch.no_grad():
+            q_t, p_t = self._split(self.embed(crops, teacher=True), b)
+        logits = 0.5 * (clamp_logits(pairwise_cosine(p, q_t), self.logit_clamp)
+                        + clamp_logits(pairwise_cosine(p_t, q), self.logit_clamp))
+        return logits, q
+
+    # -------------------------------------------------------------------------------------------- loss
+    def forward(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """``batch (B, C, R0, R1, R2)`` → ``{"loss", "L_pred", "L_reg", "pos_acc"}`` (float32 scalars)."""
+        crops, labels, _ = self.make_views(batch, generator)
+        logits, q = self.logits_and_bases(crops, batch.shape[0])
+        l_pred = prediction_loss(logits, labels, self.loss_variant)
+        l_reg = regularisation_loss(q, self.loss_variant)
+        loss = l_pred + self.lambda_reg * l_reg
+        return {"loss": loss, "L_pred": l_pred.detach(), "L_reg": l_reg.detach(),
+                "pos_acc": position_accuracy(logits.detach(), labels)}
+
+    def ema_momentum_at(self, step: int, total_steps: int) -> float:
+        """μ(i) = μ1 − (μ1 − μ0)·(cos(π·i/I) + 1)/2 (constant when μ0 = μ1)."""
+        m0, m1 = self.ema_momentum
+        frac = min(max(step / max(1, total_steps), 0.0), 1.0)
+        return m1 - (m1 - m0) * (math.cos(math.pi * frac) + 1) / 2
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """EMA update of the teacher (parameters and floating-point buffers) when ``use_ema_teacher``."""
+        if self.teacher is None:
+            return
+        mu = self.ema_momentum_at(step, total_steps)
+        for t_mod, s_mod in ((self.teacher.encoder, self.network.encoder), (self.teacher_projector, self.projector)):
+            # parameters()/buffers() visit every tensor once (the state dict lists aliased weights twice)
+            for t, s in itertools.chain(zip(t_mod.parameters(), s_mod.parameters()),
+                                        zip(t_mod.buffers(), s_mod.buffers())):
+                if t.dtype.is_floating_point:
+                    t.mul_(mu).add_(s.detach(), alpha=1.0 - mu)
+                else:
+                    t.copy_(s)
+
+    # -------------------------------------------------------------------------------------------- previews
+    @torch.no_grad()
+    def previews(self, batch: torch.Tensor) -> Dict[str, Sequence[torch.Tensor]]:
+        """Sample 0, channel 0, float32 on CPU: the region, its bases and its target crops (as the network sees
+        them, augmented). The target row's title lists ``true base → predicted base`` per crop."""
+        x = batch[:1]
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(0)
+        crops, labels, _ = self.make_views(x, gen)
+        logits, _ = self.logits_and_bases(crops, 1)
+        crops = crops.float().cpu()
+        pairs = ", ".join(f"{int(t)}→{int(p)}" for t, p in zip(labels[0].argmax(-1).tolist(),
+                                                                 logits[0].argmax(-1).tolist()))
+        return {
+            "region": [x[0, 0].float().cpu()],
+            f"bases 0..{self.n_bases - 1}": [crops[j, 0] for j in range(min(self.n_bases, 16))],
+            f"target crops (true base → predicted): {pairs}": [crops[self.n_bases + t, 0]
+                                                              for t in range(self.n_targets)],
+        }

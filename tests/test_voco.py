@@ -1,0 +1,312 @@
+"""VoCo (METHODS.md §4.7 invariants 1-5, the training signal, export).
+
+Tiny cpu_smoke-sized networks: crops 16^3, base grid (1, 2, 2), region (16, 32, 32).
+"""
+import copy
+import itertools
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+
+from ssl_nnunet.methods import get_method
+from ssl_nnunet.methods.voco import (augment_crops, extract_crops, pairwise_cosine, position_accuracy,
+                                     position_labels, prediction_loss, random_crop_starts, regularisation_loss,
+                                     split_into_bases)
+from ssl_nnunet.utilities.errors import SSLInputError
+
+NORM = dict(norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+            nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+STRIDES = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+CROP, GRID, REGION = [16, 16, 16], [1, 2, 2], [16, 32, 32]
+
+
+def resenc(seed=0, in_ch=1):
+    torch.manual_seed(seed)
+    return ResidualEncoderUNet(
+        input_channels=in_ch, n_stages=4, features_per_stage=[8, 16, 32, 64], conv_op=nn.Conv3d,
+        kernel_sizes=[[3, 3, 3]] * 4, strides=STRIDES, n_blocks_per_stage=[1, 1, 1, 1], num_classes=in_ch,
+        n_conv_per_stage_decoder=[1, 1, 1], conv_bias=True, deep_supervision=False, **NORM)
+
+
+def plain(seed=0, in_ch=1):
+    torch.manual_seed(seed)
+    return PlainConvUNet(
+        input_channels=in_ch, n_stages=4, features_per_stage=[8, 16, 32, 64], conv_op=nn.Conv3d,
+        kernel_sizes=[[3, 3, 3]] * 4, strides=STRIDES, n_conv_per_stage=[1, 1, 1, 1], num_classes=in_ch,
+        n_conv_per_stage_decoder=[1, 1, 1], conv_bias=True, deep_supervision=False, **NORM)
+
+
+def plan(**layout):
+    base = {"crop_size": CROP, "base_grid": GRID, "region_size": REGION, "n_target_crops": 2, "lambda_reg": 1.0,
+            "loss_variant": "paper", "region_mode": "native", "proj_dims": [64, 64, 32],
+            "projector_norm": "batch", "use_ema_teacher": False}
+    base.update(layout)
+    return {"pretrain_patch_size": list(base["crop_size"]), "layout": base, "batch_size": 2}
+
+
+SSL_PLAN = {"out_of_plane_axis": 0, "total_stride": [8, 8, 8]}
+
+
+def build(net=None, **layout):
+    return get_method("voco")(net if net is not None else resenc(), plan(**layout), SSL_PLAN, 1)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- §4.7-1 bases
+
+def test_bases_tile_the_region_exactly():
+    x = torch.randn(2, 3, 8, 12, 20)
+    grid = (2, 3, 4)
+    bases = split_into_bases(x, grid)
+    assert bases.shape == (2, 24, 3, 4, 4, 5)
+    for j, (k0, k1, k2) in enumerate(itertools.product(range(2), range(3), range(4))):
+        assert torch.equal(bases[:, j], x[:, :, 4 * k0:4 * k0 + 4, 4 * k1:4 * k1 + 4, 5 * k2:5 * k2 + 5])
+    # reassembling the bases reproduces the region; total voxel count is preserved (no overlap, no gap)
+    back = bases.view(2, 2, 3, 4, 3, 4, 4, 5).permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(x.shape)
+    assert torch.equal(back, x)
+    with pytest.raises(ValueError):
+        split_into_bases(x, (3, 3, 4))
+
+
+# ---------------------------------------------------------------------------------------------- §4.7-2 labels
+
+def test_target_crops_and_position_labels():
+    region, crop, grid = [8, 24, 24], [8, 12, 12], [1, 2, 2]
+    starts = random_crop_starts(3, 50, region, crop, generator=gen(1))
+    assert starts.shape == (3, 50, 3) and starts.dtype == torch.int64
+    assert bool((starts >= 0).all()) and bool((starts + torch.tensor(crop) <= torch.tensor(region)).all())
+    assert set(starts[..., 1].unique().tolist()) > {0, 12}  # covers the range, borders included
+    y = position_labels(starts, crop, grid)
+    assert y.shape == (3, 50, 4) and y.dtype == torch.float32
+    assert bool((y >= 0).all()) and bool((y <= 1).all())
+    torch.testing.assert_close(y.sum(-1), torch.ones(3, 50), atol=1e-6, rtol=0)
+    assert int((y > 0).sum(-1).max()) <= 2 ** 2  # two split axes
+    # brute force: overlap of the crop with each base, counted in voxels
+    x = torch.arange(math.prod(region), dtype=torch.float32).view(1, 1, *region).expand(3, 1, *region)
+    crops = extract_crops(x, starts, crop)
+    base_id = torch.arange(4).view(1, 1, 2, 2).repeat_interleave(12, 2).repeat_interleave(12, 3).expand(1, 8, 24, 24)
+    for b, t in [(0, 0), (1, 7), (2, 49)]:
+        s = starts[b, t].tolist()
+        assert torch.equal(crops[b, t, 0], x[b, 0, s[0]:s[0] + 8, s[1]:s[1] + 12, s[2]:s[2] + 12])
+        ids = base_id[0, s[0]:s[0] + 8, s[1]:s[1] + 12, s[2]:s[2] + 12]
+        expected = torch.stack([(ids == j).float().mean() for j in range(4)])
+        torch.testing.assert_close(y[b, t], expected, atol=1e-6, rtol=0)
+    # a crop placed exactly on base j gives the one-hot e_j
+    on_bases = torch.tensor([[[0, 0, 0], [0, 0, 12], [0, 12, 0], [0, 12, 12]]])
+    assert torch.equal(position_labels(on_bases, crop, grid), torch.eye(4).unsqueeze(0))
+
+
+def test_views_shapes_and_device_ops():
+    m = build()
+    x = torch.randn(2, 1, *REGION)
+    crops, labels, starts = m.make_views(x, gen(0))
+    assert crops.shape == (2 * (4 + 2), 1, *CROP) and labels.shape == (2, 2, 4) and starts.shape == (2, 2, 3)
+    # without augmentation the first n crops of every volume are its bases, the next n_t its target crops
+    m.augmentation = {"p_flip": 0.0, "p_rot90": 0.0, "p_shift": 0.0, "shift": 0.0}
+    crops, labels, starts = m.make_views(x, gen(0))
+    crops = crops.view(2, 6, 1, *CROP)
+    assert torch.equal(crops[:, :4], split_into_bases(x, GRID))
+    assert torch.equal(crops[:, 4:], extract_crops(x, starts, CROP))
+    with pytest.raises(ValueError):
+        m.make_views(torch.randn(2, 1, 16, 32, 48))
+
+
+def test_augment_crops():
+    x = torch.randn(6, 2, 4, 6, 6)
+    assert torch.equal(augment_crops(x, (1, 2), 0.0, 0.0, 0.0, 0.1, generator=gen()), x)
+    flipped = augment_crops(x, (1, 2), 1.0, 0.0, 0.0, 0.0, generator=gen())
+    assert torch.equal(flipped, x.flip(2).flip(3).flip(4))
+    rot = augment_crops(x, (1, 2), 0.0, 1.0, 0.0, 0.0, generator=gen(3))
+    for i in range(6):  # every crop is some in-plane rotation of itself, rotated as a whole (channels together)
+        assert any(torch.equal(rot[i], torch.rot90(x[i], k, (2, 3))) for k in (1, 2, 3))
+    shifted = augment_crops(x, (1, 2), 0.0, 0.0, 1.0, 0.1, generator=gen())
+    offsets = (shifted - x).flatten(1)
+    assert torch.allclose(offsets, offsets[:, :1].expand_as(offsets), atol=1e-6)
+    assert bool((offsets.abs() <= 0.1 + 1e-6).all()) and bool((offsets[:, 0].abs() > 0).all())
+    # not square in-plane: only the 180-degree rotation is used
+    y = torch.randn(4, 1, 4, 6, 8)
+    rot = augment_crops(y, (1, 2), 0.0, 1.0, 0.0, 0.0, generator=gen())
+    assert rot.shape == y.shape and torch.equal(rot, torch.rot90(y, 2, (3, 4)))
+
+
+# ---------------------------------------------------------------------------------------------- §4.7-3/4 losses
+
+def test_prediction_loss_zero_at_labels_and_stop_gradient_on_bases():
+    y = position_labels(random_crop_starts(2, 3, REGION, CROP, generator=gen(2)), CROP, GRID)
+    assert abs(float(prediction_loss(y, y))) < 1e-5
+    assert abs(float(prediction_loss(y, y, "official"))) < 1e-5
+    assert float(prediction_loss(1 - y, y)) > 1.0  # far from the labels: large, finite
+    assert torch.isfinite(prediction_loss(torch.ones_like(y), torch.zeros_like(y)))
+    # through the method: L_pred gives no gradient to the base embeddings, but does train the encoder
+    m = build()
+    crops, labels, _ = m.make_views(torch.randn(2, 1, *REGION), gen(0))
+    emb = m.embed(crops)
+    q, p = m._split(emb, 2)
+    assert q.shape == (2, 4, 32) and p.shape == (2, 2, 32)  # §4.7-5: (B, n, D), (B, n_t, D)
+    logits, q2 = m.logits_and_bases(crops, 2)
+    assert logits.shape == (2, 2, 4) and q2.shape == (2, 4, 32)
+    assert bool((logits >= 0).all()) and bool((logits <= 1).all())
+    l_pred = prediction_loss(logits, labels)
+    (g_q,) = torch.autograd.grad(l_pred, q2, retain_graph=True, allow_unused=True)
+    assert g_q is None or torch.count_nonzero(g_q) == 0
+    grads = torch.autograd.grad(l_pred, list(m.network.encoder.parameters()), allow_unused=True)
+    assert any(g is not None and torch.count_nonzero(g) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_regularisation_loss_orthogonal_and_identical(variant):
+    eye = torch.eye(8)[:4].unsqueeze(0).repeat(3, 1, 1) * 2.5
+    assert float(regularisation_loss(eye, variant)) < 1e-7
+    same = torch.randn(3, 1, 8).repeat(1, 4, 1)
+    assert abs(float(regularisation_loss(same, variant)) - 1.0) < 1e-5
+    # paper: |cos| counts anti-correlated bases; official: ReLU^2 does not
+    anti = torch.stack([torch.ones(8), -torch.ones(8)]).unsqueeze(0)
+    assert abs(float(regularisation_loss(anti, variant)) - (1.0 if variant == "paper" else 0.0)) < 1e-5
+
+
+def test_position_accuracy_and_cosine():
+    y = torch.tensor([[[0.7, 0.3, 0.0, 0.0], [0.0, 0.1, 0.1, 0.8]]])
+    assert float(position_accuracy(y, y)) == 1.0
+    assert float(position_accuracy(y.flip(-1), y)) == 0.0
+    a, b = torch.randn(2, 3, 5), torch.randn(2, 4, 5)
+    torch.testing.assert_close(pairwise_cosine(a, b), F.cosine_similarity(a.unsqueeze(2), b.unsqueeze(1), dim=-1),
+                               atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- training signal
+
+@pytest.mark.parametrize("variant,teacher", [("paper", False), ("official", True)])
+def test_loss_decreases_on_a_fixed_batch_and_decoder_stays_at_init(variant, teacher):
+    torch.manual_seed(0)
+    net = plain() if teacher else resenc()
+    m = build(net, loss_variant=variant, use_ema_teacher=teacher)
+    decoder_init = {k: v.clone() for k, v in net.decoder.state_dict().items() if not k.startswith("encoder.")}
+    encoder_init = {k: v.clone() for k, v in net.encoder.state_dict().items()}
+    x = torch.randn(2, 1, *REGION)
+    params = [p for p in m.parameters() if p.requires_grad]
+    assert not any(p is q for p in params for q in net.decoder.seg_layers.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    losses = []
+    for step in range(25):
+        terms = m(x, generator=gen(7))  # the same views every step
+        assert set(terms) == {"loss", "L_pred", "L_reg", "pos_acc"}
+        assert all(v.dtype == torch.float32 and v.dim() == 0 for v in terms.values())
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        opt.step()
+        m.after_optimizer_step(step, 25)
+        losses.append(float(terms["loss"].detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
+    # the decoder received no gradient and is bit-exactly at its initialisation; the encoder was trained
+    for k, v in net.decoder.state_dict().items():
+        if not k.startswith("encoder."):
+            assert torch.equal(v, decoder_init[k]), k
+    assert any(not torch.equal(v, encoder_init[k]) for k, v in net.encoder.state_dict().items())
+    if teacher:  # EMA teacher: frozen, moved towards the student, not equal to it
+        t_w = m.teacher.encoder.state_dict()
+        s_w = net.encoder.state_dict()
+        assert not any(p.requires_grad for p in m.teacher.parameters())
+        assert any(not torch.equal(t_w[k], encoder_init[k]) for k in t_w)
+        assert any(not torch.equal(t_w[k], s_w[k]) for k in t_w)
+
+
+def test_ema_momentum_schedule_and_update():
+    m = build(use_ema_teacher=True, ema_momentum=[0.5, 1.0])
+    assert m.ema_momentum_at(0, 10) == pytest.approx(0.5) and m.ema_momentum_at(10, 10) == pytest.approx(1.0)
+    with torch.no_grad():
+        for p in m.network.encoder.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in m.teacher.encoder.state_dict().items()}
+    m.after_optimizer_step(0, 10)  # mu = 0.5: teacher moves half-way
+    for k, v in m.teacher.encoder.state_dict().items():
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(v, 0.5 * before[k] + 0.5 * m.network.encoder.state_dict()[k])
+
+
+def test_layout_errors_and_projector_norm():
+    assert get_method("voco").required_patch_size(plan()) == REGION
+    for bad in ({"region_size": [16, 32, 48]}, {"crop_size": [12, 16, 16], "region_size": [12, 32, 32]},
+                {"loss_variant": "v3"}, {"region_mode": "body_resized"}, {"base_grid": [1, 1, 1],
+                                                                          "region_size": CROP},
+                {"projector_norm": "instance"}):
+        with pytest.raises(SSLInputError):
+            build(**bad)
+    assert isinstance(build().projector.net[1], nn.BatchNorm1d)
+    assert isinstance(build(projector_norm="layer").projector.net[1], nn.LayerNorm)
+    small = plan(n_target_crops=1, base_grid=[1, 1, 2], region_size=[16, 16, 32])
+    small["batch_size"] = 1  # 3 crops per step: BatchNorm falls back to LayerNorm
+    with pytest.warns(UserWarning):
+        m = get_method("voco")(resenc(), small, SSL_PLAN, 1)
+    assert isinstance(m.projector.net[1], nn.LayerNorm)
+    # the projector's BatchNorm uses batch statistics in eval mode too (validation = training behaviour)
+    m = build().eval()
+    x = torch.randn(2, 1, *REGION)
+    torch.testing.assert_close(m(x, gen(1))["loss"], m.train()(x, gen(1))["loss"])
+
+
+def test_previews():
+    m = build()
+    rows = m.previews(torch.randn(2, 1, *REGION))
+    assert len(rows) == 3
+    shapes = [[tuple(t.shape) for t in v] for v in rows.values()]
+    assert shapes == [[tuple(REGION)], [tuple(CROP)] * 4, [tuple(CROP)] * 2]
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+def test_pretrain_export_and_nnunet_load(tmp_path):
+    pytest.importorskip("ssl_nnunet.export.exporter")
+    import json
+    from conftest import write_synthetic_dataset
+    from experiment_planning.fingerprint import extract_fingerprint
+    from experiment_planning.planner import plan_experiment
+    from experiment_planning.preprocess import preprocess
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from ssl_nnunet.export.exporter import build_network_from_plans, export_bundle
+    from ssl_nnunet.paths import nnUNet_preprocessed
+    from ssl_nnunet.training.run import pretrain
+
+    dataset = "Dataset945_VoCoExport"
+    write_synthetic_dataset(945, "VoCoExport", n_cases=3, shape=(40, 44, 48))
+    extract_fingerprint(945, 1, verbose=False)
+    plan_experiment(945, "cpu_smoke", verbose=False)
+    preprocess(945, num_processes=1, verbose=False)
+    path = os.path.join(nnUNet_preprocessed, dataset, "sslPlans.json")
+    with open(path) as f:
+        plans = json.load(f)
+    plans["ssl"]["methods"]["voco"].update(iterations_per_epoch=3, num_val_iterations=1)
+    with open(path, "w") as f:
+        json.dump(plans, f)
+
+    trainer = pretrain(945, "voco", device="cpu", iterations=3, num_prefetch=0)
+    assert len(trainer.iteration_losses) == 3
+    assert {"train_L_pred", "train_L_reg", "train_pos_acc", "val_pos_acc"} <= set(trainer.logger.values)
+    torch.manual_seed(0)  # the trainer seeds with its seed (0) right before building the network
+    init = build_network_from_plans(plans, 1, 1).state_dict()
+    out = export_bundle(945, "voco", str(tmp_path / "voco_bundle"))
+    ckpt = torch.load(os.path.join(out, "checkpoint_final.pth"), weights_only=False)
+    weights = ckpt["network_weights"]
+    # every key is present; the decoder's own weights are bit-exactly its initialisation, the encoder was trained
+    dec_keys = [k for k in weights if k.startswith("decoder.") and not k.startswith("decoder.encoder.")]
+    assert dec_keys and all(torch.equal(weights[k], init[k]) for k in dec_keys)
+    assert any(not torch.equal(weights[k], init[k]) for k in weights if k.startswith("encoder."))
+    with open(os.path.join(out, "README.md")) as f:
+        assert "decoder is exported at its random initialisation" in f.read()
+
+    with open(os.path.join(nnUNet_preprocessed, dataset, "sslFinetunePlans.json")) as f:
+        ft_plans = json.load(f)
+    net = build_network_from_plans(ft_plans, 1, 3, deep_supervision=True)
+    load_pretrained_weights(net, os.path.join(out, "checkpoint_final.pth"))
+    loaded = net.state_dict()
+    for k, v in weights.items():
+        if k.startswith("encoder."):
+            assert torch.equal(loaded[k], v), k
