@@ -152,7 +152,8 @@ def compute_ssl_block(patch_size: Sequence[int], strides: Sequence[Sequence[int]
         methods[name] = {"pretrain_patch_size": list(net_patch),
                          "layout": _merge(layout, defaults.get(name, {}).get("layout", {})), **settings}
     mim = methods["mim"]["layout"]
-    mim["gamma"] = min(mim["gamma"], int(math.floor(mim["ratios"][0] * np.prod(mim["r1"]) + 0.5)))
+    n_level1_units = int(np.prod([P // u for P, u in zip(methods["mim"]["pretrain_patch_size"], mim["level1_unit"])]))
+    mim["gamma"] = min(mim["gamma"], int(math.floor(mim["ratios"][0] * n_level1_units + 0.5)))
     block = {"architecture_family": "cnn", "profile": profile, "total_stride": S, "mask_quantum": q,
              "out_of_plane_axis": a_op, "recommended_downstream_patchsize": [int(p) for p in downstream_patch_size],
              "median_shape": [float(m) for m in median_shape], "methods": methods}

@@ -36,25 +36,28 @@ def textured(shape=(2, 1, 16, 20, 24), seed=0):
     return torch.nn.functional.avg_pool3d(x, 3, 1, 1) * 3
 
 
-def method_plan(**layout_overrides):
-    layout = gvsl_layout(list(P))
+def method_plan(patch=P, **layout_overrides):
+    layout = gvsl_layout(list(patch))
     layout.update({"affine_hidden": 16, "deform_hidden": 16, "min_shuffle_windows": 50})
     layout.update(layout_overrides)
-    return {"pretrain_patch_size": list(P), "layout": layout}
+    return {"pretrain_patch_size": list(patch), "layout": layout}
 
 
-def build(in_ch=1, seed=0, **layout_overrides):
+def build(in_ch=1, seed=0, patch=P, **layout_overrides):
     torch.manual_seed(seed)
     net = ResidualEncoderUNet(
         input_channels=in_ch, n_stages=4, features_per_stage=[8, 16, 32, 64], conv_op=nn.Conv3d,
         kernel_sizes=[[3, 3, 3]] * 4, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
         n_blocks_per_stage=[1, 1, 1, 1], num_classes=in_ch, n_conv_per_stage_decoder=[1, 1, 1], conv_bias=True,
         deep_supervision=False, **NORM)
-    return get_method("gvsl")(net, method_plan(**layout_overrides), {}, in_ch)
+    return get_method("gvsl")(net, method_plan(patch, **layout_overrides), {}, in_ch)
 
 
-def pair_batch(b=1, c=1, seed=0):
-    return textured((b * 2, c, *P), seed).view(b, 2, c, *P)
+def pair_batch(b=1, c=1, seed=0, patch=P):
+    return textured((b * 2, c, *patch), seed).view(b, 2, c, *patch)
+
+
+S16 = (16, 16, 16)  # smallest patch for the network (S = 8): the tests that run the U-Net use it
 
 
 # ------------------------------------------------------------------------------ §5.6-1 affine: [I | 0], identity
@@ -148,8 +151,8 @@ def test_smoothness_of_constant_field_is_zero():
 
 @pytest.mark.parametrize("affine_grad", [True, False])
 def test_affine_head_receives_gradient_only_when_differentiable(affine_grad):
-    m = build(affine_grad=affine_grad)
-    m(pair_batch(), generator=gen())["loss"].backward()
+    m = build(affine_grad=affine_grad, patch=S16)
+    m(pair_batch(patch=S16), generator=gen())["loss"].backward()
     for name in ("rotation", "scale", "translation", "shear"):
         g = getattr(m.affine_head, name).weight.grad
         if affine_grad:
@@ -163,8 +166,8 @@ def test_affine_head_receives_gradient_only_when_differentiable(affine_grad):
 # ------------------------------------------------------------------------------ §5.6-7 restoration target = clean A
 
 def test_restoration_target_is_clean_a_and_terms():
-    m = build()
-    views = m.make_views(pair_batch(), gen(4))
+    m = build(patch=S16)
+    views = m.make_views(pair_batch(patch=S16), gen(4))
     assert (views["At"] - views["A"]).abs().max() > 0.1  # the appearance transform changed A
     out = m.match_pair(views)
     terms = m.losses(views, out)
@@ -231,15 +234,15 @@ def test_spatial_augmentation_is_shared_and_elastic_smoothing():
 # ------------------------------------------------------------------------------ forward / previews / layout
 
 def test_forward_multichannel_batch_and_previews():
-    m = build(in_ch=2)
-    terms = m(pair_batch(b=2, c=2), generator=gen())
+    m = build(in_ch=2, patch=S16)
+    terms = m(pair_batch(b=2, c=2, patch=S16), generator=gen())
     assert set(terms) == {"loss", "ncc", "smooth", "restore", "sim", "sim_gain"}
     assert terms["loss"].requires_grad and torch.isfinite(terms["loss"])
-    rows = m.previews(pair_batch(b=2, c=2))
+    rows = m.previews(pair_batch(b=2, c=2, patch=S16))
     assert [len(v) for v in rows.values()] == [4, 3]
-    assert all(t.shape == P for v in rows.values() for t in v)
+    assert all(t.shape == S16 for v in rows.values() for t in v)
     with pytest.raises(ValueError, match="B, 2, C"):
-        m(torch.zeros(1, 1, *P))
+        m(torch.zeros(1, 1, *S16))
 
 
 def test_invalid_layout_is_rejected():

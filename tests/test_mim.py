@@ -142,7 +142,7 @@ def test_views_reproducible_with_generator():
 def test_fused_forward_equals_per_level_forward():
     m = make("demo")
     assert m.fused
-    v = m.make_views(batch_for(m), gen(0))
+    v = m.make_views(batch_for(m, b=1), gen(0))
     for (ta, ra), (tb, rb) in zip(m.masked_forward(v, fused=True), m.masked_forward(v, fused=False)):
         assert torch.allclose(ra, rb, atol=1e-5) and torch.allclose(ta, tb, atol=1e-5)
 
@@ -203,10 +203,10 @@ def test_total_is_weighted_sum_from_plan():
 def test_loss_decreases_on_fixed_batch():
     torch.manual_seed(0)
     m = make("demo", beta=1)
-    X1 = batch_for(m)
+    X1 = batch_for(m, b=1)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     losses = []
-    for _ in range(10):
+    for _ in range(8):
         opt.zero_grad()
         out = m(X1, gen(0))   # same views every step
         out["loss"].backward()

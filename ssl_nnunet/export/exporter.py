@@ -40,9 +40,11 @@ BUNDLE_FILES = ("checkpoint_final.pth", "plans.json", "dataset.json", "dataset_f
 #: what each objective trains (METHODS.md); unknown methods are described as "see the method's documentation"
 TRAINED_PARTS = {
     "mae": "encoder and decoder (the reconstruction decoder is the nnU-Net decoder)",
-    "mim": "encoder and decoder",
-    "gvsl": "encoder and decoder",
-    "alice": "encoder and decoder",
+    "mim": "encoder and reconstruction decoder (the MiM paper transfers the encoder only: use "
+           "ssl_nnunet_finetune --encoder-only for that protocol)",
+    "gvsl": "encoder and decoder (the whole U-Net, as in the GVSL paper)",
+    "alice": "online encoder and online (reconstruction) decoder; the EMA target encoder and heads are not exported "
+             "(the Alice paper transfers the online encoder only: ssl_nnunet_finetune --encoder-only)",
     "voco": "encoder only; the decoder is exported at its random initialisation",
 }
 

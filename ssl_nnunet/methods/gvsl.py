@@ -679,6 +679,6 @@ class GVSL(SSLMethod):
             return t[0, 0].float().cpu()
 
         mag = out["displacement"][0].float().norm(dim=0).cpu()
-        return {"registration: A (fixed) | B (moving) | B warped to A | |field| (voxels)":
+        return {f"registration: A (fixed) | B (moving) | B warped to A | |field| (voxels, max {float(mag.max()):.2f})":
                 [cpu(views["A"]), cpu(views["B"]), cpu(out["warped"]), mag],
                 "restoration: A^t (input) | restored | A": [cpu(views["At"]), cpu(out["restored"]), cpu(views["A"])]}

@@ -97,7 +97,7 @@ def pretrain_ddp(num_processes: int, **kwargs):
 def main() -> None:
     p = argparse.ArgumentParser(description="Self-supervised pretraining of the nnU-Net network of sslPlans.json.")
     p.add_argument("-d", required=True, help="dataset id or name")
-    p.add_argument("-m", required=True, help="SSL method: mae (implemented), mim, voco, gvsl, alice")
+    p.add_argument("-m", required=True, help="SSL method: mae, mim, voco, gvsl, alice")
     p.add_argument("-p", default="sslPlans", help="plans identifier (default sslPlans)")
     p.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu", "mps"])
     p.add_argument("-num_gpus", type=int, default=1, help="number of DDP processes (gloo on CPU, NCCL on CUDA)")
