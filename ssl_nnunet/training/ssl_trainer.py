@@ -145,7 +145,8 @@ class SSLTrainer(nnUNetTrainer):
         if len(identifiers) < needed:
             raise SSLInputError(f"{self.method_name} needs at least {needed} preprocessed cases, {folder} has "
                                 f"{len(identifiers)}.")
-        n_val = max(1, len(identifiers) // 10) if len(identifiers) >= 2 * needed + 1 else 0
+        # held-out cases: 10 % (at least one sample's worth) when enough cases remain for training
+        n_val = max(needed, len(identifiers) // 10) if len(identifiers) >= 2 * needed + 1 else 0
         train_ids = identifiers[:len(identifiers) - n_val]
         self.val_identifiers = identifiers[len(identifiers) - n_val:] if n_val else train_ids
         dataset = dataset_class(folder)
