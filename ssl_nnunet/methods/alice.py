@@ -32,8 +32,8 @@ Losses (float32), ``l_s(a, b) = 2 - 2 cos(a, sg(b))`` averaged over rows:
 The paper's text has no centres and no predictors (``c = 0``, ``p = p' = identity``). Our two optional collapse
 guards: teacher centring (``center_momentum`` m: ``c <- m c + (1 - m) mean(teacher rows)`` after each training
 forward, as DINO/the reference code centre their teacher; default 0.9 because the plain cosine version
-collapses within ~30 CPU iterations, see documentation/methods/alice.md) and BYOL predictors ``p, p'``
-(``use_predictor``, default off).
+loses its contrastive signal within ~40 CPU iterations, see documentation/methods/alice.md) and BYOL
+predictors ``p, p'`` (``use_predictor``, default off).
 Logged besides: ``cls_std`` and ``token_std``, the collapse monitor (:func:`embedding_spread`):
 ``sqrt(D) * mean_d std_d`` of the l2-normalised pooled online embeddings GAP H across the 2B views, resp. of
 the l2-normalised online token embeddings H across all 2B * N tokens: about 1 for unit vectors spread over
@@ -349,7 +349,8 @@ class Alice(SSLMethod):
         matcher = CrossVolumeMatcher.load_or_build(dataset, plan_out_of_plane_axis(preprocessed_folder), kind,
                                                    preprocessed_folder)
         keys = identifiers if len(identifiers) >= 2 else sorted(dataset.identifiers)
-        return MatchedPairSampler(dataset, identifiers, patch_size, batch_size, matcher, seed=seed, key_identifiers=keys)
+        return MatchedPairSampler(dataset, identifiers, patch_size, batch_size, matcher, seed=seed,
+                                  key_identifiers=keys)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -447,7 +448,9 @@ class Alice(SSLMethod):
         token_mask = mask_at_resolution(mask, feat_v.shape[2:]).flatten(1).bool()  # (2B, N)
         n_vis = self.visible_tokens(mask)
         v_tokens = to_tokens(feat_v)
-        visible = v_tokens[token_mask].view(v_tokens.shape[0], n_vis, v_tokens.shape[2])
+        # visible token indices in grid order, without a host sync (every view has exactly n_vis)
+        order = torch.argsort((~token_mask).to(torch.int8), dim=1, stable=True)[:, :n_vis]
+        visible = torch.gather(v_tokens, 1, order.unsqueeze(-1).expand(-1, -1, v_tokens.shape[2]))
         h = self.phi(to_tokens(feat_h))
         with torch.no_grad():
             y = self.psi(to_tokens(self.target_tokens(target)))

@@ -30,8 +30,8 @@ The per-case geometry is computed once, on first use, from the preprocessed arra
 the preprocessed data folder: ``nnUNet_preprocessed/DatasetXXX/alice_matcher_<data_identifier>.json`` (atomic
 write; not inside the data folder, where nnU-Net infers the dataset class from the file endings). The cache
 records the size and modification time of every case's ``.pkl`` and is rebuilt when they, the case list, the
-matcher type or ``a_op`` change (e.g. after re-preprocessing). Assumes a consistent orientation of all cases (the fingerprint warns when the direction
-matrices differ); no reorientation is done here.
+matcher type or ``a_op`` change (e.g. after re-preprocessing). Assumes a consistent orientation of all cases
+(the fingerprint warns when the direction matrices differ); no reorientation is done here.
 
 :class:`MatchedPairSampler` uses the matcher to cut a query crop Q of case A and a key crop K of a different
 case B around corresponding points: ``next_batch() -> (B, 2, C, a0, a1, a2)``, ``[:, 0] = Q``, ``[:, 1] = K``.
