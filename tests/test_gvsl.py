@@ -270,7 +270,7 @@ def test_pretrain_export_and_nnunet_load():
     from ssl_nnunet.paths import nnUNet_preprocessed
     from ssl_nnunet.training.run import pretrain
 
-    did, name = 950, "Dataset950_GVSLSmoke"
+    did, name = 952, "Dataset952_GVSLSmoke"
     write_synthetic_dataset(did, "GVSLSmoke", n_cases=3, shape=(40, 44, 48), spacing=(2.0, 2.0, 2.0))
     extract_fingerprint(did, 1, verbose=False)
     plan_experiment(did, "cpu_smoke", verbose=False)

@@ -232,7 +232,7 @@ def test_pretrain_export_and_nnunet_load():
     from ssl_nnunet.paths import nnUNet_preprocessed
     from ssl_nnunet.training.run import pretrain
 
-    did, name = 945, "Dataset945_MiMSmoke"
+    did, name = 946, "Dataset946_MiMSmoke"
     write_synthetic_dataset(did, "MiMSmoke", n_cases=3, shape=(40, 96, 40), spacing=(2.0, 2.0, 2.0))
     extract_fingerprint(did, 1, verbose=False)
     plan_experiment(did, "cpu_smoke", verbose=False)

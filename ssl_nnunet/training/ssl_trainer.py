@@ -66,8 +66,10 @@ class SSLTrainer(nnUNetTrainer):
                                                     self.plans_manager.plans_name, self.configuration_name)
         self.output_folder = self.output_folder_base
         for folder in (self._stray_folder, os.path.dirname(self._stray_folder)):
-            if os.path.isdir(folder) and not os.listdir(folder):
+            try:  # nnU-Net's constructor made its own (empty) fold folder; other DDP ranks may remove it first
                 os.rmdir(folder)
+            except OSError:
+                pass
         os.makedirs(self.output_folder, exist_ok=True)
         stamp = datetime.now().strftime("%Y_%m_%d_%H_%M_%S")
         self.log_file = os.path.join(self.output_folder, f"training_log_{stamp}.txt")
