@@ -460,7 +460,8 @@ class VoCo(SSLMethod):
         labels = position_labels(starts, self.crop, self.grid)                         # (B, n_t, n)
         crops = torch.cat([bases, targets], dim=1).reshape(b * (self.n_bases + self.n_targets), ch, *self.crop)
         crops = augment_crops(crops, self.in_plane_axes, generator=generator, **self.augmentation)
-        return crops, labels, starts
+        # rot90 / flips leave permuted strides; a strided input makes every conv and norm of the encoder slower
+        return crops.contiguous(), labels, starts
 
     def embed(self, crops: torch.Tensor, teacher: bool = False) -> torch.Tensor:
         """Encoder-only forward of the stacked crops + projector: ``(N, C, *c)`` → ``(N, D)`` (float32)."""
