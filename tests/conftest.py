@@ -50,3 +50,24 @@ def write_synthetic_dataset(dataset_id: int, name: str, n_cases: int = 4, shape=
     atomic_save_json({"channel_names": channel_names, "labels": labels, "numTraining": n_cases,
                       "file_ending": ".nii.gz"}, os.path.join(folder, "dataset.json"))
     return folder
+
+
+def prepare_planned_dataset(dataset_id: int, name: str, method: str = None, method_updates: dict = None, **kw):
+    """Synthetic dataset -> fingerprint -> cpu_smoke sslPlans.json -> preprocessing; optionally update the plan
+    entry of ``method`` (e.g. ``iterations_per_epoch``). Returns the path of sslPlans.json."""
+    import json
+    from experiment_planning.fingerprint import extract_fingerprint
+    from experiment_planning.planner import plan_experiment
+    from experiment_planning.preprocess import preprocess
+    write_synthetic_dataset(dataset_id, name, **kw)
+    extract_fingerprint(dataset_id, 1, verbose=False)
+    plan_experiment(dataset_id, "cpu_smoke", verbose=False)
+    preprocess(dataset_id, num_processes=1, verbose=False)
+    path = os.path.join(os.environ["nnUNet_preprocessed"], f"Dataset{dataset_id:03d}_{name}", "sslPlans.json")
+    if method_updates:
+        with open(path) as f:
+            plans = json.load(f)
+        plans["ssl"]["methods"][method].update(method_updates)
+        with open(path, "w") as f:
+            json.dump(plans, f)
+    return path

@@ -16,7 +16,7 @@ from torch import nn
 
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 
-from conftest import write_synthetic_dataset
+from conftest import prepare_planned_dataset
 from ssl_nnunet.methods import get_method
 from ssl_nnunet.methods.alice import CASA, cosine_loss, embedding_spread, rotation_about_axis, strong_augment
 from ssl_nnunet.methods.alice_matcher import (CrossVolumeMatcher, MatchedPairSampler, cache_path, centre_range,
@@ -335,9 +335,6 @@ def test_export_excludes_teacher_and_heads():
 def test_pretrain_export_and_load_into_finetune_network():
     """2 trainer iterations on a synthetic dataset (matched sampler via the make_sampler hook), export, and
     nnU-Net's load_pretrained_weights into the fine-tuning network with 3 classes."""
-    from experiment_planning.fingerprint import extract_fingerprint
-    from experiment_planning.planner import plan_experiment
-    from experiment_planning.preprocess import preprocess
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     from ssl_nnunet.export import export_bundle
     from ssl_nnunet.export.exporter import build_network_from_plans
@@ -345,16 +342,8 @@ def test_pretrain_export_and_load_into_finetune_network():
     from ssl_nnunet.training.run import pretrain
 
     dataset = "Dataset950_AliceSmoke"
-    write_synthetic_dataset(950, "AliceSmoke", n_cases=5, shape=(40, 44, 48))
-    extract_fingerprint(950, 1, verbose=False)
-    plan_experiment(950, "cpu_smoke", verbose=False)
-    preprocess(950, num_processes=1, verbose=False)
-    plans_file = os.path.join(nnUNet_preprocessed, dataset, "sslPlans.json")
-    with open(plans_file) as f:
-        plans = json.load(f)
-    plans["ssl"]["methods"]["alice"].update(iterations_per_epoch=2, num_val_iterations=1)
-    with open(plans_file, "w") as f:
-        json.dump(plans, f)
+    prepare_planned_dataset(950, "AliceSmoke", "alice", {"iterations_per_epoch": 2, "num_val_iterations": 1},
+                            n_cases=5, shape=(40, 44, 48))
 
     trainer = pretrain(950, "alice", device="cpu", iterations=2, num_prefetch=0)
     assert len(trainer.iteration_losses) == 2 and all(np.isfinite(trainer.iteration_losses))

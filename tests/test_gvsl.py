@@ -2,7 +2,6 @@
 
 Tiny networks at 32³ (cpu_smoke: ResEnc 8-16-32-64, S = 8) so the file runs in well under a minute on a CPU.
 """
-import copy
 import json
 import math
 import os

@@ -2,7 +2,6 @@
 
 Tiny cpu_smoke-sized networks: crops 16^3, base grid (1, 2, 2), region (16, 32, 32).
 """
-import copy
 import itertools
 import math
 import os
@@ -266,26 +265,17 @@ def test_previews():
 def test_pretrain_export_and_nnunet_load(tmp_path):
     pytest.importorskip("ssl_nnunet.export.exporter")
     import json
-    from conftest import write_synthetic_dataset
-    from experiment_planning.fingerprint import extract_fingerprint
-    from experiment_planning.planner import plan_experiment
-    from experiment_planning.preprocess import preprocess
+    from conftest import prepare_planned_dataset
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     from ssl_nnunet.export.exporter import build_network_from_plans, export_bundle
     from ssl_nnunet.paths import nnUNet_preprocessed
     from ssl_nnunet.training.run import pretrain
 
     dataset = "Dataset945_VoCoExport"
-    write_synthetic_dataset(945, "VoCoExport", n_cases=3, shape=(40, 44, 48))
-    extract_fingerprint(945, 1, verbose=False)
-    plan_experiment(945, "cpu_smoke", verbose=False)
-    preprocess(945, num_processes=1, verbose=False)
-    path = os.path.join(nnUNet_preprocessed, dataset, "sslPlans.json")
+    path = prepare_planned_dataset(945, "VoCoExport", "voco", {"iterations_per_epoch": 3, "num_val_iterations": 1},
+                                   n_cases=3, shape=(40, 44, 48))
     with open(path) as f:
         plans = json.load(f)
-    plans["ssl"]["methods"]["voco"].update(iterations_per_epoch=3, num_val_iterations=1)
-    with open(path, "w") as f:
-        json.dump(plans, f)
 
     trainer = pretrain(945, "voco", device="cpu", iterations=3, num_prefetch=0)
     assert len(trainer.iteration_losses) == 3

@@ -52,7 +52,7 @@ from torch import nn
 from ssl_nnunet.methods import register
 from ssl_nnunet.methods.base import SSLMethod
 from ssl_nnunet.methods.features import check_unet, forward_features
-from ssl_nnunet.training.data import UnlabeledPatchSampler, crop_with_padding
+from ssl_nnunet.training.data import UnlabeledPatchSampler
 from ssl_nnunet.utilities.errors import SSLInputError
 
 __all__ = [
@@ -494,12 +494,8 @@ class MatchedPairSampler(UnlabeledPatchSampler):
         super().__init__(dataset, identifiers, patch_size, batch_size, cases_per_sample=2, seed=seed)
 
     def patch_at(self, identifier: str, rel: Sequence[float]) -> np.ndarray:
-        data, bbox = self._case(identifier)
-        centre = [int(lo + r * max(0, hi - lo - 1)) for (lo, hi), r in zip(bbox, rel)]
-        start = [c - p // 2 for c, p in zip(centre, self.patch_size)]
-        start = [min(max(s, 0), d - p) if d >= p else (d - p) // 2
-                 for s, d, p in zip(start, data.shape[1:], self.patch_size)]
-        return crop_with_padding(data, start, self.patch_size)
+        _, bbox = self._case(identifier)
+        return self.patch_around(identifier, [int(lo + r * max(0, hi - lo - 1)) for (lo, hi), r in zip(bbox, rel)])
 
     def next_batch(self) -> torch.Tensor:
         items = []

@@ -58,8 +58,12 @@ class UnlabeledPatchSampler:
         return self._cache[identifier]
 
     def sample_patch(self, identifier: str) -> np.ndarray:
-        data, bbox = self._case(identifier)
-        centre = [self.rng.randint(lo, max(lo + 1, hi)) for lo, hi in bbox]
+        _, bbox = self._case(identifier)
+        return self.patch_around(identifier, [self.rng.randint(lo, max(lo + 1, hi)) for lo, hi in bbox])
+
+    def patch_around(self, identifier: str, centre) -> np.ndarray:
+        """The patch of ``identifier`` centred at ``centre`` (moved inside the image where it fits)."""
+        data, _ = self._case(identifier)
         start = [c - p // 2 for c, p in zip(centre, self.patch_size)]
         # keep the patch inside the image where the image is large enough
         start = [min(max(s, 0), d - p) if d >= p else (d - p) // 2
