@@ -54,7 +54,7 @@ def voco_layout(patch: List[int], total_stride: List[int], median_shape: Sequenc
     region = [g * c for g, c in zip(grid, crop)]
     return {"crop_size": crop, "base_grid": grid, "region_size": region, "n_target_crops": 4, "lambda_reg": 1.0,
             "loss_variant": "paper", "region_mode": "native", "proj_dims": [2048, 2048, 2048],
-            "projector_norm": "batch", "logit_clamp": "straight_through", "use_ema_teacher": False,
+            "projector_norm": "batch", "logit_clamp": "hard", "use_ema_teacher": False,
             "ema_momentum": 0.9, "augmentation": {"p_flip": 0.2, "p_rot90": 0.2, "p_shift": 0.1, "shift": 0.1}}
 
 

@@ -3,10 +3,12 @@
 For each method, in one process and after warm-up, on the plan of the given dataset:
 * ``ssl_step_s``: median seconds of a full SSL training iteration (data from the prefetching loader, views,
   forward, loss, backward, optimizer step);
-* ``plain_step_s``: median seconds of a plain forward + MSE + backward + optimizer step of the *same*
-  network on a batch of the same shape (the floor: the objective cannot be faster than its network passes
-  for a single-pass method such as MAE);
+* ``plain_step_s``: the floor — median seconds of plain dense passes of the *same* network on the *same*
+  tensors the method fed it in one SSL step (recorded with hooks: full U-Net or encoder only, with or without
+  autograd), one backward and an optimizer step. The objective cannot be faster than its own network passes;
 * ``ratio`` = ssl / plain; ``data_wait_share``: share of SSL step time spent waiting for the loader;
+* ``supervised_nnunet_step_s``: nnU-Net's own ``train_step`` (deep supervision, Dice+CE) of the plan's network,
+  patch and batch size, for reference;
 * peak memory: RSS of the process on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
 """
 from __future__ import annotations
@@ -17,8 +19,9 @@ import os
 import platform
 import resource
 import statistics
+import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -48,6 +51,97 @@ def _time(fn, n: int, device: torch.device) -> List[float]:
     return out
 
 
+def record_network_passes(trainer, step_fn) -> List[Tuple[torch.Tensor, bool, bool]]:
+    """Run ``step_fn`` once and record every pass through ``trainer.network``: ``(input, full, grad)``.
+
+    An encoder pass is detected at the encoder's first module (stem or stage 0), a full U-Net pass by the
+    decoder's last stage running after it; ``grad`` is whether autograd was on. Passes through other modules
+    (EMA teachers, heads) are the method's own work and not part of the floor.
+    """
+    net = trainer.network
+    enc = net.encoder
+    first = enc.stem if getattr(enc, "stem", None) is not None else enc.stages[0]
+    calls: List[list] = []
+
+    def on_encoder(_module, args):
+        calls.append([args[0].detach().clone(), False, torch.is_grad_enabled()])
+
+    def on_decoder(_module, _args, _out):
+        for c in reversed(calls):
+            if not c[1]:
+                c[1] = True
+                break
+
+    hooks = [first.register_forward_pre_hook(on_encoder), net.decoder.stages[-1].register_forward_hook(on_decoder)]
+    try:
+        step_fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return [tuple(c) for c in calls]
+
+
+def make_floor_step(net: torch.nn.Module, calls, optimizer_plan: dict, grad_clip: float):
+    """A plain step over the recorded passes: dense forward of the full U-Net or the encoder on each recorded
+    input (without autograd where the method had none), one backward of the summed output means, gradient
+    clipping and a step of the method's own optimizer type (so the ratio isolates the method's extra work)."""
+    from ssl_nnunet.methods.features import encoder_forward
+    from ssl_nnunet.training.schedule import build_optimizer
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = build_optimizer(params, dict(optimizer_plan, lr=1e-6))
+
+    def plain_step():
+        opt.zero_grad(set_to_none=True)
+        loss = None
+        for x, full, grad in calls:
+            with torch.set_grad_enabled(grad):
+                outs = [net(x)] if full else encoder_forward(net, x)
+            if grad:
+                term = sum(o.float().mean() for o in outs)
+                loss = term if loss is None else loss + term
+        if loss is not None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+    return plain_step
+
+
+def supervised_nnunet_step_time(trainer, warmup: int, timed: int) -> float:
+    """Median seconds of nnU-Net's own ``nnUNetTrainer.train_step`` (deep supervision, Dice+CE, SGD, grad
+    clipping; AMP on CUDA) for the plan's network, patch and batch size on random two-class labels — a
+    supervised iteration without data loading, for reference."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    os.environ.setdefault("nnUNet_compile", "f")
+    dataset_json = dict(trainer.dataset_json, labels={"background": 0, "foreground": 1})
+    plans = dict(trainer.plans_manager.plans, continue_training=False)  # nnunetv2 2.8.1 pops this key
+    old_results = os.environ.get("nnUNet_results")
+    with tempfile.TemporaryDirectory() as tmp:
+        # nnU-Net's trainer writes a results folder and log; keep them out of the user's nnUNet_results
+        os.environ["nnUNet_results"] = tmp
+        try:
+            ref = nnUNetTrainer(plans, trainer.configuration_name, 0, dataset_json, trainer.device)
+            ref.initialize()
+            ref.print_to_log_file = lambda *a, **k: None
+        finally:
+            if old_results is None:
+                os.environ.pop("nnUNet_results", None)
+            else:
+                os.environ["nnUNet_results"] = old_results
+    dev = trainer.device
+    patch = [int(p) for p in trainer.configuration_manager.patch_size]
+    b = int(trainer.configuration_manager.batch_size)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn((b, ref.num_input_channels, *patch), generator=g)
+    seg = (torch.rand((b, 1, *patch), generator=g) > 0.5).float()
+    target = []
+    for scale in ref._get_deep_supervision_scales():
+        step = [max(1, round(1 / s)) for s in scale]
+        target.append(seg[:, :, ::step[0], ::step[1], ::step[2]].contiguous())
+    batch = {"data": data, "target": target}
+    _time(lambda: ref.train_step(batch), warmup, dev)
+    return statistics.median(_time(lambda: ref.train_step(batch), timed, dev))
+
+
 def benchmark_method(dataset, method: str, device: str = "cpu", warmup: int = 3, timed: int = 10) -> Dict:
     from ssl_nnunet.training.run import build_trainer
     trainer = build_trainer(dataset, method, device=device, iterations=10 ** 6, num_prefetch=2)
@@ -61,29 +155,25 @@ def benchmark_method(dataset, method: str, device: str = "cpu", warmup: int = 3,
         trainer.train_step(next(trainer.dataloader_train), state["it"])
         state["it"] += 1
 
+    # the floor: the same network's passes on the same tensors the method fed it in one SSL step
+    calls = record_network_passes(trainer, ssl_step)
+    plain_step = make_floor_step(trainer.network, calls, trainer.method_plan["optimizer"], trainer.grad_clip)
     _time(ssl_step, warmup, dev)
-    wait0 = trainer.dataloader_train.wait_time
-    ssl_times = _time(ssl_step, timed, dev)
-    wait = trainer.dataloader_train.wait_time - wait0
-
-    # the floor: the same network, a plain dense forward + backward on a batch of the same shape
-    net = trainer.network
-    batch = next(trainer.dataloader_train).to(dev)
-    x = batch if batch.ndim == 5 else batch.flatten(0, 1)
-    opt = torch.optim.SGD(net.parameters(), lr=1e-6)
-
-    def plain_step():
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.mse_loss(net(x).float(), x.float())
-        loss.backward()
-        opt.step()
-
     _time(plain_step, warmup, dev)
-    plain_times = _time(plain_step, timed, dev)
+    # interleaved, so that drifts of the machine's speed hit both measurements alike
+    ssl_times, plain_times, wait = [], [], 0.0
+    for _ in range(timed):
+        wait0 = trainer.dataloader_train.wait_time
+        ssl_times += _time(ssl_step, 1, dev)
+        wait += trainer.dataloader_train.wait_time - wait0
+        plain_times += _time(plain_step, 1, dev)
     trainer.dataloader_train.close()
+    supervised_s = supervised_nnunet_step_time(trainer, warmup, timed)
     ssl_s, plain_s = statistics.median(ssl_times), statistics.median(plain_times)
-    return {"method": method, "device": str(dev), "batch_shape": list(batch.shape),
+    passes = [f"{'net' if full else 'enc'}{'' if grad else '(no grad)'} {list(x.shape)}" for x, full, grad in calls]
+    return {"method": method, "device": str(dev), "network_passes": passes,
             "ssl_step_s": ssl_s, "plain_step_s": plain_s, "ratio": ssl_s / plain_s,
+            "supervised_nnunet_step_s": supervised_s,
             "data_wait_share": wait / sum(ssl_times), "peak_memory_mb": _peak_memory_mb(dev),
             "timed_iterations": timed, "warmup_iterations": warmup,
             "profile": trainer.ssl_plan.get("profile"), "patch_size": trainer.configuration_manager.patch_size}
@@ -96,13 +186,15 @@ def write_report(results: List[Dict], json_path: str, md_path: str, command: str
         "# Throughput benchmark", "",
         f"Command: `{command}`  ",
         f"Machine: {platform.platform()}, torch {torch.__version__}, {torch.get_num_threads()} threads. "
-        "Medians of the timed iterations after warm-up, measured in one process run.", "",
-        "| method | device | profile | batch | SSL step [s] | plain fwd+bwd [s] | ratio | data wait | peak mem [MB] |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "Medians of the timed iterations after warm-up (SSL and floor steps interleaved), measured in one process run.", "",
+        "| method | device | profile | network passes per SSL step | SSL step [s] | own passes (floor) [s] | ratio "
+        "| nnU-Net supervised step [s] | data wait | peak mem [MB] |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
-        lines.append(f"| {r['method']} | {r['device']} | {r['profile']} | {r['batch_shape']} | "
+        lines.append(f"| {r['method']} | {r['device']} | {r['profile']} | {'; '.join(r['network_passes'])} | "
                      f"{r['ssl_step_s']:.3f} | {r['plain_step_s']:.3f} | {r['ratio']:.2f} | "
+                     f"{r['supervised_nnunet_step_s']:.3f} | "
                      f"{100 * r['data_wait_share']:.1f} % | {r['peak_memory_mb']:.0f} |")
     os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
     tmp = md_path + ".tmp"
@@ -130,6 +222,15 @@ def main() -> None:
     tr.add_argument("--root", default=os.path.abspath("ssl_nnunet_data/benchmark_transfer"),
                     help="folder for the benchmark's own nnU-Net data and results")
     tr.add_argument("--write-docs", action="store_true", help="also write documentation/results.md + png")
+    pt = sub.add_parser("pretext", help="loss terms on many fixed held-out batches: initialisation vs checkpoint")
+    pt.add_argument("-d", required=True, help="dataset id or name")
+    pt.add_argument("-m", required=True, help="SSL method")
+    pt.add_argument("-c", default=None, help="checkpoint (default: the run's checkpoint_final.pth)")
+    pt.add_argument("-n", type=int, default=64, help="number of held-out batches")
+    pt.add_argument("-p", default="sslPlans", help="plans identifier")
+    pt.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu")
+    pt.add_argument("--seed", type=int, default=0, help="the pretraining run's --seed (rebuilds its initial network)")
+    pt.add_argument("-o", default=None, help="also write the result as JSON")
     a = p.parse_args()
 
     def go_transfer():
@@ -148,4 +249,7 @@ def main() -> None:
             results.append(r)
         write_report(results, a.o + ".json", a.o + ".md", "ssl_nnunet_benchmark " + " ".join(sys.argv[1:]))
         print(f"Wrote {a.o}.json and {a.o}.md")
-    run_cli(go if a.what == "throughput" else go_transfer)
+    def go_pretext():
+        from ssl_nnunet.benchmark.pretext import run
+        run(a)
+    run_cli({"throughput": go, "transfer": go_transfer, "pretext": go_pretext}[a.what])

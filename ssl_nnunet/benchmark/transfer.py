@@ -12,8 +12,10 @@ The benchmark works in its own nnU-Net folders (``--root``), so the user's plans
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -30,6 +32,7 @@ BUDGETS = {
 }
 SOURCE, TARGET = "Dataset900_DemoBrainSSL", "Dataset901_DemoBrainSeg"
 N_VALIDATION = 6
+PRETRAIN_SEED = 0
 
 
 def _run(cmd: List[str], env: dict, log) -> None:
@@ -38,6 +41,22 @@ def _run(cmd: List[str], env: dict, log) -> None:
     r = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     if r.returncode != 0:
         raise RuntimeError(f"command failed ({r.returncode}): {' '.join(cmd)}; see {log.name}")
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def _git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + (" (uncommitted changes)" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def label_scarce_splits(case_ids: List[str], n_splits: int, train_cases: int, n_val: int) -> List[dict]:
@@ -60,6 +79,7 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
         os.makedirs(env[k], exist_ok=True)
     os.makedirs(root, exist_ok=True)
     t_start = time.time()
+    timings: Dict[str, float] = {}
     with open(os.path.join(root, "benchmark_log.txt"), "a") as log:
         tool = lambda name, *args: _run([os.path.join(bin_dir, name), *map(str, args)], env, log)  # noqa: E731
         print("[1] demo datasets + plans")
@@ -69,7 +89,9 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
         for m in methods:
             print(f"[2] pretrain + export {m} ({pre_iters or 'plan'} iterations)")
             extra = ["--iterations", pre_iters] if pre_iters else []
-            tool("ssl_nnunet_pretrain", "-d", 900, "-m", m, "-device", device, *extra)
+            t0 = time.time()
+            tool("ssl_nnunet_pretrain", "-d", 900, "-m", m, "-device", device, "--seed", PRETRAIN_SEED, *extra)
+            timings[f"pretrain {m}"] = time.time() - t0
             bundles[m] = os.path.join(env["nnUNet_results"], SOURCE, f"export_{m}")
             tool("ssl_nnunet_export", "-d", 900, "-m", m, "-o", bundles[m])
         # transfer + label-scarce splits, through the library in a child process with the benchmark's folders
@@ -98,16 +120,26 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
                 dice = []
                 for fold in range(n_splits):
                     arm_root = os.path.join(ft_root, arm)
+                    t0 = time.time()
                     _run([sys.executable, "-c", code_ft, arm_root, str(fold), trainer, device, weights or "none",
                           str(num_processes)], env, log)
+                    timings[f"finetune {label} {arm} split {fold}"] = time.time() - t0
                     folder = os.path.join(arm_root, TARGET, f"{trainer}__sslFinetunePlans__3d_fullres", f"fold_{fold}")
                     with open(os.path.join(folder, "validation", "summary.json")) as f:
                         dice.append(float(json.load(f)["foreground_mean"]["Dice"]))
                 results[label][arm] = dice
     summary = summarise(results, methods)
     summary.update({"budget": budget, "profile": profile, "pretraining_iterations": pre_iters,
+                    "pretraining_seed": PRETRAIN_SEED, "methods": methods,
                     "trainers": trainers, "splits": n_splits, "train_cases_per_split": train_cases,
-                    "validation_cases": N_VALIDATION, "wall_time_s": time.time() - t_start, "raw": results})
+                    "validation_cases": N_VALIDATION, "wall_time_s": time.time() - t_start, "raw": results,
+                    "timings_s": timings, "command": " ".join(["ssl_nnunet_benchmark", *sys.argv[1:]]),
+                    "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, device {device}",
+                    "git_commit": _git_commit(),
+                    "plan_sha256": {"sslPlans (Dataset900)": _sha256(os.path.join(
+                        env["nnUNet_preprocessed"], SOURCE, "sslPlans.json")),
+                        "sslFinetunePlans (Dataset901)": _sha256(os.path.join(
+                            env["nnUNet_preprocessed"], TARGET, "sslFinetunePlans.json"))}})
     write_results(summary, root, write_docs)
     return summary
 
@@ -138,17 +170,26 @@ def write_results(summary: dict, root: str, write_docs: bool) -> None:
              f"pretraining iterations per method on Dataset900; fine-tuning on Dataset901 with "
              f"{summary['splits']} label-scarce splits of {summary['train_cases_per_split']} training cases, one "
              f"fixed validation set of {summary['validation_cases']} cases; wall time "
-             f"{summary['wall_time_s'] / 60:.1f} min). Foreground mean Dice from nnU-Net's validation.", ""]
+             f"{summary['wall_time_s'] / 60:.1f} min). Foreground mean Dice from nnU-Net's validation.", "",
+             f"Command: `{summary['command']}`  ", f"Machine: {summary['machine']}  ",
+             f"Commit: {summary['git_commit']}; plans sha256: "
+             + ", ".join(f"{k} `{v}`" for k, v in summary["plan_sha256"].items()) + "  ",
+             "Machine-readable record of this run: `results.json` (per-split Dice, timings, plan hashes).", ""]
     labels = list(summary["table"])
     fig, axes = plt.subplots(1, len(labels), figsize=(6 * len(labels), 4), squeeze=False)
     for ax, label in zip(axes[0], labels):
         t = summary["table"][label]
+        n = summary["splits"]
         lines += [f"## {label}", "", f"Scratch run-to-run noise (mean |scratch − scratch seed 2|): "
                   f"{t['scratch_noise_mean_abs']:.4f}", "",
-                  "| arm | Dice mean ± std | paired gain vs scratch |", "| --- | --- | --- |"]
+                  "| arm | " + " | ".join(f"split {i}" for i in range(n)) + " | Dice mean ± std | paired gain vs "
+                  "scratch | beats scratch (splits) |", "| --- " * (n + 4) + "|"]
         for arm, r in t["rows"].items():
-            lines.append(f"| {arm} | {r['mean']:.4f} ± {r['std']:.4f} | {r['gain_vs_scratch']:+.4f} ± "
-                         f"{r['gain_std']:.4f} |")
+            folds = summary["raw"][label][arm]
+            wins = sum(d > s for d, s in zip(folds, summary["raw"][label]["scratch"]))
+            lines.append(f"| {arm} | " + " | ".join(f"{d:.4f}" for d in folds) + f" | {r['mean']:.4f} ± "
+                         f"{r['std']:.4f} | {r['gain_vs_scratch']:+.4f} ± {r['gain_std']:.4f} | "
+                         + ("—" if arm == "scratch" else f"{wins}/{n}") + " |")
         lines.append("")
         arms = list(t["rows"])
         ax.bar(arms, [t["rows"][a]["mean"] for a in arms], yerr=[t["rows"][a]["std"] for a in arms], capsize=3)
@@ -166,6 +207,6 @@ def write_results(summary: dict, root: str, write_docs: bool) -> None:
         docs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                             "documentation")
         with open(os.path.join(docs, "results.md"), "w") as f:
-            f.write(text.replace("](", "](") + "\n![results](results.png)\n")
+            f.write(text + "\n![results](results.png)\n")
         shutil.copyfile(os.path.join(root, "results.png"), os.path.join(docs, "results.png"))
     print(text)

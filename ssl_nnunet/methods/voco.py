@@ -73,8 +73,9 @@ from ssl_nnunet.utilities.errors import SSLInputError
 
 LOSS_VARIANTS = ("paper", "official")
 REGION_MODES = ("native",)
-LOGIT_CLAMPS = ("straight_through", "hard")
+LOGIT_CLAMPS = ("hard", "straight_through")
 PROJECTOR_NORMS = ("batch", "layer")
+POOLS = ("avg", "avgmax")
 #: below this many crops per step a BatchNorm1d projector is replaced by LayerNorm (METHODS.md §4.4)
 MIN_CROPS_FOR_BATCHNORM = 8
 DEFAULT_AUGMENTATION = {"p_flip": 0.2, "p_rot90": 0.2, "p_shift": 0.1, "shift": 0.1}
@@ -240,10 +241,16 @@ class Projector(nn.Module):
         return self.net(x)
 
 
-def pooled_encoder_features(net: nn.Module, crops: torch.Tensor) -> torch.Tensor:
-    """``concat_k GAP(e_k)`` over all encoder stages: ``crops (N, C, c0, c1, c2)`` → ``(N, ΣC_k)``."""
-    skips = encoder_forward(net, crops)
-    return torch.cat([e.mean(dim=tuple(range(2, e.dim()))) for e in skips], dim=1)
+def pooled_encoder_features(net: nn.Module, crops: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+    """``concat_k pool(e_k)`` over all encoder stages: ``crops (N, C, c0, c1, c2)`` → ``(N, ΣC_k)`` (``avg``: global
+    average pool) or ``(N, 2·ΣC_k)`` (``avgmax``: average and max pool concatenated per stage)."""
+    feats = []
+    for e in encoder_forward(net, crops):
+        flat = e.flatten(2)
+        feats.append(flat.mean(-1))
+        if pool == "avgmax":
+            feats.append(flat.amax(-1))
+    return torch.cat(feats, dim=1)
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -257,7 +264,7 @@ def pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return dots / (norms + COS_EPS)
 
 
-def clamp_logits(cos: torch.Tensor, mode: str = "straight_through") -> torch.Tensor:
+def clamp_logits(cos: torch.Tensor, mode: str = "hard") -> torch.Tensor:
     """Logits in [0, 1] from cosines: the value is always ``clamp(cos, 0, 1)``.
 
     ``"hard"``: plain clamp (the reference code's ReLU): a positive pair (y > 0) whose cosine is negative gets no
@@ -383,7 +390,7 @@ class VoCo(SSLMethod):
         if self.loss_variant not in LOSS_VARIANTS:
             raise SSLInputError(f"ssl layout of 'voco': loss_variant must be one of {LOSS_VARIANTS}, got "
                                 f"'{self.loss_variant}'")
-        self.logit_clamp = str(layout.get("logit_clamp", "straight_through"))
+        self.logit_clamp = str(layout.get("logit_clamp", "hard"))
         if self.logit_clamp not in LOGIT_CLAMPS:
             raise SSLInputError(f"ssl layout of 'voco': logit_clamp must be one of {LOGIT_CLAMPS}, got "
                                 f"'{self.logit_clamp}'")
@@ -409,7 +416,10 @@ class VoCo(SSLMethod):
         proj_dims = layout.get("proj_dims", [2048, 2048, 2048])
         if not isinstance(proj_dims, (list, tuple)) or not proj_dims or any(int(d) < 1 for d in proj_dims):
             raise SSLInputError(f"ssl layout of 'voco': proj_dims must be a non-empty list of ints, got {proj_dims!r}")
-        in_dim = sum(int(c) for c in network.encoder.output_channels)
+        self.pool = str(layout.get("pool", "avg"))
+        if self.pool not in POOLS:
+            raise SSLInputError(f"ssl layout of 'voco': pool must be one of {POOLS}, got '{self.pool}'")
+        in_dim = sum(int(c) for c in network.encoder.output_channels) * (2 if self.pool == "avgmax" else 1)
         self.projector = Projector(in_dim, proj_dims, norm)
 
         # the decoder gets no gradient from VoCo: freeze its own modules so it stays exactly at initialisation
@@ -467,7 +477,7 @@ class VoCo(SSLMethod):
         """Encoder-only forward of the stacked crops + projector: ``(N, C, *c)`` → ``(N, D)`` (float32)."""
         net = self.teacher if teacher else self.network
         proj = self.teacher_projector if teacher else self.projector
-        return proj(pooled_encoder_features(net, crops)).float()
+        return proj(pooled_encoder_features(net, crops, self.pool)).float()
 
     def _split(self, emb: torch.Tensor, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
         emb = emb.view(b, self.n_bases + self.n_targets, -1)

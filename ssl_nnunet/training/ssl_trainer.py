@@ -239,15 +239,19 @@ class SSLTrainer(nnUNetTrainer):
         return {k: float(v) for k, v in zip(keys, means)}
 
     @torch.no_grad()
-    def validate(self) -> Dict[str, float]:
-        """SSL loss on fixed patches and masks of the held-out cases (identical every epoch)."""
+    def validate(self, num_iterations: Optional[int] = None) -> Dict[str, float]:
+        """SSL loss on fixed patches and masks of the held-out cases (identical every epoch).
+
+        ``num_iterations`` batches (default: the plan's ``num_val_iterations``); the first k batches are the same
+        for any count, so a longer evaluation extends the per-epoch one.
+        """
         self.method.eval()
         dataset, ids, patch, batch_size, seed, method_plan, folder = self._val_args
         sampler = type(self.method).make_sampler(dataset, ids, patch, batch_size, seed + self.local_rank,
                                                  method_plan, folder)
         generator = torch.Generator(device=self.device).manual_seed(VALIDATION_SEED + self.local_rank)
         outputs = []
-        for _ in range(self.num_val_iterations_per_epoch):
+        for _ in range(num_iterations or self.num_val_iterations_per_epoch):
             batch = sampler.next_batch().to(self.device)
             with self._autocast():
                 terms = self.method(batch, generator=generator)

@@ -1,0 +1,80 @@
+"""Smoke tests of ``ssl_nnunet_benchmark``: throughput, pretext and transfer with minimal budgets."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import prepare_planned_dataset
+
+
+def test_throughput_records_the_methods_own_network_passes(tmp_path):
+    from ssl_nnunet.benchmark.throughput import benchmark_method, write_report
+    prepare_planned_dataset(970, "BenchThroughput", n_cases=4, shape=(40, 44, 48))
+    results = [benchmark_method(970, m, "cpu", warmup=1, timed=1) for m in ("mae", "voco")]
+    mae, voco = results
+    # MAE: one full U-Net pass on the batch; VoCo: one encoder-only pass on all B*(n + n_t) crops
+    plans = json.load(open(os.path.join(os.environ["nnUNet_preprocessed"], "Dataset970_BenchThroughput",
+                                        "sslPlans.json")))
+    lay = plans["ssl"]["methods"]["voco"]["layout"]
+    b = plans["ssl"]["methods"]["voco"]["batch_size"]
+    n = lay["base_grid"][0] * lay["base_grid"][1] * lay["base_grid"][2]
+    assert mae["network_passes"] == [f"net {[plans['ssl']['methods']['mae']['batch_size'], 1] + plans['ssl']['methods']['mae']['pretrain_patch_size']}"]
+    assert voco["network_passes"] == [f"enc {[b * (n + lay['n_target_crops']), 1] + lay['crop_size']}"]
+    for r in results:
+        assert r["ssl_step_s"] > 0 and r["plain_step_s"] > 0 and r["supervised_nnunet_step_s"] > 0
+        assert r["ratio"] == pytest.approx(r["ssl_step_s"] / r["plain_step_s"])
+        assert 0 <= r["data_wait_share"] <= 1
+    write_report(results, str(tmp_path / "t.json"), str(tmp_path / "t.md"), "test")
+    table = (tmp_path / "t.md").read_text()
+    assert "| mae |" in table and "| voco |" in table
+    # the nnU-Net reference step leaves nothing in the user's results folder
+    assert not any(d.startswith("nnUNetTrainer__") for d in
+                   os.listdir(os.path.join(os.environ["nnUNet_results"], "Dataset970_BenchThroughput")))
+
+
+def test_pretext_probe_rebuilds_the_initial_network(tmp_path):
+    from ssl_nnunet.benchmark.pretext import evaluate_pretext, format_report
+    from ssl_nnunet.training.run import pretrain
+    prepare_planned_dataset(971, "BenchPretext", "voco", {"iterations_per_epoch": 5, "num_val_iterations": 1},
+                            n_cases=4, shape=(40, 44, 48))
+    with pytest.raises(Exception, match="checkpoint_final.pth"):
+        evaluate_pretext(971, "voco", num_batches=2)
+    trainer = pretrain(971, "voco", device="cpu", iterations=5, num_prefetch=0)
+    r = evaluate_pretext(971, "voco", num_batches=2)
+    assert r["iterations_done"] == 5
+    assert set(r["init"]) >= {"loss", "L_pred", "L_reg", "pos_acc", "pos_acc_sem"}
+    # 'init' is the run's initial network, bit for bit: same seed -> same scores; a different seed differs
+    again = evaluate_pretext(971, "voco", num_batches=2)
+    assert again["init"] == r["init"] and again["trained"] == r["trained"]
+    other = evaluate_pretext(971, "voco", num_batches=2, seed=1)
+    assert other["init"]["loss"] != r["init"]["loss"]
+    assert r["trained"]["loss"] != r["init"]["loss"]
+    assert "| pos_acc |" in format_report(r)
+    # the first batches are the trainer's own per-epoch validation batches
+    trainer.method.eval()
+    assert trainer.validate(1)["loss"] == pytest.approx(evaluate_pretext(971, "voco", num_batches=1)["trained"]["loss"],
+                                                        rel=1e-5)
+
+
+def test_transfer_benchmark_smoke_budget(tmp_path):
+    root = tmp_path / "bench"
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ssl_nnunet_benchmark"), "transfer",
+                        "--budget", "smoke", "-m", "mae", "--root", str(root), "-device", "cpu"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.load(open(root / "results.json"))
+    assert summary["budget"] == "smoke" and summary["methods"] == ["mae"]
+    raw = summary["raw"]["smoke"]
+    assert set(raw) == {"mae", "scratch", "scratch_seed2"}
+    assert all(len(v) == 1 and 0.0 <= v[0] <= 1.0 for v in raw.values())
+    assert summary["git_commit"] and len(summary["plan_sha256"]) == 2
+    assert any(k.startswith("pretrain mae") for k in summary["timings_s"])
+    md = (root / "results.md").read_text()
+    assert "| mae |" in md and "Command:" in md
+    assert (root / "results.png").stat().st_size > 0
+    # the benchmark works in its own nnU-Net folders under --root
+    assert (root / "nnUNet_preprocessed" / "Dataset901_DemoBrainSeg" / "splits_final.json").is_file()
