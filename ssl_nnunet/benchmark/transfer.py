@@ -79,6 +79,7 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
         os.makedirs(env[k], exist_ok=True)
     os.makedirs(root, exist_ok=True)
     t_start = time.time()
+    commit = _git_commit()  # the code that runs, recorded before anything else can change the checkout
     timings: Dict[str, float] = {}
     with open(os.path.join(root, "benchmark_log.txt"), "a") as log:
         tool = lambda name, *args: _run([os.path.join(bin_dir, name), *map(str, args)], env, log)  # noqa: E731
@@ -135,7 +136,7 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
                     "validation_cases": N_VALIDATION, "wall_time_s": time.time() - t_start, "raw": results,
                     "timings_s": timings, "command": " ".join(["ssl_nnunet_benchmark", *sys.argv[1:]]),
                     "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, device {device}",
-                    "git_commit": _git_commit(),
+                    "git_commit": commit,
                     "plan_sha256": {"sslPlans (Dataset900)": _sha256(os.path.join(
                         env["nnUNet_preprocessed"], SOURCE, "sslPlans.json")),
                         "sslFinetunePlans (Dataset901)": _sha256(os.path.join(
