@@ -14,7 +14,7 @@ from torch import nn
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
 from ssl_nnunet.methods import get_method
-from ssl_nnunet.methods.voco import (augment_crops, extract_crops, pairwise_cosine, position_accuracy,
+from ssl_nnunet.methods.voco import (augment_crops, clamp_logits, extract_crops, pairwise_cosine, position_accuracy,
                                      position_labels, prediction_loss, random_crop_starts, regularisation_loss,
                                      split_into_bases)
 from ssl_nnunet.utilities.errors import SSLInputError
@@ -179,6 +179,30 @@ def test_position_accuracy_and_cosine():
     a, b = torch.randn(2, 3, 5), torch.randn(2, 4, 5)
     torch.testing.assert_close(pairwise_cosine(a, b), F.cosine_similarity(a.unsqueeze(2), b.unsqueeze(1), dim=-1),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_clamp_logits_hard_and_straight_through():
+    cos = torch.tensor([-0.5, 0.3, 1.2])
+    for mode, grad in (("hard", [0.0, 1.0, 0.0]), ("straight_through", [1.0, 1.0, 1.0])):
+        c = cos.clone().requires_grad_(True)
+        out = clamp_logits(c, mode)
+        torch.testing.assert_close(out.detach(), torch.tensor([0.0, 0.3, 1.0]))
+        out.sum().backward()
+        torch.testing.assert_close(c.grad, torch.tensor(grad))
+    with pytest.raises(ValueError):
+        clamp_logits(cos, "soft")
+
+
+def test_embedding_pool_options():
+    net = resenc()
+    channels = sum(net.encoder.output_channels)
+    assert build(resenc()).projector.net[0].in_features == channels
+    m = build(resenc(), pool="avgmax")
+    assert m.projector.net[0].in_features == 2 * channels
+    terms = m(torch.randn(2, 1, *REGION), generator=gen(3))
+    assert torch.isfinite(terms["loss"])
+    with pytest.raises(SSLInputError):
+        build(pool="median")
 
 
 # ---------------------------------------------------------------------------------------------- training signal

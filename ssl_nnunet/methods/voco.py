@@ -51,6 +51,8 @@ Layout keys (``method_plan["layout"]``):
     region_mode      "native" (the only mode implemented; the paper's "body_resized" needs loader support)
     proj_dims        [2048, 2048, 2048] (CPU [256, 256, 256])
     projector_norm   "batch" | "layer" ("batch" falls back to "layer" below 8 crops per step)
+    logit_clamp      "hard" (ReLU'd cosine, the reference code) | "straight_through" (same value, identity gradient)
+    pool             "avg" (GAP per encoder stage) | "avgmax" (GAP and global max pool concatenated)
     use_ema_teacher  false
     ema_momentum     0.9 (constant) or [μ0, μ1] (cosine schedule μ0 → μ1 over the run)
     augmentation     {"p_flip": 0.2, "p_rot90": 0.2, "p_shift": 0.1, "shift": 0.1}
