@@ -62,12 +62,12 @@ def test_pretext_probe_rebuilds_the_initial_network(tmp_path):
 def test_transfer_benchmark_smoke_budget(tmp_path):
     root = tmp_path / "bench"
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ssl_nnunet_benchmark"), "transfer",
-                        "--budget", "smoke", "-m", "mae", "--root", str(root), "-device", "cpu"],
-                       env=env, capture_output=True, text=True)
+    cmd = [os.path.join(os.path.dirname(sys.executable), "ssl_nnunet_benchmark"), "transfer",
+           "--budget", "smoke", "-m", "mae", "--root", str(root), "-device", "cpu"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.load(open(root / "results.json"))
-    assert summary["budget"] == "smoke" and summary["methods"] == ["mae"]
+    assert summary["budget"] == "smoke" and summary["methods"] == ["mae"] and summary["pending_budgets"] == []
     raw = summary["raw"]["smoke"]
     assert set(raw) == {"mae", "scratch", "scratch_seed2"}
     assert all(len(v) == 1 and 0.0 <= v[0] <= 1.0 for v in raw.values())
@@ -76,5 +76,11 @@ def test_transfer_benchmark_smoke_budget(tmp_path):
     md = (root / "results.md").read_text()
     assert "| mae |" in md and "Command:" in md
     assert (root / "results.png").stat().st_size > 0
+    # a rerun of the same command resumes: finished pretraining and folds are reused, results unchanged
+    r2 = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    again = json.load(open(root / "results.json"))
+    assert "pretraining mae" in again["reused_from_earlier_invocation"]
+    assert len(again["reused_from_earlier_invocation"]) == 4 and again["raw"] == summary["raw"]
     # the benchmark works in its own nnU-Net folders under --root
     assert (root / "nnUNet_preprocessed" / "Dataset901_DemoBrainSeg" / "splits_final.json").is_file()

@@ -59,6 +59,23 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _pretraining_done(env: dict, method: str, iterations, bundle: str) -> bool:
+    """True when an earlier benchmark run already pretrained ``method`` to the end with the current plan and
+    length and exported it afterwards (so a rerun of the same command resumes instead of starting over)."""
+    import torch
+    run = os.path.join(env["nnUNet_results"], SOURCE, f"SSL_{method}__sslPlans__3d_fullres", "checkpoint_final.pth")
+    exported = os.path.join(bundle, "checkpoint_final.pth")
+    if not (os.path.isfile(run) and os.path.isfile(exported)) or os.path.getmtime(exported) < os.path.getmtime(run):
+        return False
+    ckpt = torch.load(run, map_location="cpu", weights_only=False)
+    with open(os.path.join(env["nnUNet_preprocessed"], SOURCE, "sslPlans.json")) as f:
+        plans = json.load(f)
+    strip = lambda p: {k: v for k, v in p.items() if k != "continue_training"}  # noqa: E731
+    done = ckpt.get("iterations_done") == ckpt.get("total_iterations")
+    length_ok = iterations is None or ckpt.get("total_iterations") == int(iterations)
+    return bool(done and length_ok and strip(ckpt["init_args"]["plans"]) == strip(plans))
+
+
 def label_scarce_splits(case_ids: List[str], n_splits: int, train_cases: int, n_val: int) -> List[dict]:
     """Fixed validation set (the last ``n_val`` cases) and ``n_splits`` disjoint training sets."""
     ids = sorted(case_ids)
@@ -81,6 +98,7 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
     t_start = time.time()
     commit = _git_commit()  # the code that runs, recorded before anything else can change the checkout
     timings: Dict[str, float] = {}
+    reused: List[str] = []  # work an earlier invocation of the same command finished (resumed run)
     with open(os.path.join(root, "benchmark_log.txt"), "a") as log:
         tool = lambda name, *args: _run([os.path.join(bin_dir, name), *map(str, args)], env, log)  # noqa: E731
         print("[1] demo datasets + plans")
@@ -90,10 +108,15 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
         for m in methods:
             print(f"[2] pretrain + export {m} ({pre_iters or 'plan'} iterations)")
             extra = ["--iterations", pre_iters] if pre_iters else []
+            bundles[m] = os.path.join(env["nnUNet_results"], SOURCE, f"export_{m}")
+            if _pretraining_done(env, m, pre_iters, bundles[m]):
+                print(f"    finished earlier with this plan and length; skipped ({bundles[m]})")
+                timings[f"pretrain {m}"] = 0.0
+                reused.append(f"pretraining {m}")
+                continue
             t0 = time.time()
             tool("ssl_nnunet_pretrain", "-d", 900, "-m", m, "-device", device, "--seed", PRETRAIN_SEED, *extra)
             timings[f"pretrain {m}"] = time.time() - t0
-            bundles[m] = os.path.join(env["nnUNet_results"], SOURCE, f"export_{m}")
             tool("ssl_nnunet_export", "-d", 900, "-m", m, "-o", bundles[m])
         # transfer + label-scarce splits, through the library in a child process with the benchmark's folders
         code = ("import json,sys; from ssl_nnunet.export.transfer import transfer_and_preprocess as t; "
@@ -122,19 +145,32 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
                 for fold in range(n_splits):
                     arm_root = os.path.join(ft_root, arm)
                     t0 = time.time()
+                    folder = os.path.join(arm_root, TARGET, f"{trainer}__sslFinetunePlans__3d_fullres", f"fold_{fold}")
+                    if os.path.isfile(os.path.join(folder, "validation", "summary.json")):
+                        reused.append(f"fine-tuning {label} {arm} split {fold}")
                     _run([sys.executable, "-c", code_ft, arm_root, str(fold), trainer, device, weights or "none",
                           str(num_processes)], env, log)
                     timings[f"finetune {label} {arm} split {fold}"] = time.time() - t0
-                    folder = os.path.join(arm_root, TARGET, f"{trainer}__sslFinetunePlans__3d_fullres", f"fold_{fold}")
                     with open(os.path.join(folder, "validation", "summary.json")) as f:
                         dice.append(float(json.load(f)["foreground_mean"]["Dice"]))
                 results[label][arm] = dice
+            # results so far are written after every budget, so an interrupted run loses nothing
+            _write(results, methods, budget, profile, pre_iters, trainers, n_splits, train_cases, t_start, timings,
+                   commit, device, env, root, write_docs, reused)
+    return _write(results, methods, budget, profile, pre_iters, trainers, n_splits, train_cases, t_start, timings,
+                  commit, device, env, root, write_docs, reused)
+
+
+def _write(results, methods, budget, profile, pre_iters, trainers, n_splits, train_cases, t_start, timings, commit,
+           device, env, root, write_docs, reused) -> dict:
     summary = summarise(results, methods)
     summary.update({"budget": budget, "profile": profile, "pretraining_iterations": pre_iters,
                     "pretraining_seed": PRETRAIN_SEED, "methods": methods,
-                    "trainers": trainers, "splits": n_splits, "train_cases_per_split": train_cases,
+                    "trainers": trainers, "pending_budgets": [k for k in trainers if k not in results],
+                    "splits": n_splits, "train_cases_per_split": train_cases,
                     "validation_cases": N_VALIDATION, "wall_time_s": time.time() - t_start, "raw": results,
-                    "timings_s": timings, "command": " ".join(["ssl_nnunet_benchmark", *sys.argv[1:]]),
+                    "timings_s": timings, "reused_from_earlier_invocation": list(reused),
+                    "command": " ".join(["ssl_nnunet_benchmark", *sys.argv[1:]]),
                     "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, device {device}",
                     "git_commit": commit,
                     "plan_sha256": {"sslPlans (Dataset900)": _sha256(os.path.join(
@@ -171,11 +207,17 @@ def write_results(summary: dict, root: str, write_docs: bool) -> None:
              f"pretraining iterations per method on Dataset900; fine-tuning on Dataset901 with "
              f"{summary['splits']} label-scarce splits of {summary['train_cases_per_split']} training cases, one "
              f"fixed validation set of {summary['validation_cases']} cases; wall time "
-             f"{summary['wall_time_s'] / 60:.1f} min). Foreground mean Dice from nnU-Net's validation.", "",
+             f"{summary['wall_time_s'] / 60:.1f} min"
+             + (f" for this invocation, which reused {len(summary['reused_from_earlier_invocation'])} finished steps of "
+                "an earlier one (listed in results.json)" if summary.get("reused_from_earlier_invocation") else "")
+             + "). Foreground mean Dice from nnU-Net's validation.", "",
              f"Command: `{summary['command']}`  ", f"Machine: {summary['machine']}  ",
              f"Commit: {summary['git_commit']}; plans sha256: "
              + ", ".join(f"{k} `{v}`" for k, v in summary["plan_sha256"].items()) + "  ",
              "Machine-readable record of this run: `results.json` (per-split Dice, timings, plan hashes).", ""]
+    if summary.get("pending_budgets"):
+        lines += [f"**Not run yet:** {', '.join(summary['pending_budgets'])} — rerun the same command to add it (finished "
+                  "pretraining runs and fine-tuning folds are skipped).", ""]
     labels = list(summary["table"])
     fig, axes = plt.subplots(1, len(labels), figsize=(6 * len(labels), 4), squeeze=False)
     for ax, label in zip(axes[0], labels):
