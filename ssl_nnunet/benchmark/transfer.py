@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -60,8 +61,9 @@ def _git_commit() -> str:
 
 
 def _pretraining_done(env: dict, method: str, iterations, bundle: str) -> bool:
-    """True when an earlier benchmark run already pretrained ``method`` to the end with the current plan and
-    length and exported it afterwards (so a rerun of the same command resumes instead of starting over)."""
+    """True when an earlier benchmark run already pretrained ``method`` to the end with the current plan (the
+    network and this method's entry) and length and exported it afterwards, so a rerun of the same command
+    resumes instead of starting over. Otherwise the method is pretrained again and its old folds are dropped."""
     import torch
     run = os.path.join(env["nnUNet_results"], SOURCE, f"SSL_{method}__sslPlans__3d_fullres", "checkpoint_final.pth")
     exported = os.path.join(bundle, "checkpoint_final.pth")
@@ -70,7 +72,12 @@ def _pretraining_done(env: dict, method: str, iterations, bundle: str) -> bool:
     ckpt = torch.load(run, map_location="cpu", weights_only=False)
     with open(os.path.join(env["nnUNet_preprocessed"], SOURCE, "sslPlans.json")) as f:
         plans = json.load(f)
-    strip = lambda p: {k: v for k, v in p.items() if k != "continue_training"}  # noqa: E731
+
+    def strip(p: dict) -> dict:  # this method's entry and everything outside the ssl block (network, spacing, ...)
+        p = {k: v for k, v in p.items() if k != "continue_training"}
+        ssl = dict(p.get("ssl", {}))
+        ssl["methods"] = {method: ssl.get("methods", {}).get(method)}
+        return {**p, "ssl": ssl}
     done = ckpt.get("iterations_done") == ckpt.get("total_iterations")
     length_ok = iterations is None or ckpt.get("total_iterations") == int(iterations)
     return bool(done and length_ok and strip(ckpt["init_args"]["plans"]) == strip(plans))
@@ -114,6 +121,10 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
                 timings[f"pretrain {m}"] = 0.0
                 reused.append(f"pretraining {m}")
                 continue
+            # fine-tuning folds of an earlier run started from other weights: they must not be reused
+            stale = os.path.join(env["nnUNet_results"], TARGET, "ssl_nnunet_benchmark", m)
+            if os.path.isdir(stale):
+                shutil.rmtree(stale)
             t0 = time.time()
             tool("ssl_nnunet_pretrain", "-d", 900, "-m", m, "-device", device, "--seed", PRETRAIN_SEED, *extra)
             timings[f"pretrain {m}"] = time.time() - t0
@@ -246,7 +257,6 @@ def write_results(summary: dict, root: str, write_docs: bool) -> None:
     with open(os.path.join(root, "results.md"), "w") as f:
         f.write(text)
     if write_docs:
-        import shutil
         docs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                             "documentation")
         with open(os.path.join(docs, "results.md"), "w") as f:
