@@ -207,11 +207,18 @@ def summarise(results: dict, methods: List[str]) -> dict:
     return {"table": table}
 
 
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_results(summary: dict, root: str, write_docs: bool) -> None:
     import matplotlib
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
-    from ssl_nnunet.utilities.file_io import atomic_save_json
+    from ssl_nnunet.utilities.file_io import atomic_copy, atomic_save_json
     atomic_save_json(summary, os.path.join(root, "results.json"))
     lines = ["# Transfer benchmark: pretrained vs scratch on the demo task", "",
              f"Budget `{summary['budget']}` (profile {summary['profile']}, {summary['pretraining_iterations']} "
@@ -251,15 +258,14 @@ def write_results(summary: dict, root: str, write_docs: bool) -> None:
         ax.set_ylabel("foreground mean Dice")
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    fig.savefig(os.path.join(root, "results.png"))
+    fig.savefig(os.path.join(root, "results.tmp.png"))
+    os.replace(os.path.join(root, "results.tmp.png"), os.path.join(root, "results.png"))
     plt.close(fig)
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(root, "results.md"), "w") as f:
-        f.write(text)
+    _atomic_write(os.path.join(root, "results.md"), text)
     if write_docs:
         docs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                             "documentation")
-        with open(os.path.join(docs, "results.md"), "w") as f:
-            f.write(text + "\n![results](results.png)\n")
-        shutil.copyfile(os.path.join(root, "results.png"), os.path.join(docs, "results.png"))
+        _atomic_write(os.path.join(docs, "results.md"), text + "\n![results](results.png)\n")
+        atomic_copy(os.path.join(root, "results.png"), os.path.join(docs, "results.png"))
     print(text)
