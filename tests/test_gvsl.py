@@ -12,7 +12,6 @@ from torch import nn
 
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 
-from conftest import write_synthetic_dataset
 from experiment_planning.ssl_layout import gvsl_layout
 from ssl_nnunet.methods import get_method
 from ssl_nnunet.methods.gvsl import (affine_matrix, affine_theta, affine_warp, bezier_intensity, bound_affine_params,
@@ -261,20 +260,14 @@ def test_invalid_layout_is_rejected():
 
 def test_pretrain_export_and_nnunet_load():
     """cpu_smoke pretraining for 2 iterations (matched pairs), export, nnU-Net's loader into a 3-class net."""
-    from experiment_planning.fingerprint import extract_fingerprint
-    from experiment_planning.planner import plan_experiment
-    from experiment_planning.preprocess import preprocess
+    from conftest import prepare_planned_dataset
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     from ssl_nnunet.export.exporter import build_network_from_plans, export_bundle
     from ssl_nnunet.paths import nnUNet_preprocessed
     from ssl_nnunet.training.run import pretrain
 
     did, name = 952, "Dataset952_GVSLSmoke"
-    write_synthetic_dataset(did, "GVSLSmoke", n_cases=3, shape=(40, 44, 48), spacing=(2.0, 2.0, 2.0))
-    extract_fingerprint(did, 1, verbose=False)
-    plan_experiment(did, "cpu_smoke", verbose=False)
-    preprocess(did, num_processes=1, verbose=False)
-    path = os.path.join(nnUNet_preprocessed, name, "sslPlans.json")
+    path = prepare_planned_dataset(did, "GVSLSmoke", n_cases=3, shape=(40, 44, 48), spacing=(2.0, 2.0, 2.0))
     with open(path) as f:
         plans = json.load(f)
     assert plans["ssl"]["methods"]["gvsl"]["layout"]["pair_patch"] == list(P)

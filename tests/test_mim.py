@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import write_synthetic_dataset
 from test_masking_sparse_mae import resenc
 from experiment_planning.ssl_layout import mim_layout, validate_ssl_block
 from ssl_nnunet.methods import get_method
@@ -224,20 +223,14 @@ def test_previews_rows():
 # ---------------------------------------------------------------------------------------------------- end to end
 def test_pretrain_export_and_nnunet_load():
     """cpu_smoke pretraining for 2 iterations, export, nnU-Net's own loader into a 4-class fine-tuning net."""
-    from experiment_planning.fingerprint import extract_fingerprint
-    from experiment_planning.planner import plan_experiment
-    from experiment_planning.preprocess import preprocess
+    from conftest import prepare_planned_dataset
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     from ssl_nnunet.export.exporter import build_network_from_plans, export_bundle
     from ssl_nnunet.paths import nnUNet_preprocessed
     from ssl_nnunet.training.run import pretrain
 
     did, name = 946, "Dataset946_MiMSmoke"
-    write_synthetic_dataset(did, "MiMSmoke", n_cases=3, shape=(40, 96, 40), spacing=(2.0, 2.0, 2.0))
-    extract_fingerprint(did, 1, verbose=False)
-    plan_experiment(did, "cpu_smoke", verbose=False)
-    preprocess(did, num_processes=1, verbose=False)
-    path = os.path.join(nnUNet_preprocessed, name, "sslPlans.json")
+    path = prepare_planned_dataset(did, "MiMSmoke", n_cases=3, shape=(40, 96, 40), spacing=(2.0, 2.0, 2.0))
     with open(path) as f:
         plans = json.load(f)
     lay = plans["ssl"]["methods"]["mim"]["layout"]
