@@ -282,7 +282,8 @@ def test_pretrain_export_and_nnunet_load():
         assert len(log[f"train_{key}"]) == 2 and len(log[f"val_{key}"]) == 2, key
     assert any(f.startswith("preview_epoch_") for f in os.listdir(trainer.output_folder))
     batch = trainer.dataloader_train.sampler.next_batch()  # matched pairs of two different cases
-    assert batch.shape == (1, 2, 1, *P) and not torch.equal(batch[:, 0], batch[:, 1])
+    b = plans["ssl"]["methods"]["gvsl"]["batch_size"]
+    assert batch.shape == (b, 2, 1, *P) and not torch.equal(batch[:, 0], batch[:, 1])
 
     out = export_bundle(did, "gvsl", os.path.join(os.environ["nnUNet_results"], "gvsl_bundle"))
     ckpt = torch.load(os.path.join(out, "checkpoint_final.pth"), weights_only=False)
