@@ -8,12 +8,13 @@ export nnUNet_raw=${nnUNet_raw:-$root/nnUNet_raw}
 export nnUNet_preprocessed=${nnUNet_preprocessed:-$root/nnUNet_preprocessed}
 export nnUNet_results=${nnUNet_results:-$root/nnUNet_results}
 BIN=.venv/bin
-ITER=${DEMO_ITERATIONS:-20}
+ITER=${DEMO_ITERATIONS:-200}
+PROFILE=${DEMO_PROFILE:-cpu_smoke}   # cpu_bench: 64^3 patches, ~30 min more on 2 cores
 
 echo "== 1/5 demo datasets (nilearn MNI152) =="
 $BIN/ssl_nnunet_make_demo_dataset
-echo "== 2/5 fingerprint + SSL plan + preprocess (profile cpu_bench) =="
-$BIN/ssl_nnunet_plan_and_preprocess -d 900 901 -np 2 -profile cpu_bench
+echo "== 2/5 fingerprint + SSL plan + preprocess (profile $PROFILE) =="
+$BIN/ssl_nnunet_plan_and_preprocess -d 900 901 -np 2 -profile "$PROFILE"
 echo "== 3/5 MAE pretraining on Dataset900 ($ITER iterations, CPU) =="
 $BIN/ssl_nnunet_pretrain -d 900 -m mae -device cpu --iterations "$ITER"
 echo "== 4/5 export the weights bundle =="
