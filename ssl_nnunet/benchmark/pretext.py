@@ -30,18 +30,7 @@ def _trainer(dataset, method: str, plans_identifier: str, device: str, seed: int
 
 
 def _score(trainer, num_batches: int) -> Dict[str, float]:
-    with torch.no_grad():
-        batch_terms = []
-        # one batch at a time keeps per-batch terms, for the standard error of each mean
-        dataset, ids, patch, batch_size, seed, method_plan, folder = trainer._val_args
-        sampler = type(trainer.method).make_sampler(dataset, ids, patch, batch_size, seed, method_plan, folder)
-        from ssl_nnunet.training.ssl_trainer import VALIDATION_SEED
-        generator = torch.Generator(device=trainer.device).manual_seed(VALIDATION_SEED)
-        trainer.method.eval()
-        for _ in range(num_batches):
-            batch = sampler.next_batch().to(trainer.device)
-            terms = trainer.method(batch, generator=generator)
-            batch_terms.append({k: float(v.float().item()) for k, v in terms.items()})
+    batch_terms = trainer.validation_terms(num_batches)  # per batch, for the standard error of each mean
     out = {}
     for k in batch_terms[0]:
         vals = [t[k] for t in batch_terms]

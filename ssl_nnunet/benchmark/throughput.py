@@ -26,7 +26,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from ssl_nnunet.utilities.errors import run_cli
-from ssl_nnunet.utilities.file_io import atomic_save_json
+from ssl_nnunet.utilities.file_io import atomic_save_json, atomic_write_text
 
 
 def _sync(device: torch.device) -> None:
@@ -196,11 +196,7 @@ def write_report(results: List[Dict], json_path: str, md_path: str, command: str
                      f"{r['ssl_step_s']:.3f} | {r['plain_step_s']:.3f} | {r['ratio']:.2f} | "
                      f"{r['supervised_nnunet_step_s']:.3f} | "
                      f"{100 * r['data_wait_share']:.1f} % | {r['peak_memory_mb']:.0f} |")
-    os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
-    tmp = md_path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, md_path)
+    atomic_write_text(md_path, "\n".join(lines) + "\n")
 
 
 def main() -> None:

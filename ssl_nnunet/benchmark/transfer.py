@@ -141,6 +141,16 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
                 f"{N_VALIDATION}), open(os.path.join(pp,'splits_final.json'),'w'))")
         print("[3] transfer plans to Dataset901 + label-scarce splits")
         _run([sys.executable, "-c", code], env, log)
+        # what stays the same for every results file this invocation writes
+        record = {"budget": budget, "profile": profile, "pretraining_iterations": pre_iters,
+                  "pretraining_seed": PRETRAIN_SEED, "methods": methods, "trainers": trainers, "splits": n_splits,
+                  "train_cases_per_split": train_cases, "validation_cases": N_VALIDATION,
+                  "command": " ".join(["ssl_nnunet_benchmark", *sys.argv[1:]]),
+                  "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, device {device}", "git_commit": commit,
+                  "plan_sha256": {"sslPlans (Dataset900)": _sha256(os.path.join(
+                      env["nnUNet_preprocessed"], SOURCE, "sslPlans.json")),
+                      "sslFinetunePlans (Dataset901)": _sha256(os.path.join(
+                          env["nnUNet_preprocessed"], TARGET, "sslFinetunePlans.json"))}}
         results: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
         code_ft = ("import sys,os; from ssl_nnunet.finetune.finetune import run_fold; "
                    "run_fold(sys.argv[1], 'Dataset901_DemoBrainSeg', int(sys.argv[2]), sys.argv[3], sys.argv[4], "
@@ -166,29 +176,11 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
                         dice.append(float(json.load(f)["foreground_mean"]["Dice"]))
                 results[label][arm] = dice
             # results so far are written after every budget, so an interrupted run loses nothing
-            _write(results, methods, budget, profile, pre_iters, trainers, n_splits, train_cases, t_start, timings,
-                   commit, device, env, root, write_docs, reused)
-    return _write(results, methods, budget, profile, pre_iters, trainers, n_splits, train_cases, t_start, timings,
-                  commit, device, env, root, write_docs, reused)
-
-
-def _write(results, methods, budget, profile, pre_iters, trainers, n_splits, train_cases, t_start, timings, commit,
-           device, env, root, write_docs, reused) -> dict:
-    summary = summarise(results, methods)
-    summary.update({"budget": budget, "profile": profile, "pretraining_iterations": pre_iters,
-                    "pretraining_seed": PRETRAIN_SEED, "methods": methods,
-                    "trainers": trainers, "pending_budgets": [k for k in trainers if k not in results],
-                    "splits": n_splits, "train_cases_per_split": train_cases,
-                    "validation_cases": N_VALIDATION, "wall_time_s": time.time() - t_start, "raw": results,
-                    "timings_s": timings, "reused_from_earlier_invocation": list(reused),
-                    "command": " ".join(["ssl_nnunet_benchmark", *sys.argv[1:]]),
-                    "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, device {device}",
-                    "git_commit": commit,
-                    "plan_sha256": {"sslPlans (Dataset900)": _sha256(os.path.join(
-                        env["nnUNet_preprocessed"], SOURCE, "sslPlans.json")),
-                        "sslFinetunePlans (Dataset901)": _sha256(os.path.join(
-                            env["nnUNet_preprocessed"], TARGET, "sslFinetunePlans.json"))}})
-    write_results(summary, root, write_docs)
+            summary = summarise(results, methods)
+            summary.update(record, pending_budgets=[k for k in trainers if k not in results], raw=results,
+                           wall_time_s=time.time() - t_start, timings_s=timings,
+                           reused_from_earlier_invocation=list(reused))
+            write_results(summary, root, write_docs)
     return summary
 
 
@@ -207,18 +199,11 @@ def summarise(results: dict, methods: List[str]) -> dict:
     return {"table": table}
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_results(summary: dict, root: str, write_docs: bool) -> None:
     import matplotlib
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
-    from ssl_nnunet.utilities.file_io import atomic_copy, atomic_save_json
+    from ssl_nnunet.utilities.file_io import atomic_copy, atomic_save_json, atomic_write, atomic_write_text
     atomic_save_json(summary, os.path.join(root, "results.json"))
     lines = ["# Transfer benchmark: pretrained vs scratch on the demo task", "",
              f"Budget `{summary['budget']}` (profile {summary['profile']}, {summary['pretraining_iterations']} "
@@ -258,14 +243,13 @@ def write_results(summary: dict, root: str, write_docs: bool) -> None:
         ax.set_ylabel("foreground mean Dice")
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    fig.savefig(os.path.join(root, "results.tmp.png"))
-    os.replace(os.path.join(root, "results.tmp.png"), os.path.join(root, "results.png"))
+    atomic_write(os.path.join(root, "results.png"), lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     text = "\n".join(lines) + "\n"
-    _atomic_write(os.path.join(root, "results.md"), text)
+    atomic_write_text(os.path.join(root, "results.md"), text)
     if write_docs:
         docs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                             "documentation")
-        _atomic_write(os.path.join(docs, "results.md"), text + "\n![results](results.png)\n")
+        atomic_write_text(os.path.join(docs, "results.md"), text + "\n![results](results.png)\n")
         atomic_copy(os.path.join(root, "results.png"), os.path.join(docs, "results.png"))
     print(text)

@@ -239,12 +239,10 @@ class SSLTrainer(nnUNetTrainer):
         return {k: float(v) for k, v in zip(keys, means)}
 
     @torch.no_grad()
-    def validate(self, num_iterations: Optional[int] = None) -> Dict[str, float]:
-        """SSL loss on fixed patches and masks of the held-out cases (identical every epoch).
-
-        ``num_iterations`` batches (default: the plan's ``num_val_iterations``); the first k batches are the same
-        for any count, so a longer evaluation extends the per-epoch one.
-        """
+    def validation_terms(self, num_iterations: Optional[int] = None) -> List[Dict[str, float]]:
+        """Loss terms of each of ``num_iterations`` fixed held-out batches (default: the plan's
+        ``num_val_iterations``): the same patches, masks and views every call, and the first k batches are the
+        same for any count, so a longer evaluation (``ssl_nnunet_benchmark pretext``) extends the per-epoch one."""
         self.method.eval()
         dataset, ids, patch, batch_size, seed, method_plan, folder = self._val_args
         sampler = type(self.method).make_sampler(dataset, ids, patch, batch_size, seed + self.local_rank,
@@ -258,7 +256,11 @@ class SSLTrainer(nnUNetTrainer):
             outputs.append({k: float(v.detach().float().item()) for k, v in terms.items()})
         self.method.train()
         self._last_val_batch = batch
-        return self._reduce_means(outputs)
+        return outputs
+
+    def validate(self, num_iterations: Optional[int] = None) -> Dict[str, float]:
+        """SSL loss on fixed patches and masks of the held-out cases (identical every epoch), averaged."""
+        return self._reduce_means(self.validation_terms(num_iterations))
 
     # ------------------------------------------------------------------ loop
     def run_training(self):

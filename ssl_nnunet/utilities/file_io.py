@@ -39,7 +39,7 @@ def atomic_save_json(obj: Any, path: str, indent: int = 2) -> None:
         raise
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
     """Call ``write(tmp_path)`` for a temporary name next to ``path``, then rename it to ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -56,11 +56,19 @@ def _atomic_write(path: str, write) -> None:
 def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save`` to a temporary name in the same folder, then rename."""
     import torch
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_copy(src: str, dst: str) -> None:
-    _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
 
 
 def ssl_output_folder(dataset_name: str, method: str, plans_name: str = "sslPlans",
