@@ -118,5 +118,9 @@ class PrefetchLoader:
             raise batch
         return batch
 
-    def close(self):
+    def close(self, timeout: float = 60.0):
+        """Stops the worker and waits for it (it finishes the batch it is making, then exits)."""
         self._stop.set()
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread.is_alive():
+            thread.join(timeout)

@@ -264,8 +264,17 @@ class SSLTrainer(nnUNetTrainer):
 
     # ------------------------------------------------------------------ loop
     def run_training(self):
-        from tqdm import tqdm
         self.on_train_start()
+        try:
+            self._train_epochs()
+        finally:
+            # join the prefetch thread before the interpreter shuts down: a daemon thread still inside
+            # torch/numpy at exit aborts the process ("terminate called without an active exception")
+            if self.dataloader_train is not None:
+                self.dataloader_train.close()
+
+    def _train_epochs(self):
+        from tqdm import tqdm
         self._consecutive_nonfinite = 0
         if self.current_epoch >= self.num_epochs:
             self.print_to_log_file("Training already finished.")
@@ -319,8 +328,6 @@ class SSLTrainer(nnUNetTrainer):
                 os.remove(latest)
             self.print_to_log_file(f"Training done. Final checkpoint: "
                                    f"{os.path.join(self.output_folder, 'checkpoint_final.pth')}")
-        if self.dataloader_train is not None:
-            self.dataloader_train.close()
 
     def _gather_weight_checksums(self) -> List[float]:
         local = torch.tensor([sum(float(p.detach().double().sum()) for p in self.network.parameters())],
