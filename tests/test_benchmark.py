@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import prepare_planned_dataset
 
@@ -26,12 +27,38 @@ def test_throughput_records_the_methods_own_network_passes(tmp_path):
         assert r["ssl_step_s"] > 0 and r["plain_step_s"] > 0 and r["supervised_nnunet_step_s"] > 0
         assert r["ratio"] == pytest.approx(r["ssl_step_s"] / r["plain_step_s"])
         assert 0 <= r["data_wait_share"] <= 1
+        assert r["floor_with_teacher_s"] is None  # neither has a teacher encoder (VoCo's EMA option is off)
     write_report(results, str(tmp_path / "t.json"), str(tmp_path / "t.md"), "test")
     table = (tmp_path / "t.md").read_text()
     assert "| mae |" in table and "| voco |" in table
     # the nnU-Net reference step leaves nothing in the user's results folder
     assert not any(d.startswith("nnUNetTrainer__") for d in
                    os.listdir(os.path.join(os.environ["nnUNet_results"], "Dataset970_BenchThroughput")))
+
+
+def test_throughput_floor_replays_the_teacher_encoder_passes():
+    """Alice's target encoder runs (no grad) on both views up to the token stage; the second floor replays
+    exactly that pass through the same module."""
+    from ssl_nnunet.benchmark.throughput import make_floor_step, record_network_passes
+    from ssl_nnunet.training.run import build_trainer
+    prepare_planned_dataset(970, "BenchThroughput", n_cases=4, shape=(40, 44, 48))
+    trainer = build_trainer(970, "alice", device="cpu", iterations=10, num_prefetch=0)
+    trainer.disable_checkpointing = True
+    trainer.on_train_start()
+    trainer._consecutive_nonfinite = 0
+    batch = next(trainer.dataloader_train)
+    calls, teacher_calls = record_network_passes(trainer, lambda: trainer.train_step(batch, 0))
+    method = trainer.method
+    b, patch = batch.shape[0], list(batch.shape[3:])
+    assert [(full, grad) for _x, full, grad in calls] == [(True, True)]
+    assert len(teacher_calls) == 1
+    teacher, x, n_stages = teacher_calls[0]
+    assert teacher is method.target_encoder
+    assert list(x.shape) == [2 * b, 1] + patch and n_stages == method.token_stage + 1
+    before = [p.detach().clone() for p in teacher.parameters()]
+    make_floor_step(trainer.network, calls, trainer.method_plan["optimizer"], trainer.grad_clip, teacher_calls)()
+    assert all(torch.equal(a, p) for a, p in zip(before, teacher.parameters()))  # replay leaves the teacher alone
+    trainer.dataloader_train.close()
 
 
 def test_pretext_probe_rebuilds_the_initial_network(tmp_path):

@@ -51,17 +51,40 @@ def _time(fn, n: int, device: torch.device) -> List[float]:
     return out
 
 
-def record_network_passes(trainer, step_fn) -> List[Tuple[torch.Tensor, bool, bool]]:
-    """Run ``step_fn`` once and record every pass through ``trainer.network``: ``(input, full, grad)``.
+def _first_module(encoder: torch.nn.Module) -> torch.nn.Module:
+    return encoder.stem if getattr(encoder, "stem", None) is not None else encoder.stages[0]
+
+
+def teacher_encoders(trainer) -> List[torch.nn.Module]:
+    """Encoders the method runs besides the network's own: copies of ``network.encoder`` held by the method
+    (EMA teachers / target encoders; they have ``stages`` like the network's encoder)."""
+    student = trainer.network.encoder
+    found = []
+    for name, m in trainer.method.named_modules():
+        if m is student or name.startswith("network."):
+            continue
+        if hasattr(m, "stages") and isinstance(getattr(m, "stages"), torch.nn.Module) and hasattr(m, "strides") \
+                and all(m is not f and not _is_submodule(m, f) for f in found):
+            found.append(m)
+    return found
+
+
+def _is_submodule(m: torch.nn.Module, parent: torch.nn.Module) -> bool:
+    return any(m is c for c in parent.modules())
+
+
+def record_network_passes(trainer, step_fn) -> Tuple[List[Tuple[torch.Tensor, bool, bool]], List[Tuple]]:
+    """Run ``step_fn`` once and record every pass through ``trainer.network``: ``(input, full, grad)``, and every
+    pass through a teacher encoder of the method (:func:`teacher_encoders`): ``(teacher, input, n_stages)``.
 
     An encoder pass is detected at the encoder's first module (stem or stage 0), a full U-Net pass by the
-    decoder's last stage running after it; ``grad`` is whether autograd was on. Passes through other modules
-    (EMA teachers, heads) are the method's own work and not part of the floor.
+    decoder's last stage running after it; ``grad`` is whether autograd was on. A teacher pass records how many
+    of the teacher's stages ran (Alice stops at its token stage). Heads are the method's own work and are part
+    of neither floor.
     """
     net = trainer.network
-    enc = net.encoder
-    first = enc.stem if getattr(enc, "stem", None) is not None else enc.stages[0]
     calls: List[list] = []
+    teacher_calls: List[list] = []
 
     def on_encoder(_module, args):
         calls.append([args[0].detach().clone(), False, torch.is_grad_enabled()])
@@ -72,19 +95,35 @@ def record_network_passes(trainer, step_fn) -> List[Tuple[torch.Tensor, bool, bo
                 c[1] = True
                 break
 
-    hooks = [first.register_forward_pre_hook(on_encoder), net.decoder.stages[-1].register_forward_hook(on_decoder)]
+    hooks = [_first_module(net.encoder).register_forward_pre_hook(on_encoder),
+             net.decoder.stages[-1].register_forward_hook(on_decoder)]
+    for teacher in teacher_encoders(trainer):
+        def on_teacher(_module, args, teacher=teacher):
+            teacher_calls.append([teacher, args[0].detach().clone(), 0])
+
+        def on_teacher_stage(_module, _args, _out, idx=0, teacher=None):
+            for c in reversed(teacher_calls):
+                if c[0] is teacher:
+                    c[2] = max(c[2], idx + 1)
+                    break
+        hooks.append(_first_module(teacher).register_forward_pre_hook(on_teacher))
+        for i, stage in enumerate(teacher.stages):
+            hooks.append(stage.register_forward_hook(
+                lambda m, a, o, i=i, teacher=teacher: on_teacher_stage(m, a, o, i, teacher)))
     try:
         step_fn()
     finally:
         for h in hooks:
             h.remove()
-    return [tuple(c) for c in calls]
+    return [tuple(c) for c in calls], [tuple(c) for c in teacher_calls]
 
 
-def make_floor_step(net: torch.nn.Module, calls, optimizer_plan: dict, grad_clip: float):
+def make_floor_step(net: torch.nn.Module, calls, optimizer_plan: dict, grad_clip: float, teacher_calls=()):
     """A plain step over the recorded passes: dense forward of the full U-Net or the encoder on each recorded
     input (without autograd where the method had none), one backward of the summed output means, gradient
-    clipping and a step of the method's own optimizer type (so the ratio isolates the method's extra work)."""
+    clipping and a step of the method's own optimizer type (so the ratio isolates the method's extra work).
+    ``teacher_calls`` (see :func:`record_network_passes`) are replayed without autograd through the same teacher
+    modules and stages."""
     from ssl_nnunet.methods.features import encoder_forward
     from ssl_nnunet.training.schedule import build_optimizer
     params = [p for p in net.parameters() if p.requires_grad]
@@ -92,6 +131,12 @@ def make_floor_step(net: torch.nn.Module, calls, optimizer_plan: dict, grad_clip
 
     def plain_step():
         opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for teacher, x, n_stages in teacher_calls:
+                if getattr(teacher, "stem", None) is not None:
+                    x = teacher.stem(x)
+                for stage in teacher.stages[:n_stages]:
+                    x = stage(x)
         loss = None
         for x, full, grad in calls:
             with torch.set_grad_enabled(grad):
@@ -156,25 +201,36 @@ def benchmark_method(dataset, method: str, device: str = "cpu", warmup: int = 3,
         state["it"] += 1
 
     # the floor: the same network's passes on the same tensors the method fed it in one SSL step
-    calls = record_network_passes(trainer, ssl_step)
-    plain_step = make_floor_step(trainer.network, calls, trainer.method_plan["optimizer"], trainer.grad_clip)
-    _time(ssl_step, warmup, dev)
-    _time(plain_step, warmup, dev)
-    # interleaved, so that drifts of the machine's speed hit both measurements alike
-    ssl_times, plain_times, wait = [], [], 0.0
-    for _ in range(timed):
-        wait0 = trainer.dataloader_train.wait_time
-        ssl_times += _time(ssl_step, 1, dev)
-        wait += trainer.dataloader_train.wait_time - wait0
-        plain_times += _time(plain_step, 1, dev)
-    trainer.dataloader_train.close()
+    calls, teacher_calls = record_network_passes(trainer, ssl_step)
+    opt_plan = trainer.method_plan["optimizer"]
+    plain_step = make_floor_step(trainer.network, calls, opt_plan, trainer.grad_clip)
+    # second floor: the same plus the method's teacher-encoder passes (no autograd), where it has a teacher
+    full_step = make_floor_step(trainer.network, calls, opt_plan, trainer.grad_clip, teacher_calls) \
+        if teacher_calls else None
+    steps = [ssl_step, plain_step] + ([full_step] if full_step else [])
+    for fn in steps:
+        _time(fn, warmup, dev)
+    # interleaved, so that drifts of the machine's speed hit all measurements alike
+    times = [[] for _ in steps]
+    wait = 0.0
+    try:
+        for _ in range(timed):
+            wait0 = trainer.dataloader_train.wait_time
+            for fn, out in zip(steps, times):
+                out += _time(fn, 1, dev)
+            wait += trainer.dataloader_train.wait_time - wait0
+    finally:
+        trainer.dataloader_train.close()
     supervised_s = supervised_nnunet_step_time(trainer, warmup, timed)
-    ssl_s, plain_s = statistics.median(ssl_times), statistics.median(plain_times)
+    ssl_s, plain_s = statistics.median(times[0]), statistics.median(times[1])
+    teacher_s = statistics.median(times[2]) if full_step else None
     passes = [f"{'net' if full else 'enc'}{'' if grad else '(no grad)'} {list(x.shape)}" for x, full, grad in calls]
+    passes += [f"teacher enc[:{k}](no grad) {list(x.shape)}" for _t, x, k in teacher_calls]
     return {"method": method, "device": str(dev), "network_passes": passes,
             "ssl_step_s": ssl_s, "plain_step_s": plain_s, "ratio": ssl_s / plain_s,
+            "floor_with_teacher_s": teacher_s, "ratio_with_teacher": ssl_s / teacher_s if teacher_s else None,
             "supervised_nnunet_step_s": supervised_s,
-            "data_wait_share": wait / sum(ssl_times), "peak_memory_mb": _peak_memory_mb(dev),
+            "data_wait_share": wait / sum(times[0]), "peak_memory_mb": _peak_memory_mb(dev),
             "timed_iterations": timed, "warmup_iterations": warmup,
             "profile": trainer.ssl_plan.get("profile"), "patch_size": trainer.configuration_manager.patch_size}
 
@@ -188,12 +244,15 @@ def write_report(results: List[Dict], json_path: str, md_path: str, command: str
         f"Machine: {platform.platform()}, torch {torch.__version__}, {torch.get_num_threads()} threads. "
         "Medians of the timed iterations after warm-up (SSL and floor steps interleaved), measured in one process run.", "",
         "| method | device | profile | network passes per SSL step | SSL step [s] | own passes (floor) [s] | ratio "
-        "| nnU-Net supervised step [s] | data wait | peak mem [MB] |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| floor incl. teacher passes [s] | ratio incl. teacher | nnU-Net supervised step [s] | data wait "
+        "| peak mem [MB] |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(f"| {r['method']} | {r['device']} | {r['profile']} | {'; '.join(r['network_passes'])} | "
                      f"{r['ssl_step_s']:.3f} | {r['plain_step_s']:.3f} | {r['ratio']:.2f} | "
+                     + (f"{r['floor_with_teacher_s']:.3f} | {r['ratio_with_teacher']:.2f} | "
+                        if r.get("floor_with_teacher_s") else "– | – | ") +
                      f"{r['supervised_nnunet_step_s']:.3f} | "
                      f"{100 * r['data_wait_share']:.1f} % | {r['peak_memory_mb']:.0f} |")
     atomic_write_text(md_path, "\n".join(lines) + "\n")
