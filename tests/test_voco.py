@@ -161,6 +161,17 @@ def test_prediction_loss_zero_at_labels_and_stop_gradient_on_bases():
     assert any(g is not None and torch.count_nonzero(g) > 0 for g in grads)
 
 
+def test_trivial_solution_reference_term():
+    """``L_pred_zero`` is L_pred of all-zero logits on the step's own labels (what collapsing every embedding to
+    orthogonal achieves); it lies between 0 and the loss of maximally wrong logits."""
+    m = build()
+    x = torch.randn(2, 1, *REGION)
+    terms = m(x, generator=gen(3))
+    _crops, labels, _ = m.make_views(x, gen(3))
+    assert torch.isclose(terms["L_pred_zero"], prediction_loss(torch.zeros_like(labels), labels))
+    assert 0 < float(terms["L_pred_zero"]) < float(prediction_loss(1 - labels, labels))
+
+
 @pytest.mark.parametrize("variant", ["paper", "official"])
 def test_regularisation_loss_orthogonal_and_identical(variant):
     eye = torch.eye(8)[:4].unsqueeze(0).repeat(3, 1, 1) * 2.5
@@ -221,7 +232,7 @@ def test_loss_decreases_on_a_fixed_batch_and_decoder_stays_at_init(variant, teac
     losses = []
     for step in range(25):
         terms = m(x, generator=gen(7))  # the same views every step
-        assert set(terms) == {"loss", "L_pred", "L_reg", "pos_acc"}
+        assert set(terms) == {"loss", "L_pred", "L_reg", "pos_acc", "L_pred_zero"}
         assert all(v.dtype == torch.float32 and v.dim() == 0 for v in terms.values())
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()

@@ -35,7 +35,9 @@ projector, updated after every optimizer step ``θ_t ← μ·θ_t + (1 − μ)·
 prediction gradient; ``L_reg`` stays on the student bases.
 
 Logged terms: ``L_pred``, ``L_reg``, ``pos_acc`` = mean over target crops of
-``[argmax_j l_j == argmax_j y_j]`` (chance ≈ 1/n).
+``[argmax_j l_j == argmax_j y_j]`` (chance ≈ 1/n), and ``L_pred_zero`` = L_pred of all-zero logits on the same
+labels: the value of the trivial solution (every embedding orthogonal to every base). L_pred below it means
+the positions are being predicted; L_pred falling *to* it means the embeddings are collapsing to orthogonal.
 
 Export: only the encoder is trained. The decoder's own modules (``transpconvs``, ``stages``, ``seg_layers``) are
 frozen (``requires_grad = False``) so they stay bit-exactly at their initialisation — also under weight decay
@@ -498,14 +500,18 @@ class VoCo(SSLMethod):
 
     # -------------------------------------------------------------------------------------------- loss
     def forward(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-        """``batch (B, C, R0, R1, R2)`` → ``{"loss", "L_pred", "L_reg", "pos_acc"}`` (float32 scalars)."""
+        """``batch (B, C, R0, R1, R2)`` → ``{"loss", "L_pred", "L_reg", "pos_acc", "L_pred_zero"}`` (float32
+        scalars; ``L_pred_zero`` is L_pred of all-zero logits on the same labels — the trivial solution)."""
         crops, labels, _ = self.make_views(batch, generator)
         logits, q = self.logits_and_bases(crops, batch.shape[0])
         l_pred = prediction_loss(logits, labels, self.loss_variant)
         l_reg = regularisation_loss(q, self.loss_variant)
         loss = l_pred + self.lambda_reg * l_reg
+        with torch.no_grad():
+            # the trivial solution's value: all logits 0 (every embedding orthogonal to every base)
+            l_pred_zero = prediction_loss(torch.zeros_like(logits), labels, self.loss_variant)
         return {"loss": loss, "L_pred": l_pred.detach(), "L_reg": l_reg.detach(),
-                "pos_acc": position_accuracy(logits.detach(), labels)}
+                "pos_acc": position_accuracy(logits.detach(), labels), "L_pred_zero": l_pred_zero}
 
     def ema_momentum_at(self, step: int, total_steps: int) -> float:
         """μ(i) = μ1 − (μ1 − μ0)·(cos(π·i/I) + 1)/2 (constant when μ0 = μ1)."""
