@@ -31,11 +31,48 @@ def load_dataset_json(dataset_name: str) -> dict:
     return dataset_json
 
 
+def _cases_from_dataset_key(dataset_name: str, dataset_json: dict) -> Dict[str, dict]:
+    """nnU-Net v2's explicit file list: ``"dataset": {case: {"images": [...], "label": ...}}`` (paths relative to
+    the raw dataset folder or absolute; ``label`` optional here)."""
+    folder = os.path.join(nnUNet_raw, dataset_name)
+    entries = dataset_json["dataset"]
+    where = f"{os.path.join(folder, 'dataset.json')}: 'dataset'"
+    if not isinstance(entries, dict) or not entries:
+        raise SSLInputError(f"{where} must map case ids to {{\"images\": [files], \"label\": file}}; got "
+                            f"{type(entries).__name__}. Fix it or remove the key to use imagesTr.")
+    n_channels = len(dataset_json["channel_names"])
+
+    def resolve(path):
+        return path if os.path.isabs(path) else os.path.abspath(os.path.join(folder, path))
+
+    cases = {}
+    for case in sorted(entries):
+        entry = entries[case]
+        images = entry.get("images") if isinstance(entry, dict) else None
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise SSLInputError(f"{where}['{case}'] needs an 'images' list of file paths.")
+        if len(images) != n_channels:
+            raise SSLInputError(f"{where}['{case}'] lists {len(images)} image(s) but 'channel_names' declares "
+                                f"{n_channels} channel(s).")
+        images = [resolve(i) for i in images]
+        missing = [i for i in images if not os.path.isfile(i)]
+        if missing:
+            raise SSLInputError(f"{where}['{case}']: file(s) {', '.join(missing)} do not exist. Fix the paths "
+                                f"(relative paths are relative to {folder}) or remove the case.")
+        label = entry.get("label")
+        label = resolve(label) if isinstance(label, str) else None
+        cases[case] = {"images": images, "label": label if label and os.path.isfile(label) else None}
+    return cases
+
+
 def list_cases(dataset_name: str, dataset_json: dict) -> Dict[str, dict]:
-    """``{case_id: {"images": [channel files], "label": path or None}}`` from imagesTr/labelsTr.
+    """``{case_id: {"images": [channel files], "label": path or None}}`` from imagesTr/labelsTr, or from the
+    ``dataset`` key of dataset.json when it has one (nnU-Net v2's explicit file list).
 
     Raises :class:`SSLInputError` for an empty ``imagesTr`` or a case with a missing channel file.
     """
+    if "dataset" in dataset_json:
+        return _cases_from_dataset_key(dataset_name, dataset_json)
     folder = os.path.join(nnUNet_raw, dataset_name)
     images_dir = os.path.join(folder, "imagesTr")
     ending = dataset_json["file_ending"]

@@ -12,13 +12,14 @@ normalisation, transpose, architecture and patch size, keeps its ``3d_fullres`` 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from typing import Optional, Sequence
 
 import numpy as np
 
-from experiment_planning.dataset_checks import load_dataset_json
+from experiment_planning.dataset_checks import list_cases, load_dataset_json
 from experiment_planning.ssl_layout import PROFILES, compute_ssl_block
 from plans import load_shipped
 from ssl_nnunet.paths import nnUNet_preprocessed, nnUNet_raw
@@ -54,6 +55,25 @@ def _planner_class(preset: str):
     return CapturingPlanner
 
 
+@contextlib.contextmanager
+def _planner_uses_case_list(dataset_name: str, dataset_json: dict):
+    """With nnU-Net v2's explicit file list (``dataset`` key of dataset.json), nnunetv2's planner requires a
+    ``label`` per case; ssl_nnunet datasets may be unlabeled. Inside this block the planner lists the cases
+    through :func:`list_cases` (labels optional) — it only reads the first image to pick the reader."""
+    if "dataset" not in dataset_json:
+        yield
+        return
+    from nnunetv2.experiment_planning.experiment_planners import default_experiment_planner as dep
+    cases = list_cases(dataset_name, dataset_json)
+    original = dep.get_filenames_of_train_images_and_targets
+    dep.get_filenames_of_train_images_and_targets = lambda *_a, **_k: {
+        k: {"images": list(v["images"]), "label": v["label"]} for k, v in cases.items()}
+    try:
+        yield
+    finally:
+        dep.get_filenames_of_train_images_and_targets = original
+
+
 def apply_cpu_profile(configuration: dict, profile: str) -> None:
     """Replace network size and patch of a ``3d_fullres`` configuration by a CPU preset (in place)."""
     preset = load_shipped("profiles.json")[profile]
@@ -78,7 +98,7 @@ def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "Res
     if profile not in PROFILES:
         raise SSLInputError(f"Unknown profile -profile {profile}. Choose one of {', '.join(PROFILES)}.")
     dataset_name = dataset_name_from_id(dataset)
-    load_dataset_json(dataset_name)  # readable error before nnU-Net's asserts
+    dataset_json = load_dataset_json(dataset_name)  # readable error before nnU-Net's asserts
     pp_folder = os.path.join(nnUNet_preprocessed, dataset_name)
     fingerprint_file = os.path.join(pp_folder, "dataset_fingerprint.json")
     if not os.path.isfile(fingerprint_file):
@@ -93,7 +113,8 @@ def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "Res
         kwargs["gpu_memory_target_in_gb"] = float(gpu_memory_target)
     if spacing is not None:
         kwargs["overwrite_target_spacing"] = [float(s) for s in spacing]
-    planner = planner_cls(dataset_name, **kwargs)
+    with _planner_uses_case_list(dataset_name, dataset_json):
+        planner = planner_cls(dataset_name, **kwargs)
     if not verbose:
         import contextlib, io
         with contextlib.redirect_stdout(io.StringIO()):

@@ -200,3 +200,27 @@ def test_cli_exit_code_and_message():
     assert r.returncode == 2
     assert "Dataset id 986 not found" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_dataset_key_of_dataset_json_lists_the_files():
+    """nnU-Net v2's explicit file list (``"dataset"`` key, paths relative to the raw folder) is honoured: files
+    outside imagesTr are found, imagesTr files not listed are ignored, a listed file that is missing is named."""
+    folder = _fresh(926, "FileList")
+    os.makedirs(os.path.join(folder, "scans"), exist_ok=True)
+    listed = {}
+    for i, f in enumerate(sorted(os.listdir(os.path.join(folder, "imagesTr")))):
+        if i == 0:
+            os.replace(os.path.join(folder, "imagesTr", f), os.path.join(folder, "scans", f"scan{i}.nii.gz"))
+            listed[f"scan{i}"] = {"images": [f"scans/scan{i}.nii.gz"]}
+    dj_path = os.path.join(folder, "dataset.json")
+    dj = json.load(open(dj_path))
+    dj["dataset"] = listed
+    json.dump(dj, open(dj_path, "w"))
+    _plans, out = _plan_and_preprocess(926)
+    fp = json.load(open(os.path.join(nnUNet_preprocessed, "Dataset926_FileList", "dataset_fingerprint.json")))
+    assert len(fp["spacings"]) == 1  # only the listed case; the one left in imagesTr is not part of the list
+    assert {f.split(".")[0].replace("_seg", "") for f in os.listdir(out)} == {"scan0"}
+    dj["dataset"]["scan_missing"] = {"images": ["scans/nope.nii.gz"]}
+    json.dump(dj, open(dj_path, "w"))
+    os.remove(os.path.join(nnUNet_preprocessed, "Dataset926_FileList", "dataset_fingerprint.json"))
+    _expect_error(926, "scan_missing", "nope.nii.gz")
