@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from experiment_planning.dataset_checks import list_cases, load_dataset_json
-from experiment_planning.ssl_layout import PROFILES, compute_ssl_block
+from experiment_planning.ssl_layout import PROFILES, compute_ssl_block, gvsl_intensity
 from plans import load_shipped
 from ssl_nnunet.paths import nnUNet_preprocessed, nnUNet_raw
 from ssl_nnunet.utilities.errors import SSLInputError
@@ -136,6 +136,8 @@ def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "Res
     plans["ssl"] = compute_ssl_block(config["patch_size"], kw["strides"], config["spacing"], median_shape,
                                      profile, downstream_patch, verbose=verbose)
     plans["ssl"]["planner_preset"] = preset
+    plans["ssl"]["methods"]["gvsl"]["layout"]["intensity"] = gvsl_intensity(
+        config.get("normalization_schemes", []), plans.get("foreground_intensity_properties_per_channel", {}))
 
     finetune = copy.deepcopy(plans)
     del finetune["ssl"]

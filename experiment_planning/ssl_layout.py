@@ -58,6 +58,24 @@ def voco_layout(patch: List[int], total_stride: List[int], median_shape: Sequenc
             "ema_momentum": 0.9, "augmentation": {"p_flip": 0.2, "p_rot90": 0.2, "p_shift": 0.1, "shift": 0.1}}
 
 
+def gvsl_intensity(normalization_schemes: Sequence[str], intensity_properties: dict) -> dict:
+    """GVSL's map to [0, 1] (METHODS.md §5.3): for CT — every channel ``CTNormalization`` — a fixed range per
+    channel, the fingerprint's foreground 0.5/99.5 percentiles expressed in nnU-Net-normalised units
+    ``(p − mean) / std``; otherwise (MR, mixed) per-patch 0.5/99.5 percentiles."""
+    per_patch = {"mode": "per_patch", "percentiles": [0.5, 99.5], "range": None}
+    if not normalization_schemes or any(s != "CTNormalization" for s in normalization_schemes):
+        return per_patch
+    ranges = []
+    for c in range(len(normalization_schemes)):
+        props = intensity_properties.get(str(c)) or intensity_properties.get(c)
+        if not props or not all(k in props for k in ("mean", "std", "percentile_00_5", "percentile_99_5")):
+            return per_patch
+        std = max(float(props["std"]), 1e-8)
+        ranges.append([(float(props["percentile_00_5"]) - float(props["mean"])) / std,
+                       (float(props["percentile_99_5"]) - float(props["mean"])) / std])
+    return {"mode": "fixed", "percentiles": [0.5, 99.5], "range": ranges}
+
+
 def gvsl_layout(patch: List[int]) -> dict:
     """GVSL (METHODS.md §5.5; keys documented in ssl_nnunet/methods/gvsl.py and documentation/methods/gvsl.md).
 

@@ -224,3 +224,22 @@ def test_dataset_key_of_dataset_json_lists_the_files():
     json.dump(dj, open(dj_path, "w"))
     os.remove(os.path.join(nnUNet_preprocessed, "Dataset926_FileList", "dataset_fingerprint.json"))
     _expect_error(926, "scan_missing", "nope.nii.gz")
+
+
+def test_gvsl_intensity_range_from_ct_fingerprint():
+    """CT: GVSL's map to [0, 1] is the fingerprint's foreground 0.5/99.5 percentiles in normalised units (a fixed
+    range); MR keeps per-patch percentiles (METHODS.md §5.3)."""
+    write_synthetic_dataset(927, "PlanCT", n_cases=2, shape=(36, 40, 44), channel_names={"0": "CT"})
+    plans, _ = _plan_and_preprocess(927)
+    props = plans["foreground_intensity_properties_per_channel"]["0"]
+    intensity = plans["ssl"]["methods"]["gvsl"]["layout"]["intensity"]
+    assert intensity["mode"] == "fixed"
+    (lo, hi), = intensity["range"]
+    assert lo == pytest.approx((props["percentile_00_5"] - props["mean"]) / props["std"])
+    assert hi == pytest.approx((props["percentile_99_5"] - props["mean"]) / props["std"])
+    assert lo < 0 < hi
+
+
+def test_gvsl_intensity_per_patch_for_mr(planned_unlabeled):
+    plans, _ = planned_unlabeled
+    assert plans["ssl"]["methods"]["gvsl"]["layout"]["intensity"]["mode"] == "per_patch"
