@@ -116,7 +116,7 @@ def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "Res
     with _planner_uses_case_list(dataset_name, dataset_json):
         planner = planner_cls(dataset_name, **kwargs)
     if not verbose:
-        import contextlib, io
+        import io
         with contextlib.redirect_stdout(io.StringIO()):
             planner.plan_experiment()
     else:

@@ -58,11 +58,15 @@ def voco_layout(patch: List[int], total_stride: List[int], median_shape: Sequenc
             "ema_momentum": 0.9, "augmentation": {"p_flip": 0.2, "p_rot90": 0.2, "p_shift": 0.1, "shift": 0.1}}
 
 
+#: GVSL's default map to [0, 1]: per-patch 0.5/99.5 percentiles (MR, mixed); CT gets a fixed range (below)
+GVSL_PER_PATCH_INTENSITY = {"mode": "per_patch", "percentiles": [0.5, 99.5], "range": None}
+
+
 def gvsl_intensity(normalization_schemes: Sequence[str], intensity_properties: dict) -> dict:
     """GVSL's map to [0, 1] (METHODS.md §5.3): for CT — every channel ``CTNormalization`` — a fixed range per
     channel, the fingerprint's foreground 0.5/99.5 percentiles expressed in nnU-Net-normalised units
     ``(p − mean) / std``; otherwise (MR, mixed) per-patch 0.5/99.5 percentiles."""
-    per_patch = {"mode": "per_patch", "percentiles": [0.5, 99.5], "range": None}
+    per_patch = copy.deepcopy(GVSL_PER_PATCH_INTENSITY)
     if not normalization_schemes or any(s != "CTNormalization" for s in normalization_schemes):
         return per_patch
     ranges = []
@@ -89,7 +93,7 @@ def gvsl_layout(patch: List[int]) -> dict:
             "appearance": {"local_shuffle_p": 0.8, "nonlinear_p": 0.9, "inpaint": True,
                            "shuffle_windows_per_128": 5000, "shuffle_window_fraction": 0.05,
                            "inpaint_max_boxes": 30, "inpaint_continue_p": 0.95, "inpaint_size": [0.1, 0.2]},
-            "intensity": {"mode": "per_patch", "percentiles": [0.5, 99.5], "range": None},
+            "intensity": copy.deepcopy(GVSL_PER_PATCH_INTENSITY),
             "pair_sampling": "matched",
             "weights": [1.0, 1.0, 1.0], "affine_grad": True, "restore_hidden": 16}
 

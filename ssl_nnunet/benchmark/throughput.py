@@ -57,20 +57,18 @@ def _first_module(encoder: torch.nn.Module) -> torch.nn.Module:
 
 def teacher_encoders(trainer) -> List[torch.nn.Module]:
     """Encoders the method runs besides the network's own: copies of ``network.encoder`` held by the method
-    (EMA teachers / target encoders; they have ``stages`` like the network's encoder)."""
-    student = trainer.network.encoder
-    found = []
-    for name, m in trainer.method.named_modules():
-        if m is student or name.startswith("network."):
-            continue
-        if hasattr(m, "stages") and isinstance(getattr(m, "stages"), torch.nn.Module) and hasattr(m, "strides") \
-                and all(m is not f and not _is_submodule(m, f) for f in found):
-            found.append(m)
-    return found
+    (EMA teachers / target encoders; they have ``stages`` and ``strides`` like the network's encoder)."""
+    return [m for name, m in trainer.method.named_modules()
+            if not name.startswith("network.") and m is not trainer.network.encoder
+            and isinstance(getattr(m, "stages", None), torch.nn.Module) and hasattr(m, "strides")]
 
 
-def _is_submodule(m: torch.nn.Module, parent: torch.nn.Module) -> bool:
-    return any(m is c for c in parent.modules())
+def _count_teacher_stage(teacher_calls: List[list], teacher: torch.nn.Module, n_stages: int) -> None:
+    """The latest pass of ``teacher`` reached stage ``n_stages`` (1-based)."""
+    for c in reversed(teacher_calls):
+        if c[0] is teacher:
+            c[2] = max(c[2], n_stages)
+            return
 
 
 def record_network_passes(trainer, step_fn) -> Tuple[List[Tuple[torch.Tensor, bool, bool]], List[Tuple]]:
@@ -98,18 +96,11 @@ def record_network_passes(trainer, step_fn) -> Tuple[List[Tuple[torch.Tensor, bo
     hooks = [_first_module(net.encoder).register_forward_pre_hook(on_encoder),
              net.decoder.stages[-1].register_forward_hook(on_decoder)]
     for teacher in teacher_encoders(trainer):
-        def on_teacher(_module, args, teacher=teacher):
-            teacher_calls.append([teacher, args[0].detach().clone(), 0])
-
-        def on_teacher_stage(_module, _args, _out, idx=0, teacher=None):
-            for c in reversed(teacher_calls):
-                if c[0] is teacher:
-                    c[2] = max(c[2], idx + 1)
-                    break
-        hooks.append(_first_module(teacher).register_forward_pre_hook(on_teacher))
+        hooks.append(_first_module(teacher).register_forward_pre_hook(
+            lambda _m, args, t=teacher: teacher_calls.append([t, args[0].detach().clone(), 0])))
         for i, stage in enumerate(teacher.stages):
             hooks.append(stage.register_forward_hook(
-                lambda m, a, o, i=i, teacher=teacher: on_teacher_stage(m, a, o, i, teacher)))
+                lambda _m, _a, _o, t=teacher, n=i + 1: _count_teacher_stage(teacher_calls, t, n)))
     try:
         step_fn()
     finally:
@@ -124,7 +115,7 @@ def make_floor_step(net: torch.nn.Module, calls, optimizer_plan: dict, grad_clip
     clipping and a step of the method's own optimizer type (so the ratio isolates the method's extra work).
     ``teacher_calls`` (see :func:`record_network_passes`) are replayed without autograd through the same teacher
     modules and stages."""
-    from ssl_nnunet.methods.features import encoder_forward
+    from ssl_nnunet.methods.features import encoder_forward, run_encoder
     from ssl_nnunet.training.schedule import build_optimizer
     params = [p for p in net.parameters() if p.requires_grad]
     opt = build_optimizer(params, dict(optimizer_plan, lr=1e-6))
@@ -133,10 +124,7 @@ def make_floor_step(net: torch.nn.Module, calls, optimizer_plan: dict, grad_clip
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             for teacher, x, n_stages in teacher_calls:
-                if getattr(teacher, "stem", None) is not None:
-                    x = teacher.stem(x)
-                for stage in teacher.stages[:n_stages]:
-                    x = stage(x)
+                run_encoder(teacher, x, n_stages)
         loss = None
         for x, full, grad in calls:
             with torch.set_grad_enabled(grad):

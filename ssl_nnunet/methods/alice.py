@@ -60,7 +60,7 @@ from ssl_nnunet.methods import register
 from ssl_nnunet.methods.alice_matcher import (MATCHERS, CrossVolumeMatcher, MatchedPairSampler,
                                               plan_out_of_plane_axis)
 from ssl_nnunet.methods.base import SSLMethod
-from ssl_nnunet.methods.features import check_unet, cumulative_strides
+from ssl_nnunet.methods.features import check_unet, cumulative_strides, run_encoder
 from ssl_nnunet.methods.masking import (expand_mask, mask_at_resolution, masked_mse, num_hidden_units,
                                         per_unit_target, random_block_mask, unit_grid)
 from ssl_nnunet.methods.sparse import Densify, convert_encoder_to_sparse, sparse_masked_forward
@@ -432,12 +432,7 @@ class Alice(SSLMethod):
     def target_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Target encoder on ``x (2B, C, *P)`` up to the token stage -> ``(2B, C_t, *g)`` (no gradient)."""
         with torch.no_grad():
-            enc = self.target_encoder
-            if getattr(enc, "stem", None) is not None:
-                x = enc.stem(x)
-            for stage in enc.stages[:self.token_stage + 1]:
-                x = stage(x)
-        return x.detach()
+            return run_encoder(self.target_encoder, x, self.token_stage + 1)[-1].detach()
 
     def branches(self, online: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Network passes. Returns ``rec (2B, C, *P)``, ``V (2B, N_vis, C_t)``, ``H (2B, N, D)``,

@@ -67,17 +67,22 @@ def cumulative_strides(net_or_strides) -> List[Tuple[int, ...]]:
     return out
 
 
-def encoder_forward(net: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
-    """Encoder skips ``[e_0, ..., e_{K-1}]`` for input ``x (B, C_in, a0, a1, a2)`` (stem first, if any)."""
-    enc = net.encoder
-    stem = getattr(enc, "stem", None)
+def run_encoder(encoder: nn.Module, x: torch.Tensor, num_stages: Optional[int] = None) -> List[torch.Tensor]:
+    """Outputs ``[e_0, ..., e_{k-1}]`` of the first ``num_stages`` stages (all by default) of a U-Net encoder
+    (or a copy of one, e.g. an EMA teacher) for input ``x (B, C_in, a0, a1, a2)``; the stem runs first, if any."""
+    stem = getattr(encoder, "stem", None)
     if stem is not None:
         x = stem(x)
     skips = []
-    for stage in enc.stages:
+    for stage in encoder.stages[:num_stages]:
         x = stage(x)
         skips.append(x)
     return skips
+
+
+def encoder_forward(net: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
+    """Encoder skips ``[e_0, ..., e_{K-1}]`` of ``net.encoder`` for input ``x (B, C_in, a0, a1, a2)``."""
+    return run_encoder(net.encoder, x)
 
 
 def decoder_forward(net: nn.Module, skips: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], torch.Tensor]:

@@ -92,6 +92,7 @@ class PrefetchLoader:
         self.wait_time = 0.0
         self._queue: Optional[queue.Queue] = None
         self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
         if num_prefetch > 0:
             self._queue = queue.Queue(maxsize=num_prefetch)
             self._thread = threading.Thread(target=self._work, daemon=True)
@@ -121,6 +122,5 @@ class PrefetchLoader:
     def close(self, timeout: float = 60.0):
         """Stops the worker and waits for it (it finishes the batch it is making, then exits)."""
         self._stop.set()
-        thread = getattr(self, "_thread", None)
-        if thread is not None and thread.is_alive():
-            thread.join(timeout)
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout)
