@@ -122,10 +122,15 @@ def test_hidden_positions_exactly_zero_in_remasked_maps(case):
     convert_encoder_to_sparse(net)
     mask = make_mask(2, patch, unit)
     grid = mask.shape[2:]
-    seen = {"remasked": 0, "dense": 0}
+    seen = {"remasked": 0, "dense": 0, "conv_into_norm": 0}
 
     def check(module, inputs, output):
         if not isinstance(output, torch.Tensor) or output.dim() != 5:
+            return
+        if not getattr(module, "_ssl_mask_output", True):
+            # a conv whose output only feeds a sparse norm (which masks it first): checked at the norm's output,
+            # bit-identity to masking it here in test_skipping_the_conv_mask_before_a_sparse_norm_is_exact
+            seen["conv_into_norm"] += 1
             return
         if all(s % g == 0 for s, g in zip(output.shape[2:], grid)):
             hidden = expand_mask(mask, output.shape[2:]) == 0
@@ -171,6 +176,26 @@ def test_all_ones_mask_and_no_mask_equal_plain_network(case):
     assert (o_ref - o_sp).abs().max() < 1e-5 * max(1.0, float(o_ref.abs().max()))
     assert torch.equal(out_none, o_ref)
     assert torch.equal(ref(x), o_ref)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_skipping_the_conv_mask_before_a_sparse_norm_is_exact(case):
+    """Convs feeding a sparse instance norm skip their output mask; the masked forward stays bit-identical to
+    masking every conv output (and hidden positions of re-masked maps stay 0)."""
+    from ssl_nnunet.methods.sparse import _MaskedOutput
+    net, unit, patch = build_case(case)
+    convert_encoder_to_sparse(net)
+    convs = [m for m in net.encoder.modules() if isinstance(m, _MaskedOutput) and isinstance(m, nn.Conv3d)]
+    skipped = [m for m in convs if not m._ssl_mask_output]
+    assert skipped and len(skipped) == len(convs)  # every encoder conv of these U-Nets is followed by a norm
+    x = torch.randn(2, 1, *patch, generator=gen(5))
+    mask = random_block_mask(2, unit_grid(patch, unit), 0.75, generator=gen(6))
+    with torch.no_grad():
+        e_fast, _, o_fast = sparse_masked_forward(net, x, mask)
+        for m in skipped:
+            m._ssl_mask_output = True
+        e_ref, _, o_ref = sparse_masked_forward(net, x, mask)
+    assert all(torch.equal(a, b) for a, b in zip(e_fast, e_ref)) and torch.equal(o_fast, o_ref)
 
 
 def test_sparse_instance_norm_matches_gather_with_unequal_counts():

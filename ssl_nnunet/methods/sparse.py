@@ -125,12 +125,18 @@ def sparse_instance_norm(x: torch.Tensor, mask: torch.Tensor, weight: Optional[t
 # converted module classes (same __init__/parameters as their bases; only forward differs)
 
 class _MaskedOutput:
-    """Mixin: run the base class' forward, then re-apply the active mask to the output."""
+    """Mixin: run the base class' forward, then re-apply the active mask to the output.
+
+    ``_ssl_mask_output = False`` (set by :func:`convert_encoder_to_sparse` on a conv whose output goes straight
+    into a sparse instance norm) skips the multiply: the norm masks its input before taking statistics and
+    masks its output, so the result is bit-identical and one full-size op per conv is saved."""
 
     _ssl_sparse_ctx: SparseMaskContext
+    _ssl_mask_output: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self._ssl_sparse_ctx.apply(super().forward(x))
+        y = super().forward(x)
+        return self._ssl_sparse_ctx.apply(y) if self._ssl_mask_output else y
 
 
 class _SparseIN:
@@ -238,6 +244,12 @@ def convert_encoder_to_sparse(net: nn.Module) -> SparseMaskContext:
     for module in encoder.modules():
         if type(module) in _CONVERTED:
             module._ssl_sparse_ctx = ctx
+        if isinstance(module, nn.Sequential):  # conv -> norm as run by ConvDropoutNormReLU.all_modules
+            children = list(module)
+            for conv, norm in zip(children, children[1:]):
+                if isinstance(conv, _MaskedOutput) and isinstance(conv, nn.modules.conv._ConvNd) \
+                        and isinstance(norm, _SparseIN):
+                    conv._ssl_mask_output = False
     setattr(encoder, SPARSE_CONTEXT_ATTR, ctx)
     return ctx
 
