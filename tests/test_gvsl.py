@@ -181,6 +181,25 @@ def test_restoration_target_is_clean_a_and_terms():
 
 # ------------------------------------------------------------------------------ views
 
+def test_channels_last_heads_compute_the_plain_convolutions():
+    """The full-resolution heads run channels-last for speed: same values (and gradients) as the contiguous
+    layers, contiguous outputs."""
+    from ssl_nnunet.methods.gvsl import DeformHead, RestoreHead
+    torch.manual_seed(0)
+    deform, restore = DeformHead(4, 8), RestoreHead(4, 8, 1)
+    nn.init.normal_(deform.flow.weight, std=0.1)
+    fb, fa = (torch.randn(2, 4, 8, 10, 12, requires_grad=True) for _ in range(2))
+    phi, rec = deform(fb, fa), restore(fa)
+    assert phi.is_contiguous() and rec.is_contiguous() and phi.shape == (2, 3, 8, 10, 12)
+    ref_phi = deform.flow(deform.trunk(torch.cat([fb, fa], dim=1)))
+    ref_rec = nn.Sequential(*restore)(fa)
+    torch.testing.assert_close(phi, ref_phi, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rec, ref_rec, rtol=1e-4, atol=1e-5)
+    g_fast = torch.autograd.grad((phi.square().sum() + rec.sum()), fa)[0]
+    g_ref = torch.autograd.grad((ref_phi.square().sum() + ref_rec.sum()), fa)[0]
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-5)
+
+
 def test_appearance_transforms_work_in_unit_range_and_map_back():
     # z-scored-like data with a fixed map [-3, 5] -> [0, 1]: in-painting noise spans the whole range
     x = (textured((2, 1, *P), 6) * 1.5 + 1).clamp(-3, 5)

@@ -217,7 +217,8 @@ def write_results(summary: dict, root: str, write_docs: bool) -> None:
              f"Command: `{summary['command']}`  ", f"Machine: {summary['machine']}  ",
              f"Commit: {summary['git_commit']}; plans sha256: "
              + ", ".join(f"{k} `{v}`" for k, v in summary["plan_sha256"].items()) + "  ",
-             "Machine-readable record of this run: `results.json` (per-split Dice, timings, plan hashes).", ""]
+             "Machine-readable record of this run: `results.json` beside this file (per-split Dice, timings, "
+             "plan hashes, commit).", ""]
     if summary.get("pending_budgets"):
         lines += [f"**Not run yet:** {', '.join(summary['pending_budgets'])} — rerun the same command to add it (finished "
                   "pretraining runs and fine-tuning folds are skipped).", ""]
@@ -251,5 +252,6 @@ def write_results(summary: dict, root: str, write_docs: bool) -> None:
         docs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                             "documentation")
         atomic_write_text(os.path.join(docs, "results.md"), text + "\n![results](results.png)\n")
-        atomic_copy(os.path.join(root, "results.png"), os.path.join(docs, "results.png"))
+        for name in ("results.png", "results.json"):  # the record travels with the docs, to compare commits
+            atomic_copy(os.path.join(root, name), os.path.join(docs, name))
     print(text)

@@ -424,6 +424,12 @@ def inpaint(u: torch.Tensor, max_boxes: int, continue_p: float, size: Sequence[f
 
 # ============================================================================================ heads
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """The full-resolution heads run channels-last: their convs' backward is ~1.5x faster on CPU (oneDNN) and
+    channels-last suits cuDNN; the values are the same up to float round-off."""
+    return x.contiguous(memory_format=torch.channels_last_3d) if x.dim() == 5 else x
+
+
 def _groups(channels: int, per_group: int = 8) -> int:
     g = max(1, channels // per_group)
     while channels % g:
@@ -472,7 +478,8 @@ class DeformHead(nn.Module):
         nn.init.zeros_(self.flow.bias)
 
     def forward(self, f_moving: torch.Tensor, f_fixed: torch.Tensor) -> torch.Tensor:
-        return self.flow(self.trunk(torch.cat([f_moving, f_fixed], dim=1)))
+        return self.flow(self.trunk(_channels_last(torch.cat([f_moving, f_fixed], dim=1)))).contiguous()
+
 
 
 class RestoreHead(nn.Sequential):
@@ -481,6 +488,9 @@ class RestoreHead(nn.Sequential):
     def __init__(self, c_local: int, hidden: int, c_out: int):
         super().__init__(nn.Conv3d(c_local, hidden, 3, padding=1), nn.GroupNorm(4 if hidden % 4 == 0 else 1, hidden),
                          nn.LeakyReLU(0.2, inplace=True), nn.Conv3d(hidden, c_out, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(_channels_last(x)).contiguous()
 
 
 # ============================================================================================ sampler
