@@ -3,7 +3,7 @@
 set -u
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-.venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest tests -q -p no:cacheprovider --durations=12 "$@"
 rc=$?
 if [ $rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi
 exit $rc

@@ -93,3 +93,32 @@ def test_report_numbers(tmp_path):
     write_report(folders, str(tmp_path / "r"), "test")
     text = (tmp_path / "r" / "finetune_report.md").read_text()
     assert "+0.1200" in text and os.path.isfile(tmp_path / "r" / "finetune_report.png")
+
+
+@pytest.mark.parametrize("name, total", [("nnUNetTrainer_SSLFinetune_CPU300", 300),
+                                         ("nnUNetTrainer_SSLFinetune_CPU1000", 1000)])
+def test_cpu_budget_trainers_as_nnunet_builds_them(name, total, monkeypatch):
+    """The transfer benchmark's budgets, found and constructed as nnUNetv2_train does (nnU-Net's signature, so
+    its init-arg introspection works): training iterations, warm-up, lr and no mirroring at inference."""
+    import inspect
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from ssl_nnunet.nnunet_trainers import trainer_dir
+    monkeypatch.setenv("nnUNet_extTrainer", trainer_dir())
+    cls = recursive_find_trainer_class_by_name(name)
+    assert cls.__name__ == name
+    assert list(inspect.signature(cls.__init__).parameters) == ["self", "plans", "configuration", "fold",
+                                                                "dataset_json", "device"]
+    write_synthetic_dataset(962, "BudgetTrainers", n_cases=2, labeled=True)
+    extract_fingerprint(962, 1, verbose=False)
+    plan_experiment(962, "cpu_smoke", verbose=False)
+    plans = json.load(open(os.path.join(os.environ["nnUNet_preprocessed"], "Dataset962_BudgetTrainers",
+                                        "sslFinetunePlans.json")))
+    dataset_json = json.load(open(os.path.join(os.environ["nnUNet_raw"], "Dataset962_BudgetTrainers",
+                                               "dataset.json")))
+    plans["continue_training"] = False  # nnUNetv2_train sets this key; nnunetv2 2.8.1's trainer pops it
+    trainer = cls(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    assert trainer.num_epochs * trainer.num_iterations_per_epoch == total
+    assert trainer.initial_lr == 1e-2 and trainer.warmup_duration_whole_net == 2
+    assert trainer.num_val_iterations_per_epoch == 5
+    trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert trainer.inference_allowed_mirroring_axes is None

@@ -42,24 +42,25 @@ class nnUNetTrainer_SSLFinetune(_FullCheckpointLoading, nnUNetTrainer_warmup):
         self.num_epochs = 1000
 
 
-class nnUNetTrainer_SSLFinetune_CPU300(_FullCheckpointLoading, nnUNetTrainer_warmup, nnUNetTrainerNoMirroring):
+class _SSLFinetuneCPUBudget(_FullCheckpointLoading, nnUNetTrainer_warmup, nnUNetTrainerNoMirroring):
+    """Short CPU fine-tuning: ``budget_epochs`` x ``budget_iterations`` training iterations (set by each
+    subclass), a 2-epoch warm-up, learning rate 1e-2, 5 validation iterations per epoch, no mirroring."""
+    budget_epochs: int
+    budget_iterations: int
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 1e-2
         self.warmup_duration_whole_net = 2
-        self.num_epochs = 10
-        self.num_iterations_per_epoch = 30
+        self.num_epochs = self.budget_epochs
+        self.num_iterations_per_epoch = self.budget_iterations
         self.num_val_iterations_per_epoch = 5
 
 
-class nnUNetTrainer_SSLFinetune_CPU1000(_FullCheckpointLoading, nnUNetTrainer_warmup,
-                                       nnUNetTrainerNoMirroring):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 1e-2
-        self.warmup_duration_whole_net = 2
-        self.num_epochs = 20
-        self.num_iterations_per_epoch = 50
-        self.num_val_iterations_per_epoch = 5
+class nnUNetTrainer_SSLFinetune_CPU300(_SSLFinetuneCPUBudget):
+    budget_epochs, budget_iterations = 10, 30
+
+
+class nnUNetTrainer_SSLFinetune_CPU1000(_SSLFinetuneCPUBudget):
+    budget_epochs, budget_iterations = 20, 50
