@@ -481,7 +481,6 @@ class DeformHead(nn.Module):
         return self.flow(self.trunk(_channels_last(torch.cat([f_moving, f_fixed], dim=1)))).contiguous()
 
 
-
 class RestoreHead(nn.Sequential):
     """``f_A^l (B, C_l, ...)`` → conv 3³ → GroupNorm(4) → LeakyReLU 0.2 → conv 1³ → ``(B, C_in, ...)``."""
 
