@@ -167,10 +167,12 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
                     arm_root = os.path.join(ft_root, arm)
                     t0 = time.time()
                     folder = os.path.join(arm_root, TARGET, f"{trainer}__sslFinetunePlans__3d_fullres", f"fold_{fold}")
-                    if os.path.isfile(os.path.join(folder, "validation", "summary.json")):
-                        reused.append(f"fine-tuning {label} {arm} split {fold}")
-                    _run([sys.executable, "-c", code_ft, arm_root, str(fold), trainer, device, weights or "none",
-                          str(num_processes)], env, log)
+                    if all(os.path.isfile(os.path.join(folder, f)) for f in
+                           (os.path.join("validation", "summary.json"), "checkpoint_final.pth")):
+                        reused.append(f"fine-tuning {label} {arm} split {fold}")  # run_fold would skip it too
+                    else:
+                        _run([sys.executable, "-c", code_ft, arm_root, str(fold), trainer, device,
+                              weights or "none", str(num_processes)], env, log)
                     timings[f"finetune {label} {arm} split {fold}"] = time.time() - t0
                     with open(os.path.join(folder, "validation", "summary.json")) as f:
                         dice.append(float(json.load(f)["foreground_mean"]["Dice"]))
