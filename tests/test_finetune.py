@@ -1,4 +1,5 @@
 """ssl_nnunet_finetune: pretrain -> export -> real nnUNetv2_train on a 2-channel target, scratch arm, report."""
+import copy
 import json
 import os
 import shutil
@@ -95,9 +96,23 @@ def test_report_numbers(tmp_path):
     assert "+0.1200" in text and os.path.isfile(tmp_path / "r" / "finetune_report.png")
 
 
+@pytest.fixture(scope="module")
+def budget_plans():
+    """Fine-tuning plans + dataset.json of a small labeled dataset (planned once for both budgets)."""
+    write_synthetic_dataset(962, "BudgetTrainers", n_cases=2, labeled=True)
+    extract_fingerprint(962, 1, verbose=False)
+    plan_experiment(962, "cpu_smoke", verbose=False)
+    plans = json.load(open(os.path.join(os.environ["nnUNet_preprocessed"], "Dataset962_BudgetTrainers",
+                                        "sslFinetunePlans.json")))
+    dataset_json = json.load(open(os.path.join(os.environ["nnUNet_raw"], "Dataset962_BudgetTrainers",
+                                               "dataset.json")))
+    plans["continue_training"] = False  # nnUNetv2_train sets this key; nnunetv2 2.8.1's trainer pops it
+    return plans, dataset_json
+
+
 @pytest.mark.parametrize("name, total", [("nnUNetTrainer_SSLFinetune_CPU300", 300),
                                          ("nnUNetTrainer_SSLFinetune_CPU1000", 1000)])
-def test_cpu_budget_trainers_as_nnunet_builds_them(name, total, monkeypatch):
+def test_cpu_budget_trainers_as_nnunet_builds_them(name, total, budget_plans, monkeypatch):
     """The transfer benchmark's budgets, found and constructed as nnUNetv2_train does (nnU-Net's signature, so
     its init-arg introspection works): training iterations, warm-up, lr and no mirroring at inference."""
     import inspect
@@ -108,15 +123,8 @@ def test_cpu_budget_trainers_as_nnunet_builds_them(name, total, monkeypatch):
     assert cls.__name__ == name
     assert list(inspect.signature(cls.__init__).parameters) == ["self", "plans", "configuration", "fold",
                                                                 "dataset_json", "device"]
-    write_synthetic_dataset(962, "BudgetTrainers", n_cases=2, labeled=True)
-    extract_fingerprint(962, 1, verbose=False)
-    plan_experiment(962, "cpu_smoke", verbose=False)
-    plans = json.load(open(os.path.join(os.environ["nnUNet_preprocessed"], "Dataset962_BudgetTrainers",
-                                        "sslFinetunePlans.json")))
-    dataset_json = json.load(open(os.path.join(os.environ["nnUNet_raw"], "Dataset962_BudgetTrainers",
-                                               "dataset.json")))
-    plans["continue_training"] = False  # nnUNetv2_train sets this key; nnunetv2 2.8.1's trainer pops it
-    trainer = cls(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    plans, dataset_json = budget_plans
+    trainer = cls(copy.deepcopy(plans), "3d_fullres", 0, dataset_json, torch.device("cpu"))
     assert trainer.num_epochs * trainer.num_iterations_per_epoch == total
     assert trainer.initial_lr == 1e-2 and trainer.warmup_duration_whole_net == 2
     assert trainer.num_val_iterations_per_epoch == 5

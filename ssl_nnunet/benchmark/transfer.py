@@ -94,6 +94,7 @@ def label_scarce_splits(case_ids: List[str], n_splits: int, train_cases: int, n_
 
 def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: str = "cpu",
                            num_processes: int = 2, write_docs: bool = False) -> dict:
+    from ssl_nnunet.finetune.finetune import fold_finished, fold_folder
     profile, pre_iters, trainers, n_splits, train_cases = BUDGETS[budget]
     bin_dir = os.path.dirname(sys.executable)
     env = dict(os.environ, nnUNet_raw=os.path.join(root, "nnUNet_raw"),
@@ -166,10 +167,9 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
                 for fold in range(n_splits):
                     arm_root = os.path.join(ft_root, arm)
                     t0 = time.time()
-                    folder = os.path.join(arm_root, TARGET, f"{trainer}__sslFinetunePlans__3d_fullres", f"fold_{fold}")
-                    if all(os.path.isfile(os.path.join(folder, f)) for f in
-                           (os.path.join("validation", "summary.json"), "checkpoint_final.pth")):
-                        reused.append(f"fine-tuning {label} {arm} split {fold}")  # run_fold would skip it too
+                    folder = fold_folder(arm_root, TARGET, trainer, fold)
+                    if fold_finished(folder):  # reused without starting a child process
+                        reused.append(f"fine-tuning {label} {arm} split {fold}")
                     else:
                         _run([sys.executable, "-c", code_ft, arm_root, str(fold), trainer, device,
                               weights or "none", str(num_processes)], env, log)

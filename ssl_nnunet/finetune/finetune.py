@@ -122,13 +122,18 @@ def fold_folder(results_root: str, target_name: str, trainer: str, fold: int) ->
     return os.path.join(results_root, target_name, f"{trainer}__{PLANS}__{CONFIGURATION}", f"fold_{fold}")
 
 
+def fold_finished(folder: str) -> bool:
+    """The fold trained to the end and nnU-Net's final validation wrote its summary."""
+    return os.path.isfile(os.path.join(folder, "validation", "summary.json")) and \
+        os.path.isfile(os.path.join(folder, "checkpoint_final.pth"))
+
+
 def run_fold(results_root: str, target_name: str, fold: int, trainer: str, device: str,
              weights: Optional[str], num_processes: int) -> str:
     """Train (or resume, or only validate) one fold with ``nnUNetv2_train``; returns the fold folder."""
     from ssl_nnunet.nnunet_trainers import trainer_dir
     folder = fold_folder(results_root, target_name, trainer, fold)
-    if os.path.isfile(os.path.join(folder, "validation", "summary.json")) and \
-            os.path.isfile(os.path.join(folder, "checkpoint_final.pth")):
+    if fold_finished(folder):
         print(f"  fold {fold}: finished earlier, skipped ({folder})")
         return folder
     exe = os.path.join(os.path.dirname(sys.executable), "nnUNetv2_train")
