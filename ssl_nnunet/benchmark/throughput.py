@@ -262,8 +262,9 @@ def main() -> None:
     tr.add_argument("--budget", default="cpu-small", choices=["cpu-small", "gpu-full", "smoke"])
     tr.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu")
     tr.add_argument("-np", type=int, default=2)
-    tr.add_argument("--root", default=os.path.abspath("ssl_nnunet_data/benchmark_transfer"),
-                    help="folder for the benchmark's own nnU-Net data and results")
+    tr.add_argument("--root", default=None,
+                    help="folder for the benchmark's own nnU-Net data and results (default: "
+                         "./ssl_nnunet_data/benchmark_transfer/<budget>; each budget has its own demo datasets)")
     tr.add_argument("--write-docs", action="store_true", help="also write documentation/results.md + png")
     pt = sub.add_parser("pretext", help="loss terms on many fixed held-out batches: initialisation vs checkpoint")
     pt.add_argument("-d", required=True, help="dataset id or name")
@@ -280,7 +281,8 @@ def main() -> None:
         from ssl_nnunet.benchmark.transfer import run_transfer_benchmark
         from ssl_nnunet.methods import available_methods
         methods = available_methods() if a.m == ["all"] else a.m
-        run_transfer_benchmark(methods, a.budget, a.root, a.device, a.np, a.write_docs)
+        root = a.root or os.path.abspath(os.path.join("ssl_nnunet_data", "benchmark_transfer", a.budget))
+        run_transfer_benchmark(methods, a.budget, root, a.device, a.np, a.write_docs)
 
     def go():
         from ssl_nnunet.methods import available_methods

@@ -20,19 +20,28 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+class Budget(NamedTuple):
+    profile: str  # plan profile of Dataset900
+    pretrain_iterations: Optional[int]  # None: the plan's own length
+    trainers: Dict[str, str]  # fine-tuning budget label -> nnU-Net trainer
+    splits: int
+    train_cases: Optional[int]  # per split; None: all cases that are not validation cases, split evenly
+    validation_cases: int  # one fixed validation set for every split
+    demo_cases: Tuple[int, int]  # (unlabeled Dataset900, labeled Dataset901) cases of the demo datasets
+
+
 BUDGETS = {
-    # name: (plan profile, pretraining iterations, {fine-tuning budget label: nnU-Net trainer}, splits, train cases)
-    "cpu-small": ("cpu_smoke", 200, {"short (300 it)": "nnUNetTrainer_SSLFinetune_CPU300",
-                                     "long (1000 it)": "nnUNetTrainer_SSLFinetune_CPU1000"}, 3, 4),
-    "smoke": ("cpu_smoke", 2, {"smoke": "nnUNetTrainer_SSLSmoke"}, 1, 4),
-    "gpu-full": ("gpu", None, {"nnU-Net default": "nnUNetTrainer_SSLFinetune"}, 5, None),
+    "cpu-small": Budget("cpu_smoke", 200, {"short (300 it)": "nnUNetTrainer_SSLFinetune_CPU300",
+                                           "long (1000 it)": "nnUNetTrainer_SSLFinetune_CPU1000"}, 3, 4, 6, (40, 20)),
+    # keeps the subcommand working (tests): the whole pipeline on the smallest demo datasets it runs with
+    "smoke": Budget("cpu_smoke", 2, {"smoke": "nnUNetTrainer_SSLSmoke"}, 1, 4, 2, (8, 6)),
+    "gpu-full": Budget("gpu", None, {"nnU-Net default": "nnUNetTrainer_SSLFinetune"}, 5, None, 6, (40, 20)),
 }
 SOURCE, TARGET = "Dataset900_DemoBrainSSL", "Dataset901_DemoBrainSeg"
-N_VALIDATION = 6
 PRETRAIN_SEED = 0
 
 
@@ -94,8 +103,9 @@ def label_scarce_splits(case_ids: List[str], n_splits: int, train_cases: int, n_
 
 def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: str = "cpu",
                            num_processes: int = 2, write_docs: bool = False) -> dict:
-    from ssl_nnunet.finetune.finetune import fold_finished, fold_folder
-    profile, pre_iters, trainers, n_splits, train_cases = BUDGETS[budget]
+    from ssl_nnunet.finetune.finetune import fold_finished, fold_folder, run_fold
+    b = BUDGETS[budget]
+    profile, pre_iters, trainers, n_splits, train_cases, n_val = b[:6]
     bin_dir = os.path.dirname(sys.executable)
     env = dict(os.environ, nnUNet_raw=os.path.join(root, "nnUNet_raw"),
                nnUNet_preprocessed=os.path.join(root, "nnUNet_preprocessed"),
@@ -110,7 +120,7 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
     with open(os.path.join(root, "benchmark_log.txt"), "a") as log:
         tool = lambda name, *args: _run([os.path.join(bin_dir, name), *map(str, args)], env, log)  # noqa: E731
         print("[1] demo datasets + plans")
-        tool("ssl_nnunet_make_demo_dataset")
+        tool("ssl_nnunet_make_demo_dataset", "--n_unlabeled", b.demo_cases[0], "--n_labeled", b.demo_cases[1])
         tool("ssl_nnunet_plan_and_preprocess", "-d", 900, "-np", num_processes, "-profile", profile, "--quiet")
         bundles = {}
         for m in methods:
@@ -138,14 +148,15 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
                 "plans=json.load(open(os.path.join(pp,'sslFinetunePlans.json'))); "
                 "d=os.path.join(pp, plans['configurations']['3d_fullres']['data_identifier']); "
                 "ids=sorted({f.split('.')[0] for f in os.listdir(d) if f.endswith('.pkl')}); "
-                f"json.dump(s(ids, {n_splits}, {train_cases or 0} or (len(ids)-{N_VALIDATION})//{n_splits}, "
-                f"{N_VALIDATION}), open(os.path.join(pp,'splits_final.json'),'w'))")
+                f"json.dump(s(ids, {n_splits}, {train_cases or 0} or (len(ids)-{n_val})//{n_splits}, "
+                f"{n_val}), open(os.path.join(pp,'splits_final.json'),'w'))")
         print("[3] transfer plans to Dataset901 + label-scarce splits")
         _run([sys.executable, "-c", code], env, log)
         # what stays the same for every results file this invocation writes
         record = {"budget": budget, "profile": profile, "pretraining_iterations": pre_iters,
                   "pretraining_seed": PRETRAIN_SEED, "methods": methods, "trainers": trainers, "splits": n_splits,
-                  "train_cases_per_split": train_cases, "validation_cases": N_VALIDATION,
+                  "train_cases_per_split": train_cases, "validation_cases": n_val,
+                  "demo_cases": {"Dataset900 (unlabeled)": b.demo_cases[0], "Dataset901 (labeled)": b.demo_cases[1]},
                   "command": " ".join(["ssl_nnunet_benchmark", *sys.argv[1:]]),
                   "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, device {device}", "git_commit": commit,
                   "plan_sha256": {"sslPlans (Dataset900)": _sha256(os.path.join(
@@ -153,9 +164,6 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
                       "sslFinetunePlans (Dataset901)": _sha256(os.path.join(
                           env["nnUNet_preprocessed"], TARGET, "sslFinetunePlans.json"))}}
         results: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
-        code_ft = ("import sys,os; from ssl_nnunet.finetune.finetune import run_fold; "
-                   "run_fold(sys.argv[1], 'Dataset901_DemoBrainSeg', int(sys.argv[2]), sys.argv[3], sys.argv[4], "
-                   "sys.argv[5] if sys.argv[5] != 'none' else None, int(sys.argv[6]))")
         ft_root = os.path.join(env["nnUNet_results"], TARGET, "ssl_nnunet_benchmark")
         arms = {**{m: os.path.join(bundles[m], "checkpoint_final.pth") for m in methods},
                 "scratch": None, "scratch_seed2": None}
@@ -171,8 +179,10 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
                     if fold_finished(folder):  # reused without starting a child process
                         reused.append(f"fine-tuning {label} {arm} split {fold}")
                     else:
-                        _run([sys.executable, "-c", code_ft, arm_root, str(fold), trainer, device,
-                              weights or "none", str(num_processes)], env, log)
+                        log.write(f"fine-tune {arm} split {fold} with {trainer}: {folder}\n")
+                        log.flush()
+                        run_fold(arm_root, TARGET, fold, trainer, device, weights, num_processes,
+                                 {k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed")})
                     timings[f"finetune {label} {arm} split {fold}"] = time.time() - t0
                     with open(os.path.join(folder, "validation", "summary.json")) as f:
                         dice.append(float(json.load(f)["foreground_mean"]["Dice"]))

@@ -129,8 +129,10 @@ def fold_finished(folder: str) -> bool:
 
 
 def run_fold(results_root: str, target_name: str, fold: int, trainer: str, device: str,
-             weights: Optional[str], num_processes: int) -> str:
-    """Train (or resume, or only validate) one fold with ``nnUNetv2_train``; returns the fold folder."""
+             weights: Optional[str], num_processes: int, nnunet_paths: Optional[Dict[str, str]] = None) -> str:
+    """Train (or resume, or only validate) one fold with ``nnUNetv2_train``; returns the fold folder.
+    ``nnunet_paths`` ({'nnUNet_raw': ..., 'nnUNet_preprocessed': ...}) replaces this process's folders for the
+    training process (the transfer benchmark works in its own)."""
     from ssl_nnunet.nnunet_trainers import trainer_dir
     folder = fold_folder(results_root, target_name, trainer, fold)
     if fold_finished(folder):
@@ -147,6 +149,7 @@ def run_fold(results_root: str, target_name: str, fold: int, trainer: str, devic
     env = dict(os.environ, nnUNet_results=results_root, nnUNet_extTrainer=trainer_dir(),
                nnUNet_raw=nnUNet_raw, nnUNet_preprocessed=nnUNet_preprocessed,
                nnUNet_def_n_proc=str(num_processes), nnUNet_n_proc_DA=str(num_processes))
+    env.update(nnunet_paths or {})
     os.makedirs(folder, exist_ok=True)
     log_path = os.path.join(folder, "ssl_nnunet_finetune_stdout.txt")
     print(f"  fold {fold}: {' '.join(os.path.basename(c) if i == 0 else c for i, c in enumerate(cmd))}")

@@ -7,14 +7,19 @@ with the nnssl fine-tuning learning rate 1e-3 and nnU-Net's 1000 epochs x 250 it
 The ``_CPU300`` / ``_CPU1000`` variants are short CPU budgets (300 / 1000 training iterations, a 2-epoch
 warm-up, learning rate 1e-2 because the budget is short, 5 validation iterations per epoch) without
 mirroring in augmentation and inference (nnunetv2's ``nnUNetTrainerNoMirroring``) so nnU-Net's final
-validation stays cheap. Both arms of a comparison (pretrained and scratch) always use the same trainer.
+validation stays cheap. On CPU, every trainer here runs nnU-Net's final validation with the network's 3D
+convolutions on oneDNN (``ssl_nnunet.utilities.cpu_inference``: batch-1 patches otherwise take PyTorch's
+~10x slower generic kernel). Both arms of a comparison (pretrained and scratch) always use the same trainer.
 
-Imported by nnunetv2 as a top-level module from the ``nnUNet_extTrainer`` folder: absolute imports only.
+Imported by nnunetv2 as a top-level module from the ``nnUNet_extTrainer`` folder: absolute imports only
+(``ssl_nnunet`` is installed, so its modules import as usual).
 """
 import torch
 from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import \
     nnUNetTrainerNoMirroring
 from nnunetv2.training.nnUNetTrainer.variants.lr_schedule.nnUNetTrainer_warmup import nnUNetTrainer_warmup
+
+from ssl_nnunet.utilities.cpu_inference import CPUValidationMixin
 
 
 class _FullCheckpointLoading:
@@ -33,7 +38,7 @@ class _FullCheckpointLoading:
             torch.load = original
 
 
-class nnUNetTrainer_SSLFinetune(_FullCheckpointLoading, nnUNetTrainer_warmup):
+class nnUNetTrainer_SSLFinetune(CPUValidationMixin, _FullCheckpointLoading, nnUNetTrainer_warmup):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -42,7 +47,7 @@ class nnUNetTrainer_SSLFinetune(_FullCheckpointLoading, nnUNetTrainer_warmup):
         self.num_epochs = 1000
 
 
-class _SSLFinetuneCPUBudget(_FullCheckpointLoading, nnUNetTrainer_warmup, nnUNetTrainerNoMirroring):
+class _SSLFinetuneCPUBudget(CPUValidationMixin, _FullCheckpointLoading, nnUNetTrainer_warmup, nnUNetTrainerNoMirroring):
     """Short CPU fine-tuning: ``budget_epochs`` x ``budget_iterations`` training iterations (set by each
     subclass), a 2-epoch warm-up, learning rate 1e-2, 5 validation iterations per epoch, no mirroring."""
     budget_epochs: int
