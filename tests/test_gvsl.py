@@ -14,7 +14,7 @@ from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 
 from experiment_planning.ssl_layout import gvsl_layout
 from ssl_nnunet.methods import get_method
-from ssl_nnunet.methods.gvsl import (affine_matrix, affine_theta, affine_warp, bezier_intensity, bound_affine_params,
+from ssl_nnunet.methods.gvsl import (_box_count, _box_sum, affine_matrix, affine_theta, affine_warp, bezier_intensity, bound_affine_params,
                                      compose_displacement, gaussian_smooth, inpaint, local_ncc, local_shuffle,
                                      ncc_loss, smoothness_loss, warp)
 from ssl_nnunet.utilities.errors import SSLInputError
@@ -125,6 +125,18 @@ def test_ncc_minimum_for_identical_images_and_affine_intensity_invariance():
     assert ncc_loss(x, textured(seed=5), [9, 9, 9]) > 0.5
     cc = local_ncc(x, torch.zeros_like(x), [9, 9, 9])  # flat image: cc = 0, not NaN
     assert torch.isfinite(cc).all() and cc.abs().max() < 1e-6
+
+
+def test_box_sums_equal_a_zero_padded_box_convolution():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 11, 9, 13, dtype=torch.float64)
+    for window in ([9, 9, 9], [3, 1, 5], [1, 1, 1], [15, 3, 7]):
+        k = torch.ones(3, 1, *window, dtype=torch.float64)  # per channel
+        ref = torch.nn.functional.conv3d(x, k, padding=[w // 2 for w in window], groups=3)
+        torch.testing.assert_close(_box_sum(x, window), ref)
+        ones = torch.ones(1, 1, 11, 9, 13, dtype=torch.float64)
+        count = torch.nn.functional.conv3d(ones, k[:1], padding=[w // 2 for w in window])
+        torch.testing.assert_close(_box_count((11, 9, 13), window, x.device).double(), count)
 
 
 def test_ncc_gradient_vanishes_at_the_identity():
