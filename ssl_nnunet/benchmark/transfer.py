@@ -24,6 +24,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+
 class Budget(NamedTuple):
     profile: str  # plan profile of Dataset900
     pretrain_iterations: Optional[int]  # None: the plan's own length
@@ -104,8 +105,7 @@ def label_scarce_splits(case_ids: List[str], n_splits: int, train_cases: int, n_
 def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: str = "cpu",
                            num_processes: int = 2, write_docs: bool = False) -> dict:
     from ssl_nnunet.finetune.finetune import fold_finished, fold_folder, run_fold
-    b = BUDGETS[budget]
-    profile, pre_iters, trainers, n_splits, train_cases, n_val = b[:6]
+    profile, pre_iters, trainers, n_splits, train_cases, n_val, demo_cases = BUDGETS[budget]
     bin_dir = os.path.dirname(sys.executable)
     env = dict(os.environ, nnUNet_raw=os.path.join(root, "nnUNet_raw"),
                nnUNet_preprocessed=os.path.join(root, "nnUNet_preprocessed"),
@@ -120,7 +120,7 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
     with open(os.path.join(root, "benchmark_log.txt"), "a") as log:
         tool = lambda name, *args: _run([os.path.join(bin_dir, name), *map(str, args)], env, log)  # noqa: E731
         print("[1] demo datasets + plans")
-        tool("ssl_nnunet_make_demo_dataset", "--n_unlabeled", b.demo_cases[0], "--n_labeled", b.demo_cases[1])
+        tool("ssl_nnunet_make_demo_dataset", "--n_unlabeled", demo_cases[0], "--n_labeled", demo_cases[1])
         tool("ssl_nnunet_plan_and_preprocess", "-d", 900, "-np", num_processes, "-profile", profile, "--quiet")
         bundles = {}
         for m in methods:
@@ -156,7 +156,7 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
         record = {"budget": budget, "profile": profile, "pretraining_iterations": pre_iters,
                   "pretraining_seed": PRETRAIN_SEED, "methods": methods, "trainers": trainers, "splits": n_splits,
                   "train_cases_per_split": train_cases, "validation_cases": n_val,
-                  "demo_cases": {"Dataset900 (unlabeled)": b.demo_cases[0], "Dataset901 (labeled)": b.demo_cases[1]},
+                  "demo_cases": {"Dataset900 (unlabeled)": demo_cases[0], "Dataset901 (labeled)": demo_cases[1]},
                   "command": " ".join(["ssl_nnunet_benchmark", *sys.argv[1:]]),
                   "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, device {device}", "git_commit": commit,
                   "plan_sha256": {"sslPlans (Dataset900)": _sha256(os.path.join(
