@@ -225,7 +225,7 @@ def test_converted_state_dict_loads_strictly_into_plain_network():
     opt = torch.optim.SGD(mae.parameters(), lr=0.1)
     mae(torch.randn(2, 1, *patch, generator=gen(1)), gen(2))["loss"].backward()
     opt.step()
-    sd = mae.exported_network().state_dict()
+    sd = mae.network.state_dict()
     assert list(sd.keys()) == keys_before
     assert not any("densify" in k or "mask_token" in k for k in sd)
     fresh = resenc(seed=123)

@@ -279,14 +279,14 @@ def main() -> None:
 
     def go_transfer():
         from ssl_nnunet.benchmark.transfer import run_transfer_benchmark
-        from ssl_nnunet.methods import available_methods
-        methods = available_methods() if a.m == ["all"] else a.m
+        from ssl_nnunet.methods import method_names
+        methods = method_names() if a.m == ["all"] else a.m
         root = a.root or os.path.abspath(os.path.join("ssl_nnunet_data", "benchmark_transfer", a.budget))
         run_transfer_benchmark(methods, a.budget, root, a.device, a.np, a.write_docs)
 
     def go():
-        from ssl_nnunet.methods import available_methods
-        methods = available_methods() if a.m == ["all"] else a.m
+        from ssl_nnunet.methods import method_names
+        methods = method_names() if a.m == ["all"] else a.m
         results = []
         for m in methods:
             r = benchmark_method(a.d, m, a.device, a.warmup, a.timed)

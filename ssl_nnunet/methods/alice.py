@@ -253,6 +253,9 @@ class Alice(SSLMethod):
     """
 
     name = "alice"
+    trained_parts = ("online encoder and online (reconstruction) decoder; the EMA target encoder and heads are "
+                    "not exported (the Alice paper transfers the online encoder only: ssl_nnunet_finetune "
+                    "--encoder-only)")
     cases_per_sample = 2
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):

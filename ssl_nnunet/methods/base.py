@@ -29,6 +29,8 @@ class SSLMethod(nn.Module):
     name: str = ""
     #: number of different cases combined into one batch element (GVSL and Alice use pairs)
     cases_per_sample: int = 1
+    #: what an exported bundle of this objective holds trained (the model card's "trained parts" line)
+    trained_parts: str = "see the method's documentation"
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__()
@@ -61,10 +63,6 @@ class SSLMethod(nn.Module):
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Hook for EMA teachers and schedules. Default: nothing."""
-
-    def exported_network(self) -> nn.Module:
-        """The plain U-Net whose ``state_dict()`` becomes ``network_weights`` on export."""
-        return self.network
 
     def previews(self, batch: torch.Tensor) -> Dict[str, Sequence[torch.Tensor]]:
         """Optional images for a preview PNG: ``{row_title: [3D tensors (a0, a1, a2)]}``. Default: none."""

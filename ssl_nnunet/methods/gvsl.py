@@ -555,6 +555,7 @@ class GVSL(SSLMethod):
     """
 
     name = "gvsl"
+    trained_parts = ("encoder and decoder (the whole U-Net, as in the GVSL paper)")
     cases_per_sample = 2
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):

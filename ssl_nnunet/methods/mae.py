@@ -56,6 +56,7 @@ class MAE(SSLMethod):
     """
 
     name = "mae"
+    trained_parts = ("encoder and decoder (the reconstruction decoder is the nnU-Net decoder)")
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__(network, method_plan, ssl_plan, num_input_channels)

@@ -233,6 +233,8 @@ class MiM(SSLMethod):
     """
 
     name = "mim"
+    trained_parts = ("encoder and reconstruction decoder (the MiM paper transfers the encoder only: use "
+                    "ssl_nnunet_finetune --encoder-only for that protocol)")
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__(network, method_plan, ssl_plan, num_input_channels)

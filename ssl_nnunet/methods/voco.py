@@ -359,6 +359,7 @@ class VoCo(SSLMethod):
     """
 
     name = "voco"
+    trained_parts = ("encoder only; the decoder is exported at its random initialisation")
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__(network, method_plan, ssl_plan, num_input_channels)

@@ -1,0 +1,22 @@
+"""Names shared by every command: plans identifiers, the configuration, profiles, demo datasets.
+
+One home for them, so that a command's default, a folder name and a help text can never drift apart.
+"""
+from __future__ import annotations
+
+#: the pretraining plan written by ``ssl_nnunet_plan_experiment`` (a valid nnU-Net plans file + ``ssl``)
+SSL_PLANS = "sslPlans"
+#: the fine-tuning plan (nnU-Net plans with the pretraining architecture, spacing and normalisation)
+FINETUNE_PLANS = "sslFinetunePlans"
+#: the only nnU-Net configuration ssl_nnunet plans and pretrains
+CONFIGURATION = "3d_fullres"
+
+#: planning profiles (``-profile``); the CPU ones replace network and patch by ``plans/profiles.json`` presets
+PROFILES = ("cpu_smoke", "cpu_bench", "gpu")
+CPU_PROFILES = ("cpu_smoke", "cpu_bench")
+
+#: the built-in demo datasets (``ssl_nnunet_make_demo_dataset``)
+DEMO_UNLABELED_ID = 900
+DEMO_UNLABELED_DATASET = "Dataset900_DemoBrainSSL"
+DEMO_LABELED_ID = 901
+DEMO_LABELED_DATASET = "Dataset901_DemoBrainSeg"
