@@ -20,15 +20,13 @@ from typing import Optional, Sequence
 import numpy as np
 
 from experiment_planning.dataset_checks import list_cases, load_dataset_json
-from experiment_planning.ssl_layout import PROFILES, compute_ssl_block, gvsl_intensity
+from experiment_planning.ssl_layout import compute_ssl_block
 from plans import load_shipped
+from ssl_nnunet.constants import CONFIGURATION, FINETUNE_PLANS, PROFILES, SSL_PLANS
 from ssl_nnunet.paths import nnUNet_preprocessed, nnUNet_raw
 from ssl_nnunet.utilities.errors import SSLInputError
 from ssl_nnunet.utilities.file_io import atomic_copy, atomic_save_json, dataset_name_from_id, load_json
 
-SSL_PLANS = "sslPlans"
-FINETUNE_PLANS = "sslFinetunePlans"
-CONFIGURATION = "3d_fullres"
 PLANNER_PRESETS = {
     "ResEncM": "nnUNetPlannerResEncM", "ResEncL": "nnUNetPlannerResEncL", "ResEncXL": "nnUNetPlannerResEncXL",
     "ResEnc": "ResEncUNetPlanner", "default": "ExperimentPlanner",
@@ -134,10 +132,11 @@ def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "Res
     kw = config["architecture"]["arch_kwargs"]
     median_shape = config["median_image_size_in_voxels"]
     plans["ssl"] = compute_ssl_block(config["patch_size"], kw["strides"], config["spacing"], median_shape,
-                                     profile, downstream_patch, verbose=verbose)
+                                     profile, downstream_patch, verbose=verbose,
+                                     normalization_schemes=config.get("normalization_schemes", []),
+                                     intensity_properties=plans.get("foreground_intensity_properties_per_channel",
+                                                                    {}))
     plans["ssl"]["planner_preset"] = preset
-    plans["ssl"]["methods"]["gvsl"]["layout"]["intensity"] = gvsl_intensity(
-        config.get("normalization_schemes", []), plans.get("foreground_intensity_properties_per_channel", {}))
 
     finetune = copy.deepcopy(plans)
     del finetune["ssl"]

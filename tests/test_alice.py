@@ -16,7 +16,6 @@ from torch import nn
 
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 
-from conftest import prepare_planned_dataset
 from ssl_nnunet.methods import get_method
 from ssl_nnunet.methods.alice import CASA, cosine_loss, embedding_spread, rotation_about_axis, strong_augment
 from ssl_nnunet.methods.alice_matcher import (CrossVolumeMatcher, MatchedPairSampler, cache_path, centre_range,
@@ -327,35 +326,3 @@ def test_export_excludes_teacher_and_heads():
     assert {"target_encoder", "psi", "phi", "casa", "densify"} <= {k.split(".")[0] for k in a.state_dict()}
     rows = a.previews(torch.randn(1, 2, 1, *P))
     assert all(len(v) == 2 and all(t.shape == P for t in v) for v in rows.values())
-
-
-# ------------------------------------------------------------------------------------------------ end to end
-
-def test_pretrain_export_and_load_into_finetune_network():
-    """2 trainer iterations on a synthetic dataset (matched sampler via the make_sampler hook), export, and
-    nnU-Net's load_pretrained_weights into the fine-tuning network with 3 classes."""
-    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
-    from ssl_nnunet.export import export_bundle
-    from ssl_nnunet.export.exporter import build_network_from_plans
-    from ssl_nnunet.paths import nnUNet_preprocessed
-    from ssl_nnunet.training.run import pretrain
-
-    dataset = "Dataset950_AliceSmoke"
-    prepare_planned_dataset(950, "AliceSmoke", "alice", {"iterations_per_epoch": 2, "num_val_iterations": 1},
-                            n_cases=5, shape=(40, 44, 48))
-
-    trainer = pretrain(950, "alice", device="cpu", iterations=2, num_prefetch=0)
-    assert len(trainer.iteration_losses) == 2 and all(np.isfinite(trainer.iteration_losses))
-    for term in ("rec_loss", "dv_loss", "st_loss", "cls_std", "token_std"):
-        assert len(trainer.logger.get_checkpoint()[f"train_{term}"]) == 1
-    assert os.path.isfile(os.path.join(nnUNet_preprocessed, dataset, "alice_matcher_sslPlans_3d_fullres.json"))
-    ckpt = torch.load(os.path.join(trainer.output_folder, "checkpoint_final.pth"), weights_only=False)
-    assert not any(k.startswith(("target_encoder", "psi", "phi", "casa")) for k in ckpt["network_weights"])
-
-    bundle = export_bundle(950, "alice", os.path.join(trainer.output_folder, "bundle"))
-    with open(os.path.join(nnUNet_preprocessed, dataset, "sslFinetunePlans.json")) as f:
-        finetune = json.load(f)
-    net = build_network_from_plans(finetune, 1, 3, deep_supervision=True)
-    load_pretrained_weights(net, os.path.join(bundle, "checkpoint_final.pth"), verbose=False)
-    key = "encoder.stem.convs.0.conv.weight"
-    assert torch.equal(net.state_dict()[key], ckpt["network_weights"][key])

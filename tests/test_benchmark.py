@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import prepare_planned_dataset
+from helpers import prepare_planned_dataset
 
 
 def test_throughput_records_the_methods_own_network_passes(tmp_path):

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import write_synthetic_dataset
+from helpers import write_synthetic_dataset
 from experiment_planning.fingerprint import extract_fingerprint
 from experiment_planning.planner import plan_experiment
 from experiment_planning.preprocess import preprocess

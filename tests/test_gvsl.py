@@ -2,9 +2,7 @@
 
 Tiny networks at 32³ (cpu_smoke: ResEnc 8-16-32-64, S = 8) so the file runs in well under a minute on a CPU.
 """
-import json
 import math
-import os
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ from torch import nn
 
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 
-from experiment_planning.ssl_layout import gvsl_layout
+from ssl_nnunet.methods.gvsl import gvsl_layout
 from ssl_nnunet.methods import get_method
 from ssl_nnunet.methods.gvsl import (_box_count, _box_sum, affine_matrix, affine_theta, affine_warp, bezier_intensity,
                                      bound_affine_params, compose_displacement, gaussian_smooth, inpaint, local_ncc,
@@ -285,45 +283,3 @@ def test_invalid_layout_is_rejected():
         build(intensity={"mode": "fixed"})
     assert gvsl_layout([160, 160, 160])["ncc_window"] == [9, 9, 9]
     assert gvsl_layout([16, 32, 64])["ncc_window"] == [5, 9, 9]
-
-
-# ------------------------------------------------------------------------------ pretrain -> export -> nnU-Net load
-
-def test_pretrain_export_and_nnunet_load():
-    """cpu_smoke pretraining for 2 iterations (matched pairs), export, nnU-Net's loader into a 3-class net."""
-    from conftest import prepare_planned_dataset
-    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
-    from ssl_nnunet.export.exporter import build_network_from_plans, export_bundle
-    from ssl_nnunet.paths import nnUNet_preprocessed
-    from ssl_nnunet.training.run import pretrain
-
-    did, name = 952, "Dataset952_GVSLSmoke"
-    path = prepare_planned_dataset(did, "GVSLSmoke", n_cases=3, shape=(40, 44, 48), spacing=(2.0, 2.0, 2.0))
-    with open(path) as f:
-        plans = json.load(f)
-    assert plans["ssl"]["methods"]["gvsl"]["layout"]["pair_patch"] == list(P)
-    plans["ssl"]["methods"]["gvsl"].update(iterations_per_epoch=1, num_val_iterations=1)
-    with open(path, "w") as f:
-        json.dump(plans, f)
-
-    trainer = pretrain(did, "gvsl", device="cpu", iterations=2, num_prefetch=0)
-    assert len(trainer.iteration_losses) == 2 and all(math.isfinite(v) for v in trainer.iteration_losses)
-    log = trainer.logger.get_checkpoint()
-    for key in ("loss", "ncc", "smooth", "restore", "sim", "sim_gain"):
-        assert len(log[f"train_{key}"]) == 2 and len(log[f"val_{key}"]) == 2, key
-    assert any(f.startswith("preview_epoch_") for f in os.listdir(trainer.output_folder))
-    batch = trainer.dataloader_train.sampler.next_batch()  # matched pairs of two different cases
-    b = plans["ssl"]["methods"]["gvsl"]["batch_size"]
-    assert batch.shape == (b, 2, 1, *P) and not torch.equal(batch[:, 0], batch[:, 1])
-
-    out = export_bundle(did, "gvsl", os.path.join(os.environ["nnUNet_results"], "gvsl_bundle"))
-    ckpt = torch.load(os.path.join(out, "checkpoint_final.pth"), weights_only=False)
-    assert not any("head" in k for k in ckpt["network_weights"])  # heads are not exported
-    with open(os.path.join(nnUNet_preprocessed, name, "sslFinetunePlans.json")) as f:
-        ft_plans = json.load(f)
-    net = build_network_from_plans(ft_plans, 1, 3, deep_supervision=True)
-    load_pretrained_weights(net, os.path.join(out, "checkpoint_final.pth"))
-    pretrained = trainer.network.state_dict()
-    for k, v in net.state_dict().items():
-        if ".seg_layers." not in k:
-            assert torch.equal(v, pretrained[k].cpu()), k

@@ -6,16 +6,15 @@ are those units, (2) exact hidden counts, no duplicate picks, (3) shapes and bit
 visible voxels and InfoNCE → 0 for logits on the labels, (6) total = Σ w_l L_R^l + α Σ L_C with the plan's
 weights. Tiny cpu_smoke networks (32^3, S = 8, q = 4).
 """
-import json
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from test_masking_sparse_mae import resenc
-from experiment_planning.ssl_layout import mim_layout, validate_ssl_block
+from experiment_planning.ssl_layout import validate_ssl_block
+from ssl_nnunet.methods.mim import mim_layout
 from ssl_nnunet.methods import get_method
 from ssl_nnunet.methods.masking import expand_mask, num_hidden_units, per_unit_target
 from ssl_nnunet.methods.mim import info_nce, resize_to, split_units, unit_boxes
@@ -218,39 +217,3 @@ def test_previews_rows():
     m = make("demo")
     rows = m.previews(batch_for(m))
     assert len(rows) == 3 and all(len(r) == 3 and r[0].shape == tuple(P) for r in rows.values())
-
-
-# ---------------------------------------------------------------------------------------------------- end to end
-def test_pretrain_export_and_nnunet_load():
-    """cpu_smoke pretraining for 2 iterations, export, nnU-Net's own loader into a 4-class fine-tuning net."""
-    from conftest import prepare_planned_dataset
-    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
-    from ssl_nnunet.export.exporter import build_network_from_plans, export_bundle
-    from ssl_nnunet.paths import nnUNet_preprocessed
-    from ssl_nnunet.training.run import pretrain
-
-    did, name = 946, "Dataset946_MiMSmoke"
-    path = prepare_planned_dataset(did, "MiMSmoke", n_cases=3, shape=(40, 96, 40), spacing=(2.0, 2.0, 2.0))
-    with open(path) as f:
-        plans = json.load(f)
-    lay = plans["ssl"]["methods"]["mim"]["layout"]
-    assert lay["r1"] == [1, 2, 1] and lay["level2_zoom"] == [1, 1, 1]                  # native level 2
-    plans["ssl"]["methods"]["mim"].update(iterations_per_epoch=1, num_val_iterations=1)
-    with open(path, "w") as f:
-        json.dump(plans, f)
-
-    trainer = pretrain(did, "mim", device="cpu", iterations=2, num_prefetch=0)
-    assert len(trainer.iteration_losses) == 2 and all(math.isfinite(v) for v in trainer.iteration_losses)
-    for key in ("rec_l1", "rec_l2", "rec_l3", "align_12", "align_23", "loss"):
-        assert len(trainer.logger.get_checkpoint()[f"train_{key}"]) == 2, key
-    assert any(f.startswith("preview_epoch_") for f in os.listdir(trainer.output_folder))
-
-    out = export_bundle(did, "mim", os.path.join(os.environ["nnUNet_results"], "mim_bundle"))
-    with open(os.path.join(nnUNet_preprocessed, name, "sslFinetunePlans.json")) as f:
-        ft_plans = json.load(f)
-    net = build_network_from_plans(ft_plans, 1, 4, deep_supervision=True)
-    load_pretrained_weights(net, os.path.join(out, "checkpoint_final.pth"))
-    pretrained = trainer.network.state_dict()
-    for k, v in net.state_dict().items():
-        if ".seg_layers." not in k:
-            assert torch.equal(v, pretrained[k].cpu()), k

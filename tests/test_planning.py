@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import write_synthetic_dataset
+from helpers import write_synthetic_dataset
 from experiment_planning.fingerprint import extract_fingerprint
 from experiment_planning.planner import FINETUNE_PLANS, SSL_PLANS, plan_experiment
 from experiment_planning.preprocess import preprocess
-from experiment_planning.ssl_layout import cumulative_strides
+from ssl_nnunet.methods.features import cumulative_strides
 from ssl_nnunet.paths import nnUNet_preprocessed
 from ssl_nnunet.utilities.errors import SSLInputError
 
@@ -96,7 +96,7 @@ def test_two_profiles_give_different_valid_layouts():
     assert smoke["methods"]["mim"]["layout"]["u2"] == [8, 8, 8]      # METHODS.md §8 worked example E3
     assert bench["methods"]["mim"]["layout"]["u2"] == [16, 16, 16]   # E4
     assert bench["methods"]["voco"]["layout"]["crop_size"] == [32, 32, 32]
-    assert cumulative_strides([[1, 1, 1], [1, 2, 2], [2, 2, 2]]) == [[1, 1, 1], [1, 2, 2], [2, 4, 4]]
+    assert [list(s) for s in cumulative_strides([[1, 1, 1], [1, 2, 2], [2, 2, 2]])] == [[1, 1, 1], [1, 2, 2], [2, 4, 4]]
 
 
 def test_labeled_dataset_uses_labels_for_foreground():

@@ -59,7 +59,7 @@ from torch import nn
 from ssl_nnunet.methods import register
 from ssl_nnunet.methods.alice_matcher import (MATCHERS, CrossVolumeMatcher, MatchedPairSampler,
                                               plan_out_of_plane_axis)
-from ssl_nnunet.methods.base import SSLMethod
+from ssl_nnunet.methods.base import PlanningContext, SSLMethod, divides
 from ssl_nnunet.methods.features import check_unet, cumulative_strides, run_encoder
 from ssl_nnunet.methods.masking import (expand_mask, mask_at_resolution, masked_mse, num_hidden_units,
                                         per_unit_target, random_block_mask, unit_grid)
@@ -254,9 +254,38 @@ class Alice(SSLMethod):
 
     name = "alice"
     trained_parts = ("online encoder and online (reconstruction) decoder; the EMA target encoder and heads are "
-                    "not exported (the Alice paper transfers the online encoder only: ssl_nnunet_finetune "
-                    "--encoder-only)")
+                     "not exported (the Alice paper transfers the online encoder only: ssl_nnunet_finetune "
+                     "--encoder-only)")
     cases_per_sample = 2
+    layout_defaults = {"mask_ratio": 0.75, "ema": [0.996, 1.0], "matcher": "profile_bbox", "recon_weight": 1.0,
+                       "center_momentum": 0.9, "use_predictor": False}
+
+    # ---------------------------------------------------------------------------------------------- planning
+    @classmethod
+    def default_layout(cls, ctx: PlanningContext):
+        """Crop = the plan's patch; mask unit and token stride = q; heads of the paper's size (the CPU profiles'
+        smaller ones come from ``plans/method_defaults.json``)."""
+        q, d = list(ctx.mask_quantum), copy.deepcopy(cls.layout_defaults)
+        layout = {"crop_size": list(ctx.patch_size), "mask_unit": q, "mask_ratio": d["mask_ratio"],
+                  "token_stride": list(q), "head": [2048, 256, 512], "casa": {"dim": 512, "heads": 8},
+                  "ema": d["ema"], "matcher": d["matcher"], "recon_weight": d["recon_weight"],
+                  "center_momentum": d["center_momentum"], "use_predictor": d["use_predictor"]}
+        return list(ctx.patch_size), layout
+
+    @classmethod
+    def check_layout(cls, method_plan: dict, ssl_plan: dict):
+        al = method_plan["layout"]
+        if not divides(al["mask_unit"], al["crop_size"]):
+            raise cls.layout_error(ssl_plan, "mask_unit", "does not divide the crop")
+        if not divides(al["token_stride"], al["mask_unit"]):
+            raise cls.layout_error(ssl_plan, "token_stride",
+                                   f"{al['token_stride']} does not divide the mask unit {al['mask_unit']}")
+        if al["casa"]["dim"] % al["casa"]["heads"]:
+            raise cls.layout_error(ssl_plan, "casa",
+                                   f"dim {al['casa']['dim']} is not divisible by heads {al['casa']['heads']}")
+        if al["matcher"] not in MATCHERS:
+            raise cls.layout_error(ssl_plan, "matcher", f"'{al['matcher']}' is not one of {', '.join(MATCHERS)}")
+        return []
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__(network, method_plan, ssl_plan, num_input_channels)
@@ -268,15 +297,15 @@ class Alice(SSLMethod):
                 raise SSLInputError(f"ssl layout of 'alice' has no '{key}'; re-run the SSL planner")
         self.mask_unit = tuple(_per_axis(layout["mask_unit"], ndim, "mask_unit"))
         self.token_stride = tuple(_per_axis(layout["token_stride"], ndim, "token_stride"))
-        self.mask_ratio = float(layout.get("mask_ratio", 0.75))
+        self.mask_ratio = float(layout["mask_ratio"])
         if not 0.0 < self.mask_ratio < 1.0:
             raise SSLInputError(f"ssl layout of 'alice': mask_ratio must lie in (0, 1), got {self.mask_ratio}")
-        self.recon_weight = float(layout.get("recon_weight", 1.0))
-        ema = layout.get("ema", [0.996, 1.0])
+        self.recon_weight = float(layout["recon_weight"])
+        ema = layout["ema"]
         self.ema = (float(ema[0]), float(ema[1]))
         if not 0.0 <= self.ema[0] <= self.ema[1] <= 1.0:
             raise SSLInputError(f"ssl layout of 'alice': ema must be [mu0, mu1] with 0 <= mu0 <= mu1 <= 1, got {ema}")
-        matcher = layout.get("matcher", "profile_bbox")
+        matcher = layout["matcher"]
         if matcher not in MATCHERS:
             raise SSLInputError(f"ssl layout of 'alice': matcher '{matcher}' is not implemented; choose one of "
                                 f"{', '.join(MATCHERS)}")
@@ -311,10 +340,10 @@ class Alice(SSLMethod):
         self.phi = ProjectionHead(c_tok, hidden, bottleneck, out_dim)
         self.psi = copy.deepcopy(self.phi)
         self.casa = CASA(c_tok, out_dim, casa_dim, int(layout["casa"]["heads"]))
-        use_predictor = bool(layout.get("use_predictor", False))
+        use_predictor = bool(layout["use_predictor"])
         self.pred_dv = predictor_mlp(out_dim, hidden) if use_predictor else None
         self.pred_st = predictor_mlp(casa_dim, hidden) if use_predictor else None
-        momentum = layout.get("center_momentum", 0.9)
+        momentum = layout["center_momentum"]
         self.center_momentum = None if momentum is None else float(momentum)
         if self.center_momentum is not None and not 0.0 <= self.center_momentum < 1.0:
             raise SSLInputError(f"ssl layout of 'alice': center_momentum must lie in [0, 1) or be null, got {momentum}")

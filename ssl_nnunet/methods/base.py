@@ -1,7 +1,11 @@
 """Common interface of every SSL objective.
 
-A method owns (1) how a batch of preprocessed patches becomes its views (torch ops on the batch's
-device), (2) its heads and (3) its loss. The trainer (``ssl_nnunet.training``) owns everything else.
+A method owns (1) its plan layout: the defaults it derives from a :class:`PlanningContext`
+(:meth:`SSLMethod.default_layout`) and the checks of a written layout (:meth:`SSLMethod.check_layout`),
+(2) its sampler when the default one does not fit, (3) how a batch of preprocessed patches becomes its views
+(torch ops on the batch's device), (4) its heads, (5) its loss and (6) what its export trains
+(``trained_parts``). The planner, the trainer (``ssl_nnunet.training``) and the exporter only loop over the
+registry (:mod:`ssl_nnunet.methods`).
 
 Data contract: the trainer's loader delivers a float tensor of shape ``(B, C, *data_patch_size)`` where
 ``data_patch_size`` is what the method asks for (``required_patch_size``), cut from ``cases_per_sample``
@@ -9,10 +13,72 @@ Data contract: the trainer's loader delivers a float tensor of shape ``(B, C, *d
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import copy
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from ssl_nnunet.methods.features import cumulative_strides
+from ssl_nnunet.utilities.errors import SSLInputError
+
+
+def merge_layout(base: dict, override: dict) -> dict:
+    """``base`` updated by ``override`` (a deep copy); nested dicts are merged key by key, anything else is
+    replaced whole (lists included)."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = merge_layout(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def divides(a: Sequence[int], b: Sequence[int]) -> bool:
+    """True when every ``a[ax]`` divides ``b[ax]``."""
+    return all(int(y) % int(x) == 0 for x, y in zip(a, b))
+
+
+@dataclass(frozen=True)
+class PlanningContext:
+    """What a method may derive its default layout from (one dataset's plan, before the ``ssl`` block exists).
+
+    ``patch_size`` is the plan's patch P; ``strides`` the network's per-stage strides; ``spacing`` and
+    ``median_shape`` (voxels) of the planned configuration; ``profile`` one of ``constants.PROFILES``;
+    ``normalization_schemes`` and ``intensity_properties`` (``foreground_intensity_properties_per_channel``)
+    as in nnU-Net's plans.
+    """
+
+    patch_size: Tuple[int, ...]
+    strides: Tuple[Tuple[int, ...], ...]
+    spacing: Tuple[float, ...]
+    median_shape: Tuple[float, ...]
+    profile: str
+    normalization_schemes: Tuple[str, ...] = ()
+    intensity_properties: dict = field(default_factory=dict)
+
+    @property
+    def cumulative_strides(self) -> List[List[int]]:
+        """Per-stage cumulative stride s_k (per axis)."""
+        return [list(s) for s in cumulative_strides([list(s) for s in self.strides])]
+
+    @property
+    def total_stride(self) -> List[int]:
+        """S: the stride of the deepest stage."""
+        return self.cumulative_strides[-1]
+
+    @property
+    def mask_quantum(self) -> List[int]:
+        """q: the stride of the penultimate stage (the unit every mask and crop is a multiple of)."""
+        return self.cumulative_strides[-2]
+
+    @property
+    def out_of_plane_axis(self) -> int:
+        """a_op: the axis of the largest spacing (the first on ties)."""
+        return max(range(len(self.spacing)), key=lambda ax: (self.spacing[ax], -ax))
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.profile != "gpu"
 
 
 class SSLMethod(nn.Module):
@@ -31,15 +97,51 @@ class SSLMethod(nn.Module):
     cases_per_sample: int = 1
     #: what an exported bundle of this objective holds trained (the model card's "trained parts" line)
     trained_parts: str = "see the method's documentation"
+    #: layout constants that do not depend on the dataset: the one home of each default. The constructor reads
+    #: ``merge_layout(layout_defaults, method_plan["layout"])``, and :meth:`default_layout` starts from them.
+    layout_defaults: dict = {}
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__()
         self.network = network
         self.method_plan = method_plan
         self.ssl_plan = ssl_plan
-        self.layout = method_plan["layout"]
+        self.layout = merge_layout(type(self).layout_defaults, method_plan["layout"])
         self.num_input_channels = num_input_channels
 
+    # ---------------------------------------------------------------------------------------------- planning
+    @classmethod
+    def default_layout(cls, ctx: PlanningContext) -> Tuple[List[int], dict]:
+        """``(pretrain_patch_size, layout)`` the planner writes for this method, derived from ``ctx``.
+
+        Default: the plan's patch and :attr:`layout_defaults`."""
+        return [int(p) for p in ctx.patch_size], copy.deepcopy(cls.layout_defaults)
+
+    @classmethod
+    def finalize_layout(cls, pretrain_patch_size: List[int], layout: dict, ctx: PlanningContext) -> dict:
+        """The layout after the planner merged the shipped per-profile overrides (``plans/method_defaults.json``)
+        into :meth:`default_layout`'s; a method adjusts what depends on both here. Default: unchanged."""
+        return layout
+
+    @classmethod
+    def check_layout(cls, method_plan: dict, ssl_plan: dict) -> List[str]:
+        """Check a written plan entry ``method_plan`` (``ssl.methods.<name>``) against ``ssl_plan``'s
+        ``total_stride``, ``mask_quantum``, ``out_of_plane_axis`` and ``median_shape``.
+
+        Raises :class:`~ssl_nnunet.utilities.errors.SSLInputError` naming the key (use :meth:`layout_error`);
+        returns warnings. Default: no method-specific rule."""
+        return []
+
+    @classmethod
+    def layout_error(cls, ssl_plan: dict, key: str, what: str) -> SSLInputError:
+        """The :class:`SSLInputError` of an invalid layout key (raise it)."""
+        return SSLInputError(
+            f"Invalid SSL layout for '{cls.name}', key '{key}': {what}. Sizes must be derived from a patch that "
+            f"is a multiple of the network's total stride {ssl_plan.get('total_stride')} and units that are "
+            f"multiples of the mask quantum {ssl_plan.get('mask_quantum')}; fix the plan or re-plan with another "
+            f"-profile.")
+
+    # ---------------------------------------------------------------------------------------------- data
     @classmethod
     def required_patch_size(cls, method_plan: dict) -> List[int]:
         """Spatial size (a0, a1, a2) of the patch the data loader must cut for this method."""

@@ -41,6 +41,7 @@ percentiles, range}; ``pair_sampling``: matched | independent.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -50,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_nnunet.methods import register
-from ssl_nnunet.methods.base import SSLMethod
+from ssl_nnunet.methods.base import PlanningContext, SSLMethod
 from ssl_nnunet.methods.features import check_unet, forward_features
 from ssl_nnunet.training.data import UnlabeledPatchSampler
 from ssl_nnunet.utilities.errors import SSLInputError
@@ -346,7 +347,7 @@ def _shuffle_geometry(shape: Sequence[int], layout: dict) -> Tuple[List[int], in
     app = layout["appearance"]
     window = [max(2, int(round(float(app["shuffle_window_fraction"]) * s))) for s in shape]
     n = int(round(float(app["shuffle_windows_per_128"]) * float(np.prod([s / 128.0 for s in shape]))))
-    return window, max(int(layout.get("min_shuffle_windows", 50)), n)
+    return window, max(int(layout["min_shuffle_windows"]), n)
 
 
 def local_shuffle(u: torch.Tensor, window: Sequence[int], n_windows: int, p: float,
@@ -534,6 +535,40 @@ class MatchedPairSampler(UnlabeledPatchSampler):
         return torch.from_numpy(np.stack(items))
 
 
+# ============================================================================================ planning
+
+def gvsl_intensity(normalization_schemes: Sequence[str], intensity_properties: dict) -> dict:
+    """GVSL's map to [0, 1] (METHODS.md §5.3): for CT — every channel ``CTNormalization`` — a fixed range per
+    channel, the fingerprint's foreground 0.5/99.5 percentiles expressed in nnU-Net-normalised units
+    ``(p − mean) / std``; otherwise (MR, mixed) per-patch 0.5/99.5 percentiles."""
+    per_patch = copy.deepcopy(DEFAULT_INTENSITY)
+    if not normalization_schemes or any(s != "CTNormalization" for s in normalization_schemes):
+        return per_patch
+    ranges = []
+    for c in range(len(normalization_schemes)):
+        props = intensity_properties.get(str(c)) or intensity_properties.get(c)
+        if not props or not all(k in props for k in ("mean", "std", "percentile_00_5", "percentile_99_5")):
+            return per_patch
+        std = max(float(props["std"]), 1e-8)
+        ranges.append([(float(props["percentile_00_5"]) - float(props["mean"])) / std,
+                       (float(props["percentile_99_5"]) - float(props["mean"])) / std])
+    return {"mode": "fixed", "percentiles": [0.5, 99.5], "range": ranges}
+
+
+def gvsl_layout(patch: List[int]) -> dict:
+    """GVSL (METHODS.md §5.5; keys in the module docstring and documentation/methods/gvsl.md).
+
+    Sizes in voxels of the pair patch P; angles in radians; ``weights`` = [ncc, smooth, restore]. The intensity
+    map is per-patch here; :meth:`GVSL.default_layout` replaces it by the plan's (:func:`gvsl_intensity`).
+    """
+    d = copy.deepcopy(GVSL.layout_defaults)
+    return {"pair_patch": list(patch),
+            "ncc_window": [min(9, 2 * (P // 8) + 1) for P in patch],
+            "affine_bounds": d["affine_bounds"], "spatial_aug": d["spatial_aug"], "appearance": d["appearance"],
+            "intensity": d["intensity"], "pair_sampling": d["pair_sampling"], "weights": d["weights"],
+            "affine_grad": d["affine_grad"], "restore_hidden": d["restore_hidden"]}
+
+
 # ============================================================================================ method
 
 def _require(cond: bool, key: str, what: str) -> None:
@@ -555,8 +590,30 @@ class GVSL(SSLMethod):
     """
 
     name = "gvsl"
-    trained_parts = ("encoder and decoder (the whole U-Net, as in the GVSL paper)")
+    trained_parts = "encoder and decoder (the whole U-Net, as in the GVSL paper)"
     cases_per_sample = 2
+    layout_defaults = {"ncc_window": 9, "affine_bounds": [math.pi / 9, 0.25, math.pi / 18],
+                       "spatial_aug": {"rotation": math.pi / 9, "scale": [0.75, 1.25], "shear": math.pi / 18,
+                                       "translation": 0.1, "elastic_sigma": [10, 13], "elastic_alpha": [0, 512]},
+                       "appearance": dict(DEFAULT_APPEARANCE), "intensity": dict(DEFAULT_INTENSITY),
+                       "pair_sampling": "matched", "weights": [1.0, 1.0, 1.0], "affine_grad": True,
+                       "affine_hidden": 256, "deform_hidden": 16, "restore_hidden": 16, "min_shuffle_windows": 50}
+
+    # ---------------------------------------------------------------------------------------------- planning
+    @classmethod
+    def default_layout(cls, ctx: PlanningContext):
+        layout = gvsl_layout(list(ctx.patch_size))
+        layout["intensity"] = gvsl_intensity(ctx.normalization_schemes, ctx.intensity_properties)
+        return list(ctx.patch_size), layout
+
+    @classmethod
+    def check_layout(cls, method_plan: dict, ssl_plan: dict):
+        window = method_plan["layout"]["ncc_window"]
+        if any(w > P for w, P in zip(window, method_plan["pretrain_patch_size"])):
+            raise cls.layout_error(ssl_plan, "ncc_window", "window larger than the patch")
+        if any(int(w) % 2 == 0 for w in window):
+            raise cls.layout_error(ssl_plan, "ncc_window", "window sizes must be odd (centred box)")
+        return []
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__(network, method_plan, ssl_plan, num_input_channels)
@@ -566,34 +623,34 @@ class GVSL(SSLMethod):
         layout = self.layout
         self.patch = [int(p) for p in self.required_patch_size(method_plan)]
         _require(len(self.patch) == 3, "pair_patch", f"needs 3 axes, got {self.patch}")
-        win = layout.get("ncc_window", 9)
+        win = layout["ncc_window"]
         win = [int(win)] * 3 if _is_num(win) else [int(w) for w in win]
         _require(len(win) == 3 and all(w >= 1 and w % 2 == 1 for w in win), "ncc_window",
                  f"needs 3 odd sizes >= 1, got {win}")
         _require(all(w <= p for w, p in zip(win, self.patch)), "ncc_window",
                  f"window {win} larger than the patch {self.patch}")
         self.window = win
-        bounds = layout.get("affine_bounds", [math.pi / 9, 0.25, math.pi / 18])
+        bounds = layout["affine_bounds"]
         _require(len(bounds) == 3 and all(_is_num(b) and b >= 0 for b in bounds), "affine_bounds",
                  f"needs [rotation, scale, shear] >= 0, got {bounds}")
         _require(bounds[1] < 1, "affine_bounds", "scale bound must be < 1 (scale 1 ± bound)")
         self.affine_bounds = [float(b) for b in bounds]
-        weights = layout.get("weights", [1.0, 1.0, 1.0])
+        weights = layout["weights"]
         _require(len(weights) == 3 and all(_is_num(w) and w >= 0 for w in weights), "weights",
                  f"needs [ncc, smooth, restore] >= 0, got {weights}")
         self.weights = [float(w) for w in weights]
-        self.affine_grad = bool(layout.get("affine_grad", True))
-        self.spatial_aug = layout.get("spatial_aug") or None
+        self.affine_grad = bool(layout["affine_grad"])
+        self.spatial_aug = layout["spatial_aug"] or None
         if self.spatial_aug is not None:
             for key in ("rotation", "scale", "shear", "translation"):
                 _require(key in self.spatial_aug, f"spatial_aug.{key}", "missing")
-        self.appearance = {**DEFAULT_APPEARANCE, **(layout.get("appearance") or {})}
-        self.intensity = {**DEFAULT_INTENSITY, **(layout.get("intensity") or {})}
+        self.appearance = {**DEFAULT_APPEARANCE, **(layout["appearance"] or {})}
+        self.intensity = {**DEFAULT_INTENSITY, **(layout["intensity"] or {})}
         _require(self.intensity["mode"] in ("per_patch", "fixed"), "intensity.mode",
                  f"must be per_patch or fixed, got {self.intensity['mode']!r}")
         _require(self.intensity["mode"] != "fixed" or self.intensity.get("range") is not None, "intensity.range",
                  "mode 'fixed' needs a range [lo, hi] (or one per channel) in normalised units")
-        self.pair_sampling = str(layout.get("pair_sampling", "matched"))
+        self.pair_sampling = str(layout["pair_sampling"])
         _require(self.pair_sampling in ("matched", "independent"), "pair_sampling",
                  f"must be matched or independent, got {self.pair_sampling!r}")
         self.shuffle_window, self.shuffle_count = _shuffle_geometry(self.patch, {**layout,
@@ -601,9 +658,9 @@ class GVSL(SSLMethod):
 
         c_global = int(network.encoder.output_channels[-1])
         c_local = int(network.encoder.output_channels[0])
-        self.affine_head = AffineHead(c_global, int(layout.get("affine_hidden", 256)))
-        self.deform_head = DeformHead(c_local, int(layout.get("deform_hidden", 16)))
-        self.restore_head = RestoreHead(c_local, int(layout.get("restore_hidden", 16)), num_input_channels)
+        self.affine_head = AffineHead(c_global, int(layout["affine_hidden"]))
+        self.deform_head = DeformHead(c_local, int(layout["deform_hidden"]))
+        self.restore_head = RestoreHead(c_local, int(layout["restore_hidden"]), num_input_channels)
 
     @classmethod
     def required_patch_size(cls, method_plan: dict) -> List[int]:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ssl_nnunet.methods import register
-from ssl_nnunet.methods.base import SSLMethod
+from ssl_nnunet.methods.base import PlanningContext, SSLMethod, divides
 from ssl_nnunet.methods.features import check_unet, cumulative_strides, forward_features
 from ssl_nnunet.methods.masking import (expand_mask, masked_mse, per_unit_target, random_block_mask,
                                         unit_grid)
@@ -56,7 +56,24 @@ class MAE(SSLMethod):
     """
 
     name = "mae"
-    trained_parts = ("encoder and decoder (the reconstruction decoder is the nnU-Net decoder)")
+    trained_parts = "encoder and decoder (the reconstruction decoder is the nnU-Net decoder)"
+    layout_defaults = {"mask_ratio": 0.75, "target": "none", "variant": "sparse"}
+
+    @classmethod
+    def default_layout(cls, ctx: PlanningContext):
+        """Mask unit q; re-masked stages: those whose cumulative stride divides q (METHODS.md §8)."""
+        q = ctx.mask_quantum
+        d = cls.layout_defaults
+        layout = {"mask_unit": list(q), "mask_ratio": d["mask_ratio"],
+                  "remask_strides": [s for s in ctx.cumulative_strides if divides(s, q)],
+                  "target": d["target"], "variant": d["variant"]}
+        return list(ctx.patch_size), layout
+
+    @classmethod
+    def check_layout(cls, method_plan: dict, ssl_plan: dict):
+        if not divides(method_plan["layout"]["mask_unit"], method_plan["pretrain_patch_size"]):
+            raise cls.layout_error(ssl_plan, "mask_unit", "does not divide the patch")
+        return []
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__(network, method_plan, ssl_plan, num_input_channels)
@@ -66,13 +83,13 @@ class MAE(SSLMethod):
         if "mask_unit" not in layout:
             raise SSLInputError("ssl layout of 'mae' has no 'mask_unit'; re-run the SSL planner")
         self.mask_unit = tuple(_per_axis(layout["mask_unit"], ndim, "mask_unit"))
-        self.mask_ratio = float(layout.get("mask_ratio", 0.75))
+        self.mask_ratio = float(layout["mask_ratio"])
         if not 0.0 < self.mask_ratio < 1.0:
             raise SSLInputError(f"ssl layout of 'mae': mask_ratio must lie in (0, 1), got {self.mask_ratio}")
-        self.target = str(layout.get("target", "none"))
+        self.target = str(layout["target"])
         if self.target not in TARGETS:
             raise SSLInputError(f"ssl layout of 'mae': target must be one of {TARGETS}, got '{self.target}'")
-        self.variant = str(layout.get("variant", "sparse"))
+        self.variant = str(layout["variant"])
         if self.variant not in VARIANTS:
             raise SSLInputError(f"ssl layout of 'mae': variant must be one of {VARIANTS}, got '{self.variant}'")
 

@@ -55,12 +55,13 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ssl_nnunet.methods import register
-from ssl_nnunet.methods.base import SSLMethod
+from ssl_nnunet.methods.base import PlanningContext, SSLMethod, divides
 from ssl_nnunet.methods.features import check_unet, cumulative_strides
 from ssl_nnunet.methods.masking import (expand_mask, masked_mse, num_hidden_units, per_unit_target,
                                         random_block_mask, unit_grid)
@@ -198,6 +199,38 @@ def _per_axis(value, ndim: int, key: str) -> List[int]:
 
 # ------------------------------------------------------------------------------------------------------------
 
+def _mim_u2(P: int, q: int) -> int:
+    candidates = [d for d in range(2 * q, P + 1, 2 * q) if P % d == 0]
+    if not candidates:
+        candidates = [d for d in range(q, P + 1, q) if P % d == 0]
+    return min(candidates, key=lambda d: (abs(d - P / 6), d))
+
+
+def mim_layout(patch: List[int], quantum: List[int], median_shape: Sequence[float]) -> dict:
+    """MiM (METHODS.md §6.4): X1 = r1 ⊙ P (r1 = 2, or 1 where 2P exceeds the median shape), level-1 grid g1 = r1
+    (units of P/r1 in x1 = native P-sized level-2 regions), u2 ≈ P/6 (multiple of 2q), level 3 = a u2 region
+    zoomed to P.
+
+    Small-image fallback: when r1 = 1 on every axis (images smaller than 2P everywhere) a single level-1 unit
+    would leave nothing visible next to the hidden one. Then X1 = P is split into halves (g1 = 2 wherever P/2 is
+    still a multiple of q) and a level-2 volume is a hidden half upsampled to P (``level2_zoom`` = g1 / r1).
+    """
+    d = MiM.layout_defaults
+    r1 = [1 if 2 * P > m else 2 for P, m in zip(patch, median_shape)]
+    grid1 = list(r1)
+    if int(np.prod(r1)) == 1:
+        grid1 = [2 if P % (2 * q) == 0 else 1 for P, q in zip(patch, quantum)]
+    u2 = [_mim_u2(P, q) for P, q in zip(patch, quantum)]
+    n1 = int(np.prod(grid1))
+    n_hidden1 = int(math.floor(d["ratios"][0] * n1 + 0.5))
+    return {"r1": r1, "level1_region": [r * P for r, P in zip(r1, patch)],
+            "level1_unit": [P // g for P, g in zip(patch, grid1)], "level2_zoom": [g // r for g, r in zip(grid1, r1)],
+            "u2": u2, "level3_zoom": [P // u for P, u in zip(patch, u2)],
+            "ratios": list(d["ratios"]), "gamma": max(1, min(4, n_hidden1)), "beta": d["beta"], "alpha": d["alpha"],
+            "tau": d["tau"], "proj_dim": d["proj_dim"], "align_stride": list(quantum), "target": d["target"],
+            "level_weights": list(d["level_weights"])}
+
+
 @dataclass
 class MiMViews:
     """The three levels of one batch (shapes with B samples, γ, β from the layout, P the network input).
@@ -234,7 +267,66 @@ class MiM(SSLMethod):
 
     name = "mim"
     trained_parts = ("encoder and reconstruction decoder (the MiM paper transfers the encoder only: use "
-                    "ssl_nnunet_finetune --encoder-only for that protocol)")
+                     "ssl_nnunet_finetune --encoder-only for that protocol)")
+    layout_defaults = {"ratios": [0.5, 0.6, 0.5], "beta": 2, "alpha": 0.1, "tau": 0.2, "proj_dim": 2048,
+                       "target": "per_unit", "level_weights": [1.0, 1.0, 1.0]}
+
+    # ---------------------------------------------------------------------------------------------- planning
+    @classmethod
+    def default_layout(cls, ctx: PlanningContext):
+        """:func:`mim_layout` of the plan's patch; on the GPU profile the patch is capped at
+        ``plans/profiles.json``'s ``mim_max_patch_size`` (a multiple of the total stride)."""
+        patch, S = list(ctx.patch_size), ctx.total_stride
+        if not ctx.is_cpu:
+            from plans import load_shipped
+            cap = load_shipped("profiles.json")["gpu"]["mim_max_patch_size"]
+            patch = [min(P, max(s, (cap // s) * s)) for P, s in zip(patch, S)]
+        return patch, mim_layout(patch, ctx.mask_quantum, ctx.median_shape)
+
+    @classmethod
+    def finalize_layout(cls, pretrain_patch_size, layout, ctx):
+        """gamma never exceeds the hidden level-1 units (the shipped overrides may ask for more)."""
+        n1 = int(np.prod([P // u for P, u in zip(pretrain_patch_size, layout["level1_unit"])]))
+        layout["gamma"] = min(layout["gamma"], int(math.floor(layout["ratios"][0] * n1 + 0.5)))
+        return layout
+
+    @classmethod
+    def check_layout(cls, method_plan: dict, ssl_plan: dict):
+        q = ssl_plan["mask_quantum"]
+        median = ssl_plan.get("median_shape", [float("inf")] * 3)
+        mi, mp = method_plan["layout"], method_plan["pretrain_patch_size"]
+        warnings = []
+
+        def fail(key, what):
+            raise cls.layout_error(ssl_plan, key, what)
+
+        if not divides(q, mi["level1_unit"]) or not divides(mi["level1_unit"], mp):
+            fail("level1_unit", f"{mi['level1_unit']} must divide the patch {mp} and be a multiple of {q}")
+        if not divides(mi["u2"], mp) or not divides(q, mi["u2"]):
+            fail("u2", f"{mi['u2']} must divide the patch {mp} and be a multiple of {q}")
+        if list(mi["level1_region"]) != [r * P for r, P in zip(mi["r1"], mp)]:
+            fail("level1_region", f"{mi['level1_region']} must equal r1 {mi['r1']} times the patch {mp}")
+        if any(r > md for r, md in zip(mi["level1_region"], median)):
+            warnings.append(f"mim level-1 region {mi['level1_region']} exceeds the median image shape {median}")
+        grid1 = [P // u for P, u in zip(mp, mi["level1_unit"])]
+        region2 = [R // g for R, g in zip(mi["level1_region"], grid1)]
+        if not divides(grid1, mi["level1_region"]) or not divides(region2, mp):
+            fail("level1_unit", f"the native level-2 region level1_region / (patch / level1_unit) = {region2} "
+                                f"must divide the patch {mp}")
+        ratios = mi["ratios"]
+        if len(ratios) != 3 or not all(0 < r < 1 for r in ratios):
+            fail("ratios", f"{ratios} must be three mask ratios in (0, 1)")
+        n1, n2 = int(np.prod(grid1)), int(np.prod([P // u for P, u in zip(mp, mi["u2"])]))
+        hidden1 = math.floor(ratios[0] * n1 + 0.5)
+        if n1 < 2:
+            warnings.append(f"mim: the level-1 region {mi['level1_region']} has a single unit; 'ssl_nnunet_pretrain "
+                            f"-m mim' will refuse this plan (use a smaller patch)")
+        elif not 1 <= mi["gamma"] <= hidden1 or hidden1 >= n1:
+            fail("gamma", f"gamma {mi['gamma']} must lie in [1, {hidden1}] (hidden level-1 units of {n1}, at least "
+                          f"one visible)")
+        if not 0 <= mi["beta"] <= math.floor(ratios[1] * n2 + 0.5):
+            fail("beta", f"beta {mi['beta']} exceeds the hidden level-2 units")
+        return warnings
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__(network, method_plan, ssl_plan, num_input_channels)
@@ -281,7 +373,7 @@ class MiM(SSLMethod):
                 f"The images are smaller than two patches on every axis; re-run the SSL planner (it then splits "
                 f"the patch into halves, the zoom fallback) or use a smaller patch / another -profile.")
 
-        self.ratios = [float(r) for r in lay.get("ratios", [0.5, 0.6, 0.5])]
+        self.ratios = [float(r) for r in lay["ratios"]]
         if len(self.ratios) != 3 or not all(0.0 < r < 1.0 for r in self.ratios):
             raise SSLInputError(f"ssl layout of 'mim': ratios must be three values in (0, 1), got {self.ratios}")
         self.gamma, self.beta = int(lay["gamma"]), int(lay["beta"])
@@ -297,14 +389,14 @@ class MiM(SSLMethod):
         if not 0 <= self.beta <= self.n_hidden[1]:
             raise SSLInputError(f"ssl layout of 'mim': beta = {self.beta} must lie in [0, {self.n_hidden[1]}] "
                                 f"(hidden level-2 units)")
-        self.alpha = float(lay.get("alpha", 0.1))
-        self.tau = float(lay.get("tau", 0.2))
+        self.alpha = float(lay["alpha"])
+        self.tau = float(lay["tau"])
         if self.tau <= 0:
             raise SSLInputError(f"ssl layout of 'mim': tau must be > 0, got {self.tau}")
-        self.level_weights = [float(w) for w in lay.get("level_weights", [1.0, 1.0, 1.0])]
+        self.level_weights = [float(w) for w in lay["level_weights"]]
         if len(self.level_weights) != 3:
             raise SSLInputError(f"ssl layout of 'mim': level_weights must have 3 entries, got {self.level_weights}")
-        self.target = str(lay.get("target", "per_unit"))
+        self.target = str(lay["target"])
         if self.target not in TARGETS:
             raise SSLInputError(f"ssl layout of 'mim': target must be one of {TARGETS}, got '{self.target}'")
 

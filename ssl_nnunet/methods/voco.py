@@ -71,7 +71,7 @@ import torch
 from torch import nn
 
 from ssl_nnunet.methods import register
-from ssl_nnunet.methods.base import SSLMethod
+from ssl_nnunet.methods.base import PlanningContext, SSLMethod, divides
 from ssl_nnunet.methods.features import check_unet, cumulative_strides, encoder_forward
 from ssl_nnunet.utilities.errors import SSLInputError
 
@@ -328,6 +328,33 @@ def position_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return (logits.argmax(-1) == labels.argmax(-1)).float().mean()
 
 
+# ------------------------------------------------------------------------------------------------ planning
+
+def voco_layout(patch: List[int], total_stride: List[int], median_shape: Sequence[float], a_op: int,
+                cpu: bool) -> dict:
+    """Crop c = P / 2 (a multiple of the total stride S), a base grid g of 2 (CPU profiles) or up to 4 crops per
+    in-plane axis (as many as the median image holds; g = 1 on the out-of-plane axis ``a_op``), region
+    R = g ⊙ c, and the constants of :attr:`VoCo.layout_defaults` (METHODS.md §8)."""
+    crop = [max(S, (P // (2 * S)) * S) for P, S in zip(patch, total_stride)]
+    grid = [1, 1, 1]
+    for ax in range(3):
+        if ax == a_op:
+            continue
+        while True:
+            g = 2 if cpu else min(4, int(median_shape[ax] // crop[ax]))
+            if g >= 2 or crop[ax] // 2 < total_stride[ax] or (crop[ax] // 2) % total_stride[ax]:
+                grid[ax] = max(g, 2)
+                break
+            crop[ax] //= 2
+    region = [g * c for g, c in zip(grid, crop)]
+    d = copy.deepcopy(VoCo.layout_defaults)
+    return {"crop_size": crop, "base_grid": grid, "region_size": region, "n_target_crops": d["n_target_crops"],
+            "lambda_reg": d["lambda_reg"], "loss_variant": d["loss_variant"], "region_mode": d["region_mode"],
+            "proj_dims": d["proj_dims"], "projector_norm": d["projector_norm"], "logit_clamp": d["logit_clamp"],
+            "use_ema_teacher": d["use_ema_teacher"], "ema_momentum": d["ema_momentum"],
+            "augmentation": d["augmentation"]}
+
+
 # ------------------------------------------------------------------------------------------------ method
 
 def _int_list(value, ndim: int, key: str) -> List[int]:
@@ -359,7 +386,35 @@ class VoCo(SSLMethod):
     """
 
     name = "voco"
-    trained_parts = ("encoder only; the decoder is exported at its random initialisation")
+    trained_parts = "encoder only; the decoder is exported at its random initialisation"
+    layout_defaults = {"n_target_crops": 4, "lambda_reg": 1.0, "loss_variant": "paper", "region_mode": "native",
+                       "proj_dims": [2048, 2048, 2048], "projector_norm": "batch", "logit_clamp": "hard",
+                       "use_ema_teacher": False, "ema_momentum": 0.9, "augmentation": dict(DEFAULT_AUGMENTATION),
+                       "pool": "avg"}
+
+    # ---------------------------------------------------------------------------------------------- planning
+    @classmethod
+    def default_layout(cls, ctx: PlanningContext):
+        """:func:`voco_layout`; the network input is one crop."""
+        layout = voco_layout(list(ctx.patch_size), ctx.total_stride, ctx.median_shape, ctx.out_of_plane_axis,
+                             ctx.is_cpu)
+        return list(layout["crop_size"]), layout
+
+    @classmethod
+    def check_layout(cls, method_plan: dict, ssl_plan: dict):
+        S = ssl_plan["total_stride"]
+        median = ssl_plan.get("median_shape", [float("inf")] * 3)
+        a_op = int(ssl_plan.get("out_of_plane_axis", 0))
+        v = method_plan["layout"]
+        if not divides(S, v["crop_size"]):
+            raise cls.layout_error(ssl_plan, "crop_size", f"{v['crop_size']} is not a multiple of {S}")
+        if list(v["region_size"]) != [g * c for g, c in zip(v["base_grid"], v["crop_size"])]:
+            raise cls.layout_error(ssl_plan, "region_size", "must equal base_grid x crop_size")
+        if int(v["base_grid"][a_op]) != 1:
+            raise cls.layout_error(ssl_plan, "base_grid", f"{v['base_grid']} splits the out-of-plane axis {a_op}")
+        if any(r > md for r, md in zip(v["region_size"], median)):
+            return [f"voco region {v['region_size']} exceeds the median image shape {median}; regions get padded"]
+        return []
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__(network, method_plan, ssl_plan, num_input_channels)
@@ -387,41 +442,41 @@ class VoCo(SSLMethod):
             raise SSLInputError(f"ssl plan of 'voco': pretrain_patch_size {method_plan['pretrain_patch_size']} must "
                                 f"equal crop_size {self.crop} (the network input)")
         self.n_bases = math.prod(self.grid)
-        self.n_targets = int(layout.get("n_target_crops", 4))
+        self.n_targets = int(layout["n_target_crops"])
         if self.n_targets < 1:
             raise SSLInputError("ssl layout of 'voco': n_target_crops must be >= 1")
-        self.lambda_reg = float(layout.get("lambda_reg", 1.0))
-        self.loss_variant = str(layout.get("loss_variant", "paper"))
+        self.lambda_reg = float(layout["lambda_reg"])
+        self.loss_variant = str(layout["loss_variant"])
         if self.loss_variant not in LOSS_VARIANTS:
             raise SSLInputError(f"ssl layout of 'voco': loss_variant must be one of {LOSS_VARIANTS}, got "
                                 f"'{self.loss_variant}'")
-        self.logit_clamp = str(layout.get("logit_clamp", "hard"))
+        self.logit_clamp = str(layout["logit_clamp"])
         if self.logit_clamp not in LOGIT_CLAMPS:
             raise SSLInputError(f"ssl layout of 'voco': logit_clamp must be one of {LOGIT_CLAMPS}, got "
                                 f"'{self.logit_clamp}'")
-        region_mode = str(layout.get("region_mode", "native"))
+        region_mode = str(layout["region_mode"])
         if region_mode not in REGION_MODES:
             raise SSLInputError(f"ssl layout of 'voco': region_mode '{region_mode}' is not implemented (only "
                                 f"'native': the loader cuts the region at the plan's spacing)")
         a_op = int(ssl_plan.get("out_of_plane_axis", 0)) if ssl_plan else 0
         self.in_plane_axes = tuple(ax for ax in range(ndim) if ax != a_op)
-        aug = {**DEFAULT_AUGMENTATION, **(layout.get("augmentation") or {})}
+        aug = {**type(self).layout_defaults["augmentation"], **(layout["augmentation"] or {})}
         self.augmentation = {k: float(aug[k]) for k in DEFAULT_AUGMENTATION}
 
         # projector: BN over all crops of the step, LayerNorm when there are too few crops (METHODS.md §10 row 3)
-        norm = str(layout.get("projector_norm", "batch"))
+        norm = str(layout["projector_norm"])
         if norm not in PROJECTOR_NORMS:
             raise SSLInputError(f"ssl layout of 'voco': projector_norm must be one of {PROJECTOR_NORMS}, got "
                                 f"'{norm}'")
-        crops_per_step = int(method_plan.get("batch_size", 2)) * (self.n_bases + self.n_targets)
+        crops_per_step = int(method_plan["batch_size"]) * (self.n_bases + self.n_targets)
         if norm == "batch" and crops_per_step < MIN_CROPS_FOR_BATCHNORM:
             warnings.warn(f"voco: {crops_per_step} crops per step < {MIN_CROPS_FOR_BATCHNORM}; the projector uses "
                           f"LayerNorm instead of BatchNorm1d")
             norm = "layer"
-        proj_dims = layout.get("proj_dims", [2048, 2048, 2048])
+        proj_dims = layout["proj_dims"]
         if not isinstance(proj_dims, (list, tuple)) or not proj_dims or any(int(d) < 1 for d in proj_dims):
             raise SSLInputError(f"ssl layout of 'voco': proj_dims must be a non-empty list of ints, got {proj_dims!r}")
-        self.pool = str(layout.get("pool", "avg"))
+        self.pool = str(layout["pool"])
         if self.pool not in POOLS:
             raise SSLInputError(f"ssl layout of 'voco': pool must be one of {POOLS}, got '{self.pool}'")
         in_dim = sum(int(c) for c in network.encoder.output_channels) * (2 if self.pool == "avgmax" else 1)
@@ -433,8 +488,8 @@ class VoCo(SSLMethod):
             for p in part.parameters():
                 p.requires_grad_(False)
 
-        self.use_ema_teacher = bool(layout.get("use_ema_teacher", False))
-        mom = layout.get("ema_momentum", 0.9)
+        self.use_ema_teacher = bool(layout["use_ema_teacher"])
+        mom = layout["ema_momentum"]
         self.ema_momentum = [float(mom), float(mom)] if isinstance(mom, (int, float)) else [float(m) for m in mom]
         if len(self.ema_momentum) != 2 or not all(0.0 <= m <= 1.0 for m in self.ema_momentum):
             raise SSLInputError(f"ssl layout of 'voco': ema_momentum must be a number or [start, end] in [0, 1], "

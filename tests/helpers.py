@@ -1,0 +1,61 @@
+"""Shared test helpers: synthetic nnU-Net raw datasets and the plan -> preprocess path (cpu_smoke).
+
+Imported by test modules as ``from helpers import ...`` (pytest puts ``tests/`` on ``sys.path``); the nnU-Net
+folders are set by ``conftest.py`` before anything imports nnunetv2.
+"""
+import os
+
+import numpy as np
+
+
+def write_synthetic_dataset(dataset_id: int, name: str, n_cases: int = 4, shape=(40, 44, 48),
+                            spacing=(2.0, 2.0, 2.0), labeled: bool = False, channel_names=None, seed: int = 0):
+    """A small nnU-Net raw dataset of noisy ellipsoid 'bodies' (array order z, y, x); returns its folder."""
+    import SimpleITK as sitk
+    from ssl_nnunet.utilities.file_io import atomic_save_json
+    channel_names = channel_names or {"0": "MRI"}
+    folder = os.path.join(os.environ["nnUNet_raw"], f"Dataset{dataset_id:03d}_{name}")
+    os.makedirs(os.path.join(folder, "imagesTr"), exist_ok=True)
+    if labeled:
+        os.makedirs(os.path.join(folder, "labelsTr"), exist_ok=True)
+    rng = np.random.RandomState(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    for i in range(n_cases):
+        radii = rng.uniform(0.6, 0.85, 3)
+        body = (grid ** 2 / radii[:, None, None, None] ** 2).sum(0) < 1
+        inner = (grid ** 2 / (0.5 * radii[:, None, None, None]) ** 2).sum(0) < 1
+        case = f"{name}_{i:03d}"
+        for c in range(len(channel_names)):
+            img = 100.0 * body + 80.0 * inner + rng.normal(0, 5, shape) * body
+            itk = sitk.GetImageFromArray(img.astype(np.float32))
+            itk.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+            sitk.WriteImage(itk, os.path.join(folder, "imagesTr", f"{case}_{c:04d}.nii.gz"))
+        if labeled:
+            seg = sitk.GetImageFromArray((body.astype(np.uint8) + inner.astype(np.uint8)))
+            seg.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+            sitk.WriteImage(seg, os.path.join(folder, "labelsTr", f"{case}.nii.gz"))
+    labels = {"background": 0, "body": 1, "inner": 2} if labeled else {"background": 0}
+    atomic_save_json({"channel_names": channel_names, "labels": labels, "numTraining": n_cases,
+                      "file_ending": ".nii.gz"}, os.path.join(folder, "dataset.json"))
+    return folder
+
+
+def prepare_planned_dataset(dataset_id: int, name: str, method: str = None, method_updates: dict = None, **kw):
+    """Synthetic dataset -> fingerprint -> cpu_smoke sslPlans.json -> preprocessing; optionally update the plan
+    entry of ``method`` (e.g. ``iterations_per_epoch``). Returns the path of sslPlans.json."""
+    import json
+    from experiment_planning.fingerprint import extract_fingerprint
+    from experiment_planning.planner import plan_experiment
+    from experiment_planning.preprocess import preprocess
+    write_synthetic_dataset(dataset_id, name, **kw)
+    extract_fingerprint(dataset_id, 1, verbose=False)
+    plan_experiment(dataset_id, "cpu_smoke", verbose=False)
+    preprocess(dataset_id, num_processes=1, verbose=False)
+    path = os.path.join(os.environ["nnUNet_preprocessed"], f"Dataset{dataset_id:03d}_{name}", "sslPlans.json")
+    if method_updates:
+        with open(path) as f:
+            plans = json.load(f)
+        plans["ssl"]["methods"][method].update(method_updates)
+        with open(path, "w") as f:
+            json.dump(plans, f)
+    return path
