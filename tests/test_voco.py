@@ -255,15 +255,18 @@ def test_loss_decreases_on_a_fixed_batch_and_decoder_stays_at_init(variant, teac
 
 def test_ema_momentum_schedule_and_update():
     m = build(use_ema_teacher=True, ema_momentum=[0.5, 1.0])
-    assert m.ema_momentum_at(0, 10) == pytest.approx(0.5) and m.ema_momentum_at(10, 10) == pytest.approx(1.0)
+    # the update after step `step` uses i = step + 1 steps done (ssl_nnunet.methods.ema)
+    assert m.ema_momentum_at(-1, 10) == pytest.approx(0.5) and m.ema_momentum_at(9, 10) == pytest.approx(1.0)
+    mu = m.ema_momentum_at(0, 10)
+    assert mu == pytest.approx(1.0 - 0.5 * (math.cos(math.pi / 10) + 1) / 2)
     with torch.no_grad():
         for p in m.network.encoder.parameters():
             p.add_(1.0)
     before = {k: v.clone() for k, v in m.teacher.encoder.state_dict().items()}
-    m.after_optimizer_step(0, 10)  # mu = 0.5: teacher moves half-way
+    m.after_optimizer_step(0, 10)  # teacher moves by 1 - mu towards the student
     for k, v in m.teacher.encoder.state_dict().items():
         if v.dtype.is_floating_point:
-            torch.testing.assert_close(v, 0.5 * before[k] + 0.5 * m.network.encoder.state_dict()[k])
+            torch.testing.assert_close(v, mu * before[k] + (1 - mu) * m.network.encoder.state_dict()[k])
 
 
 def test_layout_errors_and_projector_norm():

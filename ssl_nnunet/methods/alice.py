@@ -48,7 +48,6 @@ Layout keys (``method_plan["layout"]``): ``crop_size`` (= P), ``mask_unit`` (u),
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -60,6 +59,7 @@ from ssl_nnunet.methods import register
 from ssl_nnunet.methods.alice_matcher import (MATCHERS, CrossVolumeMatcher, MatchedPairSampler,
                                               plan_out_of_plane_axis)
 from ssl_nnunet.methods.base import SSLMethod
+from ssl_nnunet.methods.ema import frozen_copy, paired_tensors
 from ssl_nnunet.methods.features import check_unet, cumulative_strides, run_encoder
 from ssl_nnunet.methods.masking import (expand_mask, mask_at_resolution, masked_mse, num_hidden_units,
                                         per_unit_target, random_block_mask, unit_grid)
@@ -300,7 +300,7 @@ class Alice(SSLMethod):
             raise SSLInputError(f"Alice needs a network with num_classes = C_in = {num_input_channels}, got {n_out}")
 
         # target encoder: a dense copy taken *before* the online encoder is made sparse
-        self.target_encoder = copy.deepcopy(network.encoder)
+        self.target_encoder = frozen_copy(network.encoder)
         convert_encoder_to_sparse(network)
         remasked = [all(u % s == 0 for u, s in zip(self.mask_unit, st)) for st in strides]
         self.densify = Densify(network.encoder.output_channels, network.encoder.conv_op, masked_stages=remasked)
@@ -309,7 +309,7 @@ class Alice(SSLMethod):
         casa_dim = int(layout["casa"]["dim"])
         c_tok = int(network.encoder.output_channels[self.token_stage])
         self.phi = ProjectionHead(c_tok, hidden, bottleneck, out_dim)
-        self.psi = copy.deepcopy(self.phi)
+        self.psi = frozen_copy(self.phi)
         self.casa = CASA(c_tok, out_dim, casa_dim, int(layout["casa"]["heads"]))
         use_predictor = bool(layout.get("use_predictor", False))
         self.pred_dv = predictor_mlp(out_dim, hidden) if use_predictor else None
@@ -320,13 +320,9 @@ class Alice(SSLMethod):
             raise SSLInputError(f"ssl layout of 'alice': center_momentum must lie in [0, 1) or be null, got {momentum}")
         self.register_buffer("center_dv", torch.zeros(out_dim))
         self.register_buffer("center_st", torch.zeros(casa_dim))
-        for module in (self.target_encoder, self.psi):
-            module.requires_grad_(False)
-            module.eval()
-        self._ema_pairs = [(self.target_encoder, self.network.encoder), (self.psi, self.phi)]
-        for teacher, student in self._ema_pairs:
-            if list(teacher.state_dict()) != list(student.state_dict()):
-                raise RuntimeError("alice: teacher and student state dicts differ in their keys")
+        for student, teacher in self.ema_pairs():
+            teacher.eval()
+            paired_tensors(student, teacher)  # raises if the sparse conversion changed the encoder's tensors
 
     # ---------------------------------------------------------------- plumbing
     @classmethod
@@ -362,24 +358,13 @@ class Alice(SSLMethod):
         return self
 
     # ---------------------------------------------------------------- EMA
-    def ema_momentum(self, step: int, total_steps: int) -> float:
-        """``mu(i) = mu1 - (mu1 - mu0) (cos(pi i / I) + 1) / 2`` with ``i = step + 1`` (after that step)."""
-        mu0, mu1 = self.ema
-        i = min(step + 1, max(total_steps, 1))
-        return mu1 - (mu1 - mu0) * (math.cos(math.pi * i / max(total_steps, 1)) + 1.0) / 2.0
+    def ema_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
+        """(online encoder, target encoder) and (phi, psi)."""
+        return [(self.network.encoder, self.target_encoder), (self.phi, self.psi)]
 
-    @torch.no_grad()
-    def ema_update(self, momentum: float) -> None:
-        """``theta_t <- mu theta_t + (1 - mu) theta_s`` for (target encoder, online encoder) and (psi, phi),
-        over parameters and floating-point buffers with the same names (other buffers are copied)."""
-        for teacher, student in self._ema_pairs:
-            src = student.state_dict()
-            for name, t in teacher.state_dict().items():
-                s = src[name].detach()
-                if t.is_floating_point():
-                    t.lerp_(s.to(t.dtype), 1.0 - momentum)
-                else:
-                    t.copy_(s)
+    def ema_momentum_range(self) -> Tuple[float, float]:
+        """``(mu0, mu1) = layout.ema``."""
+        return self.ema
 
     @torch.no_grad()
     def casa_teacher(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -403,9 +388,6 @@ class Alice(SSLMethod):
                 dist.all_reduce(mean)
                 mean /= dist.get_world_size()
             getattr(self, name).mul_(self.center_momentum).add_(mean, alpha=1.0 - self.center_momentum)
-
-    def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        self.ema_update(self.ema_momentum(step, total_steps))
 
     # ---------------------------------------------------------------- views and branches
     def sample_mask(self, views: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:

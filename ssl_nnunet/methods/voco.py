@@ -61,8 +61,6 @@ Layout keys (``method_plan["layout"]``):
 """
 from __future__ import annotations
 
-import copy
-import itertools
 import math
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -72,6 +70,7 @@ from torch import nn
 
 from ssl_nnunet.methods import register
 from ssl_nnunet.methods.base import SSLMethod
+from ssl_nnunet.methods.ema import frozen_copy
 from ssl_nnunet.methods.features import check_unet, cumulative_strides, encoder_forward
 from ssl_nnunet.utilities.errors import SSLInputError
 
@@ -440,10 +439,8 @@ class VoCo(SSLMethod):
             raise SSLInputError(f"ssl layout of 'voco': ema_momentum must be a number or [start, end] in [0, 1], "
                                 f"got {mom!r}")
         if self.use_ema_teacher:
-            self.teacher = _EncoderHolder(copy.deepcopy(network.encoder))
-            self.teacher_projector = copy.deepcopy(self.projector)
-            for p in list(self.teacher.parameters()) + list(self.teacher_projector.parameters()):
-                p.requires_grad_(False)
+            self.teacher = _EncoderHolder(frozen_copy(network.encoder))
+            self.teacher_projector = frozen_copy(self.projector)
         else:
             self.teacher = None
             self.teacher_projector = None
@@ -514,26 +511,15 @@ class VoCo(SSLMethod):
         return {"loss": loss, "L_pred": l_pred.detach(), "L_reg": l_reg.detach(),
                 "pos_acc": position_accuracy(logits.detach(), labels), "L_pred_zero": l_pred_zero}
 
-    def ema_momentum_at(self, step: int, total_steps: int) -> float:
-        """μ(i) = μ1 − (μ1 − μ0)·(cos(π·i/I) + 1)/2 (constant when μ0 = μ1)."""
-        m0, m1 = self.ema_momentum
-        frac = min(max(step / max(1, total_steps), 0.0), 1.0)
-        return m1 - (m1 - m0) * (math.cos(math.pi * frac) + 1) / 2
-
-    @torch.no_grad()
-    def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        """EMA update of the teacher (parameters and floating-point buffers) when ``use_ema_teacher``."""
+    def ema_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
+        """(encoder, teacher encoder) and (projector, teacher projector) with ``use_ema_teacher``, else none."""
         if self.teacher is None:
-            return
-        mu = self.ema_momentum_at(step, total_steps)
-        for t_mod, s_mod in ((self.teacher.encoder, self.network.encoder), (self.teacher_projector, self.projector)):
-            # parameters()/buffers() visit every tensor once (the state dict lists aliased weights twice)
-            for t, s in itertools.chain(zip(t_mod.parameters(), s_mod.parameters()),
-                                        zip(t_mod.buffers(), s_mod.buffers())):
-                if t.dtype.is_floating_point:
-                    t.mul_(mu).add_(s.detach(), alpha=1.0 - mu)
-                else:
-                    t.copy_(s)
+            return []
+        return [(self.network.encoder, self.teacher.encoder), (self.projector, self.teacher_projector)]
+
+    def ema_momentum_range(self) -> Tuple[float, float]:
+        """``(μ0, μ1)`` from ``layout.ema_momentum`` (a constant μ gives ``(μ, μ)``)."""
+        return self.ema_momentum[0], self.ema_momentum[1]
 
     # -------------------------------------------------------------------------------------------- previews
     @torch.no_grad()
