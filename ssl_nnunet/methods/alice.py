@@ -61,6 +61,7 @@ from ssl_nnunet.methods.alice_matcher import (MATCHERS, CrossVolumeMatcher, Matc
 from ssl_nnunet.methods.base import SSLMethod
 from ssl_nnunet.methods.ema import frozen_copy, paired_tensors
 from ssl_nnunet.methods.features import check_unet, cumulative_strides, run_encoder
+from ssl_nnunet.methods.helpers import per_axis_ints, uniform
 from ssl_nnunet.methods.masking import (expand_mask, mask_at_resolution, masked_mse, num_hidden_units,
                                         per_unit_target, random_block_mask, unit_grid)
 from ssl_nnunet.methods.sparse import Densify, convert_encoder_to_sparse, sparse_masked_forward
@@ -73,21 +74,6 @@ NOISE_STD = 0.1
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-def _per_axis(value, ndim: int, key: str) -> List[int]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [int(value)] * ndim
-    if isinstance(value, (list, tuple)) and len(value) == ndim and all(isinstance(v, (int, float)) for v in value):
-        return [int(v) for v in value]
-    raise SSLInputError(f"ssl layout of 'alice': key '{key}' must be an int or a list of {ndim} ints, got {value!r}")
-
-
-def _uniform(shape: Sequence[int], low: float, high: float, device: torch.device,
-             generator: Optional[torch.Generator]) -> torch.Tensor:
-    """U(low, high) float32 of ``shape`` on ``device``, drawn on the generator's device when one is given."""
-    draw = generator.device if generator is not None else device
-    return (torch.rand(tuple(shape), generator=generator, device=draw) * (high - low) + low).to(device)
-
 
 def cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``l_s(a, b) = 2 - 2 cos(a, sg(b))`` with ``cos = a.b / (|a| |b| + 1e-8)``, averaged over all rows.
@@ -124,7 +110,7 @@ def to_tokens(feature: torch.Tensor) -> torch.Tensor:
 def random_flips(x: torch.Tensor, generator: Optional[torch.Generator] = None, p: float = 0.5) -> torch.Tensor:
     """Flip every sample of ``x (B, C, a0, a1, a2)`` along each spatial axis with probability ``p``."""
     n_ax = x.dim() - 2
-    flags = _uniform((x.shape[0], n_ax), 0.0, 1.0, x.device, generator) < p
+    flags = uniform((x.shape[0], n_ax), x.device, generator) < p
     for ax in range(n_ax):
         f = flags[:, ax].view(-1, *([1] * (x.dim() - 1)))
         x = torch.where(f, x.flip(2 + ax), x)
@@ -155,13 +141,13 @@ def strong_augment(x: torch.Tensor, out_of_plane_axis: int, generator: Optional[
     """
     x = x.float()
     b, dev = x.shape[0], x.device
-    angles = _uniform((b,), -math.radians(ROTATION_DEG), math.radians(ROTATION_DEG), dev, generator)
+    angles = uniform((b,), dev, generator, -math.radians(ROTATION_DEG), math.radians(ROTATION_DEG))
     theta = rotation_about_axis(angles, out_of_plane_axis, x.shape[2:])
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     x = random_flips(x, generator)
     shape = (b,) + (1,) * (x.dim() - 1)
-    x = x * _uniform(shape, *INTENSITY_SCALE, dev, generator) + _uniform(shape, *INTENSITY_SHIFT, dev, generator)
+    x = x * uniform(shape, dev, generator, *INTENSITY_SCALE) + uniform(shape, dev, generator, *INTENSITY_SHIFT)
     draw = generator.device if generator is not None else dev
     return x + NOISE_STD * torch.randn(x.shape, generator=generator, device=draw).to(dev)
 
@@ -266,8 +252,8 @@ class Alice(SSLMethod):
         for key in ("mask_unit", "token_stride", "head", "casa"):
             if key not in layout:
                 raise SSLInputError(f"ssl layout of 'alice' has no '{key}'; re-run the SSL planner")
-        self.mask_unit = tuple(_per_axis(layout["mask_unit"], ndim, "mask_unit"))
-        self.token_stride = tuple(_per_axis(layout["token_stride"], ndim, "token_stride"))
+        self.mask_unit = tuple(per_axis_ints(layout["mask_unit"], ndim, "mask_unit", "alice"))
+        self.token_stride = tuple(per_axis_ints(layout["token_stride"], ndim, "token_stride", "alice"))
         self.mask_ratio = float(layout.get("mask_ratio", 0.75))
         if not 0.0 < self.mask_ratio < 1.0:
             raise SSLInputError(f"ssl layout of 'alice': mask_ratio must lie in (0, 1), got {self.mask_ratio}")

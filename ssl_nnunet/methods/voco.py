@@ -72,6 +72,7 @@ from ssl_nnunet.methods import register
 from ssl_nnunet.methods.base import SSLMethod
 from ssl_nnunet.methods.ema import frozen_copy
 from ssl_nnunet.methods.features import check_unet, cumulative_strides, encoder_forward
+from ssl_nnunet.methods.helpers import per_axis_ints, split_into_cells, uniform
 from ssl_nnunet.utilities.errors import SSLInputError
 
 LOSS_VARIANTS = ("paper", "official")
@@ -88,7 +89,6 @@ COS_EPS = 1e-8
 __all__ = [
     "VoCo",
     "Projector",
-    "split_into_bases",
     "random_crop_starts",
     "extract_crops",
     "position_labels",
@@ -102,42 +102,13 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------------------ views
 
-def split_into_bases(region: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-    """Split ``region (B, C, R0, R1, R2)`` into the base grid ``g`` → ``(B, n, C, c0, c1, c2)``, ``c = R / g``.
-
-    Base ``j = (k0·g1 + k1)·g2 + k2`` covers ``[k_ax·c_ax, (k_ax+1)·c_ax)`` on every axis; the bases tile the
-    region exactly (no overlap, nothing left out).
-    """
-    b, ch = region.shape[:2]
-    spatial = region.shape[2:]
-    grid = [int(g) for g in grid]
-    if len(grid) != len(spatial) or any(s % g for s, g in zip(spatial, grid)):
-        raise ValueError(f"region {tuple(spatial)} cannot be split into a base grid {tuple(grid)}")
-    crop = [s // g for s, g in zip(spatial, grid)]
-    shape = [b, ch]
-    for g, c in zip(grid, crop):
-        shape += [g, c]
-    nd = len(grid)
-    x = region.reshape(shape)
-    # (B, C, g0, c0, g1, c1, g2, c2) -> (B, g0, g1, g2, C, c0, c1, c2)
-    perm = [0] + [2 + 2 * i for i in range(nd)] + [1] + [3 + 2 * i for i in range(nd)]
-    return x.permute(perm).reshape(b, math.prod(grid), ch, *crop)
-
-
-def _uniform(shape, device, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """``U[0, 1)`` float32 on ``device``; drawn on the generator's device (may differ) when one is given."""
-    if generator is None:
-        return torch.rand(shape, device=device)
-    return torch.rand(shape, generator=generator, device=generator.device).to(device)
-
-
 def random_crop_starts(batch_size: int, n_crops: int, region: Sequence[int], crop: Sequence[int], device=None,
                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Integer starts ``(B, n_t, 3)`` (int64), uniform in ``[0, R_ax − c_ax]``: every crop lies fully inside R."""
     hi = torch.tensor([int(r) - int(c) for r, c in zip(region, crop)], dtype=torch.float32, device=device)
     if bool((hi < 0).any()):
         raise ValueError(f"crop {tuple(crop)} is larger than the region {tuple(region)}")
-    u = _uniform((batch_size, n_crops, len(crop)), device, generator)
+    u = uniform((batch_size, n_crops, len(crop)), device, generator)
     return torch.clamp(torch.floor(u * (hi + 1)), max=hi).long()
 
 
@@ -163,7 +134,7 @@ def position_labels(starts: torch.Tensor, crop: Sequence[int], grid: Sequence[in
     """Overlap fractions ``y (B, n_t, n)`` (float32) of crops at ``starts (B, n_t, 3)`` with the base grid.
 
     ``y_j = Π_ax ov_ax(k_ax(j))``, ``ov_ax(k) = max(0, min(s + c, (k+1)·c) − max(s, k·c)) / c``, base order as in
-    :func:`split_into_bases`.
+    :func:`ssl_nnunet.methods.helpers.split_into_cells`.
     """
     s = starts.float()
     out = None
@@ -192,12 +163,12 @@ def augment_crops(crops: torch.Tensor, in_plane_axes: Tuple[int, int], p_flip: f
     x = crops
     for ax in range(crops.dim() - 2):
         if p_flip > 0:
-            flag = _uniform((n,), dev, generator) < p_flip
+            flag = uniform((n,), dev, generator) < p_flip
             x = torch.where(flag.view(bshape), x.flip(2 + ax), x)
     if p_rot90 > 0:
         a, b = (2 + in_plane_axes[0], 2 + in_plane_axes[1])
-        flag = _uniform((n,), dev, generator) < p_rot90
-        k = torch.floor(_uniform((n,), dev, generator) * 3).long() + 1  # 1, 2 or 3
+        flag = uniform((n,), dev, generator) < p_rot90
+        k = torch.floor(uniform((n,), dev, generator) * 3).long() + 1  # 1, 2 or 3
         square = x.shape[a] == x.shape[b]
         if square:
             rotated = torch.where((k == 1).view(bshape), torch.rot90(x, 1, (a, b)),
@@ -207,8 +178,8 @@ def augment_crops(crops: torch.Tensor, in_plane_axes: Tuple[int, int], p_flip: f
             rotated = torch.rot90(x, 2, (a, b))
         x = torch.where(flag.view(bshape), rotated, x)
     if p_shift > 0 and shift > 0:
-        flag = (_uniform((n,), dev, generator) < p_shift).to(x.dtype)
-        offset = (_uniform((n,), dev, generator) * 2 - 1).to(x.dtype) * shift * flag
+        flag = (uniform((n,), dev, generator) < p_shift).to(x.dtype)
+        offset = (uniform((n,), dev, generator) * 2 - 1).to(x.dtype) * shift * flag
         x = x + offset.view(bshape)
     return x
 
@@ -329,15 +300,6 @@ def position_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 # ------------------------------------------------------------------------------------------------ method
 
-def _int_list(value, ndim: int, key: str) -> List[int]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [int(value)] * ndim
-    if isinstance(value, (list, tuple)) and len(value) == ndim and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return [int(v) for v in value]
-    raise SSLInputError(f"ssl layout of 'voco': '{key}' must be an int or a list of {ndim} ints, got {value!r}")
-
-
 class _EncoderHolder(nn.Module):
     """Holds a copy of a U-Net encoder under ``.encoder`` so that :func:`encoder_forward` accepts it."""
 
@@ -370,10 +332,10 @@ class VoCo(SSLMethod):
         for key in ("crop_size", "base_grid"):
             if key not in layout:
                 raise SSLInputError(f"ssl layout of 'voco' has no '{key}'; re-run the SSL planner")
-        self.crop = _int_list(layout["crop_size"], ndim, "crop_size")
-        self.grid = _int_list(layout["base_grid"], ndim, "base_grid")
+        self.crop = per_axis_ints(layout["crop_size"], ndim, "crop_size", "voco")
+        self.grid = per_axis_ints(layout["base_grid"], ndim, "base_grid", "voco")
         self.region = [g * c for g, c in zip(self.grid, self.crop)]
-        if "region_size" in layout and _int_list(layout["region_size"], ndim, "region_size") != self.region:
+        if "region_size" in layout and per_axis_ints(layout["region_size"], ndim, "region_size", "voco") != self.region:
             raise SSLInputError(f"ssl layout of 'voco': region_size {layout['region_size']} != base_grid "
                                 f"{self.grid} x crop_size {self.crop}")
         if any(g < 1 for g in self.grid) or math.prod(self.grid) < 2:
@@ -466,7 +428,7 @@ class VoCo(SSLMethod):
             raise ValueError(f"VoCo expects regions of size {self.region} (layout region_size), got "
                              f"{list(batch.shape[2:])}")
         b, ch = batch.shape[:2]
-        bases = split_into_bases(batch, self.grid)                                     # (B, n, C, *c)
+        bases = split_into_cells(batch, self.grid)                                     # (B, n, C, *c)
         starts = random_crop_starts(b, self.n_targets, self.region, self.crop, batch.device, generator)
         targets = extract_crops(batch, starts, self.crop)                              # (B, n_t, C, *c)
         labels = position_labels(starts, self.crop, self.grid)                         # (B, n_t, n)
