@@ -61,6 +61,7 @@ from ssl_nnunet.methods.alice_matcher import (MATCHERS, CrossVolumeMatcher, Matc
 from ssl_nnunet.methods.base import SSLMethod
 from ssl_nnunet.methods.ema import frozen_copy, paired_tensors
 from ssl_nnunet.methods.features import check_unet, cumulative_strides, run_encoder
+from ssl_nnunet.methods.geometry import affine_theta
 from ssl_nnunet.methods.helpers import per_axis_ints, uniform
 from ssl_nnunet.methods.masking import (expand_mask, mask_at_resolution, masked_mse, num_hidden_units,
                                         per_unit_target, random_block_mask, unit_grid)
@@ -119,16 +120,14 @@ def random_flips(x: torch.Tensor, generator: Optional[torch.Generator] = None, p
 
 def rotation_about_axis(angles: torch.Tensor, axis: int, patch: Sequence[int]) -> torch.Tensor:
     """``affine_grid`` matrices ``(B, 3, 4)`` rotating a patch ``P = (a0, a1, a2)`` by ``angles (B,)`` (radians)
-    about its centre, in voxel units, in the plane of the two axes other than ``axis``."""
+    about its centre, in voxel units, in the plane of the two axes other than ``axis`` (normalised for
+    ``grid_sample`` by :func:`ssl_nnunet.methods.geometry.affine_theta`)."""
     b = angles.shape[0]
     rot = torch.eye(3, device=angles.device).repeat(b, 1, 1)
     i, j = [ax for ax in range(3) if ax != axis]
     c, s = torch.cos(angles), torch.sin(angles)
     rot[:, i, i], rot[:, i, j], rot[:, j, i], rot[:, j, j] = c, -s, s, c
-    half = torch.tensor([p / 2.0 for p in patch], device=angles.device)
-    rot = rot * half.view(1, 1, 3) / half.view(1, 3, 1)  # D^-1 R D: normalised -> voxel -> rotate -> normalised
-    rot = rot.flip(1).flip(2)  # affine_grid orders the coordinates (a2, a1, a0)
-    return torch.cat([rot, rot.new_zeros(b, 3, 1)], dim=2)
+    return affine_theta(rot, rot.new_zeros(b, 3), patch)
 
 
 @torch.no_grad()
