@@ -210,8 +210,8 @@ def test_ema_extremes_schedule_and_no_teacher_gradients():
     student = a.network.encoder.state_dict()
     assert all(torch.equal(v, student[k]) for k, v in a.target_encoder.state_dict().items())
     assert all(torch.equal(v, a.phi.state_dict()[k]) for k, v in a.psi.state_dict().items())
-    assert a.ema_momentum(-1, 100) == pytest.approx(0.99) and a.ema_momentum(99, 100) == pytest.approx(1.0)
-    assert 0.99 < a.ema_momentum(49, 100) < 1.0
+    assert a.ema_momentum_at(-1, 100) == pytest.approx(0.99) and a.ema_momentum_at(99, 100) == pytest.approx(1.0)
+    assert 0.99 < a.ema_momentum_at(49, 100) < 1.0
 
     a.train()
     assert not a.target_encoder.training and not a.psi.training and a.network.training

@@ -12,9 +12,10 @@ from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 
 from ssl_nnunet.methods.gvsl import gvsl_layout
 from ssl_nnunet.methods import get_method
-from ssl_nnunet.methods.gvsl import (_box_count, _box_sum, affine_matrix, affine_theta, affine_warp, bezier_intensity,
-                                     bound_affine_params, compose_displacement, gaussian_smooth, inpaint, local_ncc,
-                                     local_shuffle, ncc_loss, smoothness_loss, warp)
+from ssl_nnunet.methods.appearance import bezier_intensity, inpaint, local_shuffle
+from ssl_nnunet.methods.geometry import (affine_matrix, affine_theta, affine_warp, compose_displacement, gaussian_smooth,
+                                         warp)
+from ssl_nnunet.methods.gvsl import _box_count, _box_sum, bound_affine_params, local_ncc, ncc_loss, smoothness_loss
 from ssl_nnunet.utilities.errors import SSLInputError
 
 P = (32, 32, 32)

@@ -17,7 +17,8 @@ from experiment_planning.ssl_layout import validate_ssl_block
 from ssl_nnunet.methods.mim import mim_layout
 from ssl_nnunet.methods import get_method
 from ssl_nnunet.methods.masking import expand_mask, num_hidden_units, per_unit_target
-from ssl_nnunet.methods.mim import info_nce, resize_to, split_units, unit_boxes
+from ssl_nnunet.methods.helpers import split_into_cells
+from ssl_nnunet.methods.mim import info_nce, resize_to, unit_boxes
 from ssl_nnunet.utilities.errors import SSLInputError
 
 P = [32, 32, 32]
@@ -122,7 +123,7 @@ def test_views_nest_in_hidden_units(kind):
         region = v.x2[parent, :, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
         assert list(hi - lo) == m.u2
         assert torch.equal(v.x3[i:i + 1], resize_to(region[None], P))
-        assert torch.equal(split_units(v.x2[parent:parent + 1], m.grid2)[0, lab], region)
+        assert torch.equal(split_into_cells(v.x2[parent:parent + 1], m.grid2)[0, lab], region)
     for parent in range(B * g):
         assert len(set(v.label23[parent * b:(parent + 1) * b].tolist())) == b
 

@@ -13,9 +13,9 @@ from torch import nn
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
 from ssl_nnunet.methods import get_method
+from ssl_nnunet.methods.helpers import split_into_cells
 from ssl_nnunet.methods.voco import (augment_crops, clamp_logits, extract_crops, pairwise_cosine, position_accuracy,
-                                     position_labels, prediction_loss, random_crop_starts, regularisation_loss,
-                                     split_into_bases)
+                                     position_labels, prediction_loss, random_crop_starts, regularisation_loss)
 from ssl_nnunet.utilities.errors import SSLInputError
 
 NORM = dict(norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
@@ -64,7 +64,7 @@ def gen(seed=0):
 def test_bases_tile_the_region_exactly():
     x = torch.randn(2, 3, 8, 12, 20)
     grid = (2, 3, 4)
-    bases = split_into_bases(x, grid)
+    bases = split_into_cells(x, grid)
     assert bases.shape == (2, 24, 3, 4, 4, 5)
     for j, (k0, k1, k2) in enumerate(itertools.product(range(2), range(3), range(4))):
         assert torch.equal(bases[:, j], x[:, :, 4 * k0:4 * k0 + 4, 4 * k1:4 * k1 + 4, 5 * k2:5 * k2 + 5])
@@ -72,7 +72,7 @@ def test_bases_tile_the_region_exactly():
     back = bases.view(2, 2, 3, 4, 3, 4, 4, 5).permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(x.shape)
     assert torch.equal(back, x)
     with pytest.raises(ValueError):
-        split_into_bases(x, (3, 3, 4))
+        split_into_cells(x, (3, 3, 4))
 
 
 # ---------------------------------------------------------------------------------------------- §4.7-2 labels
@@ -112,7 +112,7 @@ def test_views_shapes_and_device_ops():
     m.augmentation = {"p_flip": 0.0, "p_rot90": 0.0, "p_shift": 0.0, "shift": 0.0}
     crops, labels, starts = m.make_views(x, gen(0))
     crops = crops.view(2, 6, 1, *CROP)
-    assert torch.equal(crops[:, :4], split_into_bases(x, GRID))
+    assert torch.equal(crops[:, :4], split_into_cells(x, GRID))
     assert torch.equal(crops[:, 4:], extract_crops(x, starts, CROP))
     with pytest.raises(ValueError):
         m.make_views(torch.randn(2, 1, 16, 32, 48))
@@ -254,15 +254,18 @@ def test_loss_decreases_on_a_fixed_batch_and_decoder_stays_at_init(variant, teac
 
 def test_ema_momentum_schedule_and_update():
     m = build(use_ema_teacher=True, ema_momentum=[0.5, 1.0])
-    assert m.ema_momentum_at(0, 10) == pytest.approx(0.5) and m.ema_momentum_at(10, 10) == pytest.approx(1.0)
+    # the update after step `step` uses i = step + 1 steps done (ssl_nnunet.methods.ema)
+    assert m.ema_momentum_at(-1, 10) == pytest.approx(0.5) and m.ema_momentum_at(9, 10) == pytest.approx(1.0)
+    mu = m.ema_momentum_at(0, 10)
+    assert mu == pytest.approx(1.0 - 0.5 * (math.cos(math.pi / 10) + 1) / 2)
     with torch.no_grad():
         for p in m.network.encoder.parameters():
             p.add_(1.0)
     before = {k: v.clone() for k, v in m.teacher.encoder.state_dict().items()}
-    m.after_optimizer_step(0, 10)  # mu = 0.5: teacher moves half-way
+    m.after_optimizer_step(0, 10)  # teacher moves by 1 - mu towards the student
     for k, v in m.teacher.encoder.state_dict().items():
         if v.dtype.is_floating_point:
-            torch.testing.assert_close(v, 0.5 * before[k] + 0.5 * m.network.encoder.state_dict()[k])
+            torch.testing.assert_close(v, mu * before[k] + (1 - mu) * m.network.encoder.state_dict()[k])
 
 
 def test_layout_errors_and_projector_norm():

@@ -56,11 +56,10 @@ def _first_module(encoder: torch.nn.Module) -> torch.nn.Module:
 
 
 def teacher_encoders(trainer) -> List[torch.nn.Module]:
-    """Encoders the method runs besides the network's own: copies of ``network.encoder`` held by the method
-    (EMA teachers / target encoders; they have ``stages`` and ``strides`` like the network's encoder)."""
-    return [m for name, m in trainer.method.named_modules()
-            if not name.startswith("network.") and m is not trainer.network.encoder
-            and isinstance(getattr(m, "stages", None), torch.nn.Module) and hasattr(m, "strides")]
+    """Encoders the method runs besides the network's own: the EMA teachers the method declares
+    (:meth:`SSLMethod.ema_pairs`) that are encoders, i.e. have ``stages`` like the network's encoder."""
+    return [teacher for _student, teacher in trainer.method.ema_pairs()
+            if isinstance(getattr(teacher, "stages", None), torch.nn.Module)]
 
 
 def _count_teacher_stage(teacher_calls: List[list], teacher: torch.nn.Module, n_stages: int) -> None:

@@ -60,7 +60,10 @@ from ssl_nnunet.methods import register
 from ssl_nnunet.methods.alice_matcher import (MATCHERS, CrossVolumeMatcher, MatchedPairSampler,
                                               plan_out_of_plane_axis)
 from ssl_nnunet.methods.base import PlanningContext, SSLMethod, divides
+from ssl_nnunet.methods.ema import frozen_copy, paired_tensors
 from ssl_nnunet.methods.features import check_unet, cumulative_strides, run_encoder
+from ssl_nnunet.methods.geometry import affine_theta
+from ssl_nnunet.methods.helpers import per_axis_ints, uniform
 from ssl_nnunet.methods.masking import (expand_mask, mask_at_resolution, masked_mse, num_hidden_units,
                                         per_unit_target, random_block_mask, unit_grid)
 from ssl_nnunet.methods.sparse import Densify, convert_encoder_to_sparse, sparse_masked_forward
@@ -73,21 +76,6 @@ NOISE_STD = 0.1
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-def _per_axis(value, ndim: int, key: str) -> List[int]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [int(value)] * ndim
-    if isinstance(value, (list, tuple)) and len(value) == ndim and all(isinstance(v, (int, float)) for v in value):
-        return [int(v) for v in value]
-    raise SSLInputError(f"ssl layout of 'alice': key '{key}' must be an int or a list of {ndim} ints, got {value!r}")
-
-
-def _uniform(shape: Sequence[int], low: float, high: float, device: torch.device,
-             generator: Optional[torch.Generator]) -> torch.Tensor:
-    """U(low, high) float32 of ``shape`` on ``device``, drawn on the generator's device when one is given."""
-    draw = generator.device if generator is not None else device
-    return (torch.rand(tuple(shape), generator=generator, device=draw) * (high - low) + low).to(device)
-
 
 def cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``l_s(a, b) = 2 - 2 cos(a, sg(b))`` with ``cos = a.b / (|a| |b| + 1e-8)``, averaged over all rows.
@@ -124,7 +112,7 @@ def to_tokens(feature: torch.Tensor) -> torch.Tensor:
 def random_flips(x: torch.Tensor, generator: Optional[torch.Generator] = None, p: float = 0.5) -> torch.Tensor:
     """Flip every sample of ``x (B, C, a0, a1, a2)`` along each spatial axis with probability ``p``."""
     n_ax = x.dim() - 2
-    flags = _uniform((x.shape[0], n_ax), 0.0, 1.0, x.device, generator) < p
+    flags = uniform((x.shape[0], n_ax), x.device, generator) < p
     for ax in range(n_ax):
         f = flags[:, ax].view(-1, *([1] * (x.dim() - 1)))
         x = torch.where(f, x.flip(2 + ax), x)
@@ -133,16 +121,14 @@ def random_flips(x: torch.Tensor, generator: Optional[torch.Generator] = None, p
 
 def rotation_about_axis(angles: torch.Tensor, axis: int, patch: Sequence[int]) -> torch.Tensor:
     """``affine_grid`` matrices ``(B, 3, 4)`` rotating a patch ``P = (a0, a1, a2)`` by ``angles (B,)`` (radians)
-    about its centre, in voxel units, in the plane of the two axes other than ``axis``."""
+    about its centre, in voxel units, in the plane of the two axes other than ``axis`` (normalised for
+    ``grid_sample`` by :func:`ssl_nnunet.methods.geometry.affine_theta`)."""
     b = angles.shape[0]
     rot = torch.eye(3, device=angles.device).repeat(b, 1, 1)
     i, j = [ax for ax in range(3) if ax != axis]
     c, s = torch.cos(angles), torch.sin(angles)
     rot[:, i, i], rot[:, i, j], rot[:, j, i], rot[:, j, j] = c, -s, s, c
-    half = torch.tensor([p / 2.0 for p in patch], device=angles.device)
-    rot = rot * half.view(1, 1, 3) / half.view(1, 3, 1)  # D^-1 R D: normalised -> voxel -> rotate -> normalised
-    rot = rot.flip(1).flip(2)  # affine_grid orders the coordinates (a2, a1, a0)
-    return torch.cat([rot, rot.new_zeros(b, 3, 1)], dim=2)
+    return affine_theta(rot, rot.new_zeros(b, 3), patch)
 
 
 @torch.no_grad()
@@ -155,13 +141,13 @@ def strong_augment(x: torch.Tensor, out_of_plane_axis: int, generator: Optional[
     """
     x = x.float()
     b, dev = x.shape[0], x.device
-    angles = _uniform((b,), -math.radians(ROTATION_DEG), math.radians(ROTATION_DEG), dev, generator)
+    angles = uniform((b,), dev, generator, -math.radians(ROTATION_DEG), math.radians(ROTATION_DEG))
     theta = rotation_about_axis(angles, out_of_plane_axis, x.shape[2:])
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     x = random_flips(x, generator)
     shape = (b,) + (1,) * (x.dim() - 1)
-    x = x * _uniform(shape, *INTENSITY_SCALE, dev, generator) + _uniform(shape, *INTENSITY_SHIFT, dev, generator)
+    x = x * uniform(shape, dev, generator, *INTENSITY_SCALE) + uniform(shape, dev, generator, *INTENSITY_SHIFT)
     draw = generator.device if generator is not None else dev
     return x + NOISE_STD * torch.randn(x.shape, generator=generator, device=draw).to(dev)
 
@@ -295,8 +281,8 @@ class Alice(SSLMethod):
         for key in ("mask_unit", "token_stride", "head", "casa"):
             if key not in layout:
                 raise SSLInputError(f"ssl layout of 'alice' has no '{key}'; re-run the SSL planner")
-        self.mask_unit = tuple(_per_axis(layout["mask_unit"], ndim, "mask_unit"))
-        self.token_stride = tuple(_per_axis(layout["token_stride"], ndim, "token_stride"))
+        self.mask_unit = tuple(per_axis_ints(layout["mask_unit"], ndim, "mask_unit", "alice"))
+        self.token_stride = tuple(per_axis_ints(layout["token_stride"], ndim, "token_stride", "alice"))
         self.mask_ratio = float(layout["mask_ratio"])
         if not 0.0 < self.mask_ratio < 1.0:
             raise SSLInputError(f"ssl layout of 'alice': mask_ratio must lie in (0, 1), got {self.mask_ratio}")
@@ -329,7 +315,7 @@ class Alice(SSLMethod):
             raise SSLInputError(f"Alice needs a network with num_classes = C_in = {num_input_channels}, got {n_out}")
 
         # target encoder: a dense copy taken *before* the online encoder is made sparse
-        self.target_encoder = copy.deepcopy(network.encoder)
+        self.target_encoder = frozen_copy(network.encoder)
         convert_encoder_to_sparse(network)
         remasked = [all(u % s == 0 for u, s in zip(self.mask_unit, st)) for st in strides]
         self.densify = Densify(network.encoder.output_channels, network.encoder.conv_op, masked_stages=remasked)
@@ -338,7 +324,7 @@ class Alice(SSLMethod):
         casa_dim = int(layout["casa"]["dim"])
         c_tok = int(network.encoder.output_channels[self.token_stage])
         self.phi = ProjectionHead(c_tok, hidden, bottleneck, out_dim)
-        self.psi = copy.deepcopy(self.phi)
+        self.psi = frozen_copy(self.phi)
         self.casa = CASA(c_tok, out_dim, casa_dim, int(layout["casa"]["heads"]))
         use_predictor = bool(layout["use_predictor"])
         self.pred_dv = predictor_mlp(out_dim, hidden) if use_predictor else None
@@ -349,13 +335,9 @@ class Alice(SSLMethod):
             raise SSLInputError(f"ssl layout of 'alice': center_momentum must lie in [0, 1) or be null, got {momentum}")
         self.register_buffer("center_dv", torch.zeros(out_dim))
         self.register_buffer("center_st", torch.zeros(casa_dim))
-        for module in (self.target_encoder, self.psi):
-            module.requires_grad_(False)
-            module.eval()
-        self._ema_pairs = [(self.target_encoder, self.network.encoder), (self.psi, self.phi)]
-        for teacher, student in self._ema_pairs:
-            if list(teacher.state_dict()) != list(student.state_dict()):
-                raise RuntimeError("alice: teacher and student state dicts differ in their keys")
+        for student, teacher in self.ema_pairs():
+            teacher.eval()
+            paired_tensors(student, teacher)  # raises if the sparse conversion changed the encoder's tensors
 
     # ---------------------------------------------------------------- plumbing
     @classmethod
@@ -391,24 +373,13 @@ class Alice(SSLMethod):
         return self
 
     # ---------------------------------------------------------------- EMA
-    def ema_momentum(self, step: int, total_steps: int) -> float:
-        """``mu(i) = mu1 - (mu1 - mu0) (cos(pi i / I) + 1) / 2`` with ``i = step + 1`` (after that step)."""
-        mu0, mu1 = self.ema
-        i = min(step + 1, max(total_steps, 1))
-        return mu1 - (mu1 - mu0) * (math.cos(math.pi * i / max(total_steps, 1)) + 1.0) / 2.0
+    def ema_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
+        """(online encoder, target encoder) and (phi, psi)."""
+        return [(self.network.encoder, self.target_encoder), (self.phi, self.psi)]
 
-    @torch.no_grad()
-    def ema_update(self, momentum: float) -> None:
-        """``theta_t <- mu theta_t + (1 - mu) theta_s`` for (target encoder, online encoder) and (psi, phi),
-        over parameters and floating-point buffers with the same names (other buffers are copied)."""
-        for teacher, student in self._ema_pairs:
-            src = student.state_dict()
-            for name, t in teacher.state_dict().items():
-                s = src[name].detach()
-                if t.is_floating_point():
-                    t.lerp_(s.to(t.dtype), 1.0 - momentum)
-                else:
-                    t.copy_(s)
+    def ema_momentum_range(self) -> Tuple[float, float]:
+        """``(mu0, mu1) = layout.ema``."""
+        return self.ema
 
     @torch.no_grad()
     def casa_teacher(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -432,9 +403,6 @@ class Alice(SSLMethod):
                 dist.all_reduce(mean)
                 mean /= dist.get_world_size()
             getattr(self, name).mul_(self.center_momentum).add_(mean, alpha=1.0 - self.center_momentum)
-
-    def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        self.ema_update(self.ema_momentum(step, total_steps))
 
     # ---------------------------------------------------------------- views and branches
     def sample_mask(self, views: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:

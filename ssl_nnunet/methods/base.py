@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ssl_nnunet.methods import ema
 from ssl_nnunet.methods.features import cumulative_strides
 from ssl_nnunet.utilities.errors import SSLInputError
 
@@ -163,8 +164,33 @@ class SSLMethod(nn.Module):
         """
         raise NotImplementedError
 
+    def ema_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
+        """The ``(student, teacher)`` module pairs kept by EMA after every optimizer step (see
+        :mod:`ssl_nnunet.methods.ema`). Default: none. A teacher is made with
+        :func:`ssl_nnunet.methods.ema.frozen_copy` (no gradient, so it stays out of the optimizer)."""
+        return []
+
+    def ema_momentum_range(self) -> Tuple[float, float]:
+        """``(μ0, μ1)`` of the cosine momentum schedule of :meth:`ema_pairs` (equal values: constant momentum).
+        Methods that declare EMA pairs must override this."""
+        raise NotImplementedError(f"{type(self).__name__} declares EMA pairs but no ema_momentum_range()")
+
+    def ema_momentum_at(self, step: int, total_steps: int) -> float:
+        """Momentum of the EMA update after optimizer step ``step`` (0-based) of ``total_steps``:
+        :func:`ssl_nnunet.methods.ema.cosine_momentum` at ``step + 1`` steps done."""
+        return ema.cosine_momentum(step + 1, total_steps, *self.ema_momentum_range())
+
+    @torch.no_grad()
+    def ema_update(self, momentum: float) -> None:
+        """``θ_t ← μ·θ_t + (1 − μ)·θ_s`` for every pair of :meth:`ema_pairs` (parameters and float buffers)."""
+        for student, teacher in self.ema_pairs():
+            ema.ema_update(student, teacher, momentum)
+
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        """Hook for EMA teachers and schedules. Default: nothing."""
+        """Called by the trainer after every optimizer step: the EMA update of the declared teachers (nothing
+        when :meth:`ema_pairs` is empty). Methods with other per-step schedules extend it."""
+        if self.ema_pairs():
+            self.ema_update(self.ema_momentum_at(step, total_steps))
 
     def previews(self, batch: torch.Tensor) -> Dict[str, Sequence[torch.Tensor]]:
         """Optional images for a preview PNG: ``{row_title: [3D tensors (a0, a1, a2)]}``. Default: none."""

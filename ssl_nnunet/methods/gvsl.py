@@ -32,6 +32,9 @@ Corrected defects of the released code (METHODS.md §5.2-7): the affine matrix i
 field / identity matrix, translations are normalised by the axis they act on, and the appearance transforms
 run in [0, 1] instead of on z-scored values.
 
+Code: the spatial transforms (steps 2, 4, 5) are :mod:`ssl_nnunet.methods.geometry`, the appearance transforms
+(step 1) :mod:`ssl_nnunet.methods.appearance`; this module holds the heads, the losses and the method.
+
 Layout keys (``method_plan["layout"]``): ``pair_patch`` [a0, a1, a2]; ``ncc_window`` (odd ints);
 ``affine_bounds`` [rot, scale, shear]; ``spatial_aug`` {rotation, scale [lo, hi], shear, translation,
 elastic_sigma [lo, hi], elastic_alpha [lo, hi]} (null/false: none); ``appearance`` {local_shuffle_p,
@@ -51,16 +54,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_nnunet.methods import register
+from ssl_nnunet.methods.appearance import (bezier_intensity, from_unit_range, inpaint, intensity_bounds,
+                                           local_shuffle, to_unit_range)
 from ssl_nnunet.methods.base import PlanningContext, SSLMethod
 from ssl_nnunet.methods.features import check_unet, forward_features
+from ssl_nnunet.methods.geometry import (affine_matrix, affine_warp, compose_displacement,
+                                         random_spatial_displacement, warp)
 from ssl_nnunet.training.data import UnlabeledPatchSampler
 from ssl_nnunet.utilities.errors import SSLInputError
 
 __all__ = [
     "GVSL", "MatchedPairSampler",
-    "affine_matrix", "bound_affine_params", "affine_theta", "affine_warp", "voxel_grid", "compose_displacement",
-    "warp", "local_ncc", "ncc_loss", "smoothness_loss", "intensity_bounds", "to_unit_range", "from_unit_range",
-    "local_shuffle", "bezier_intensity", "inpaint", "gaussian_smooth", "random_spatial_displacement",
+    "bound_affine_params", "local_ncc", "ncc_loss", "smoothness_loss",
 ]
 
 NCC_EPS = 1e-5
@@ -71,44 +76,7 @@ DEFAULT_APPEARANCE = {"local_shuffle_p": 0.8, "nonlinear_p": 0.9, "inpaint": Tru
 DEFAULT_INTENSITY = {"mode": "per_patch", "percentiles": [0.5, 99.5], "range": None}
 
 
-# ============================================================================================ random helpers
-
-def _rand(shape, device, generator: Optional[torch.Generator]) -> torch.Tensor:
-    return torch.rand(shape, device=device, generator=generator, dtype=torch.float32)
-
-
-def _uniform(lo: float, hi: float, shape, device, generator) -> torch.Tensor:
-    return lo + (hi - lo) * _rand(shape, device, generator)
-
-
-# ============================================================================================ geometry
-
-def affine_matrix(rotation: torch.Tensor, scale: torch.Tensor, shear: torch.Tensor) -> torch.Tensor:
-    """Linear part ``M = Sh · Sc · R_0 · R_1 · R_2`` (B, 3, 3) in array-axis order (a0, a1, a2).
-
-    Built with ``torch.stack`` so every entry stays differentiable w.r.t. the parameters.
-
-    Args:
-        rotation: (B, 3) angles (rad); ``R_k`` rotates in the plane of the two axes other than a_k
-            (R_0 = "R_z", R_1 = "R_y", R_2 = "R_x" with z, y, x = a0, a1, a2).
-        scale: (B, 3) factors per axis.
-        shear: (B, 6) angles (rad) for the off-diagonal entries (01, 02, 10, 12, 20, 21); entry = tan(angle).
-    Zero rotation/shear and unit scale give the identity.
-    """
-    one, zero = torch.ones_like(rotation[:, 0]), torch.zeros_like(rotation[:, 0])
-    c, s = torch.cos(rotation), torch.sin(rotation)
-
-    def mat(*entries):
-        return torch.stack(entries, dim=-1).reshape(-1, 3, 3)
-
-    r0 = mat(one, zero, zero, zero, c[:, 0], -s[:, 0], zero, s[:, 0], c[:, 0])
-    r1 = mat(c[:, 1], zero, s[:, 1], zero, one, zero, -s[:, 1], zero, c[:, 1])
-    r2 = mat(c[:, 2], -s[:, 2], zero, s[:, 2], c[:, 2], zero, zero, zero, one)
-    sc = torch.diag_embed(scale)
-    t = torch.tan(shear)
-    sh = mat(one, t[:, 0], t[:, 1], t[:, 2], one, t[:, 3], t[:, 4], t[:, 5], one)
-    return sh @ sc @ r0 @ r1 @ r2
-
+# ============================================================================================ affine head outputs
 
 def bound_affine_params(raw: Dict[str, torch.Tensor], bounds: Sequence[float]) -> Dict[str, torch.Tensor]:
     """Bounded parameters from the affine head's raw outputs (§5.1): ``rot = clamp(r)·b_rot``,
@@ -118,124 +86,6 @@ def bound_affine_params(raw: Dict[str, torch.Tensor], bounds: Sequence[float]) -
             "scale": 1.0 + b_scale * raw["scale"].clamp(-1, 1),
             "shear": raw["shear"].clamp(-1, 1) * b_shear,
             "translation": raw["translation"]}
-
-
-def affine_theta(matrix: torch.Tensor, translation: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """``theta (B, 3, 4)`` for ``F.affine_grid(..., align_corners=False)``.
-
-    In voxels the map is ``q = M (p - c) + c + τ ⊙ n/2`` (c = (n-1)/2). With ``align_corners=False`` a voxel
-    index i has normalised coordinate ``(i - c)·2/n``, hence ``theta = D⁻¹ M D`` with ``D = diag(n/2)`` plus
-    the translation τ (already normalised per axis), both reordered to grid_sample's (x, y, z) = (a2, a1, a0).
-    """
-    n = torch.tensor([float(s) for s in shape], device=matrix.device, dtype=matrix.dtype)
-    m_norm = matrix * n[None, None, :] / n[None, :, None]
-    lin = m_norm.flip(1).flip(2)
-    return torch.cat([lin, translation.flip(-1).unsqueeze(-1)], dim=2)
-
-
-def affine_warp(x: torch.Tensor, matrix: torch.Tensor, translation: torch.Tensor,
-                padding_mode: str = "zeros") -> torch.Tensor:
-    """Trilinear affine warp of ``x (B, C, a0, a1, a2)``: ``out(p) = x(M (p - c) + c + τ ⊙ n/2)``.
-
-    ``affine_grid`` + ``grid_sample`` with ``align_corners=False`` on both (identity → exact identity).
-    """
-    theta = affine_theta(matrix.float(), translation.float(), x.shape[2:])
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode=padding_mode, align_corners=False)
-
-
-def voxel_grid(shape: Sequence[int], device) -> torch.Tensor:
-    """Voxel index coordinates ``(3, a0, a1, a2)`` (float32), channel k = index along a_k."""
-    axes = [torch.arange(int(s), device=device, dtype=torch.float32) for s in shape]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
-
-
-def compose_displacement(matrix: torch.Tensor, translation: torch.Tensor, shape: Sequence[int],
-                         field: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Displacement ``u (B, 3, a0, a1, a2)`` (voxels) of the affine map applied after ``field``.
-
-    ``u(p) = M (p + φ(p) - c) + c + τ ⊙ n/2 - p``: sampling the moving image at ``p + u`` equals warping it
-    by the affine map first and then by φ (``x_B(A(p + φ(p)))``), in one resampling.
-    """
-    device = matrix.device
-    p = voxel_grid(shape, device)[None]
-    n = torch.tensor([float(s) for s in shape], device=device)
-    c = ((n - 1) / 2).view(1, 3, 1, 1, 1)
-    pts = p - c if field is None else p + field.float() - c
-    moved = torch.einsum("bij,bj...->bi...", matrix.float(), pts)
-    shift = (translation.float() * n / 2).view(-1, 3, 1, 1, 1)
-    return moved + c + shift - p
-
-
-def _fill_min(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(2).amin(dim=2).view(*x.shape[:2], *([1] * (x.dim() - 2)))
-
-
-def warp(moving: torch.Tensor, displacement: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
-    """Spatial transformer: ``out(p) = moving(p + u(p))`` (trilinear), ``u (B, 3, a0, a1, a2)`` in voxels.
-
-    Coordinates are normalised as ``2 q / (n - 1) - 1`` and sampled with ``align_corners=True`` (so u = 0 is an
-    exact identity; corrects §5.2-7-ii). ``padding``: ``"zeros"``, ``"border"`` or ``"min"`` (outside voxels
-    get the per-sample, per-channel minimum of ``moving``).
-    """
-    shape = moving.shape[2:]
-    q = voxel_grid(shape, moving.device)[None] + displacement.float()
-    n = torch.tensor([float(s) for s in shape], device=moving.device).view(1, 3, 1, 1, 1)
-    grid = torch.where(n > 1, 2 * q / (n - 1).clamp(min=1) - 1, torch.zeros_like(q))
-    grid = grid.permute(0, 2, 3, 4, 1).flip(-1).to(moving.dtype).contiguous()
-    if padding == "min":
-        m = _fill_min(moving)
-        return F.grid_sample(moving - m, grid, mode="bilinear", padding_mode="zeros", align_corners=True) + m
-    return F.grid_sample(moving, grid, mode="bilinear", padding_mode=padding, align_corners=True)
-
-
-def gaussian_smooth(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian smoothing of ``x (B, K, a0, a1, a2)`` with a per-sample ``sigma (B,)`` (voxels).
-
-    Kernel truncated at ``ceil(3 σ)`` and normalised to sum 1, zero padding (scipy's ``gaussian_filter``
-    with ``mode="constant"``). Applied as one (n × n) banded matrix per axis and sample (a matmul: far faster
-    than a 3σ-wide convolution for σ of 10+ voxels).
-    """
-    out = x.float()
-    b, k = x.shape[:2]
-    sig = sigma.float().clamp(min=1e-3).view(-1, 1, 1)
-    radius = torch.ceil(3 * sig)
-    t_max = int(radius.max().item())  # one host scalar: the length of the normalising tap range
-    taps = torch.arange(-t_max, t_max + 1, device=x.device, dtype=torch.float32).view(1, 1, -1)
-    norm = (torch.exp(-taps ** 2 / (2 * sig ** 2)) * (taps.abs() <= radius)).sum(-1, keepdim=True)  # (B, 1, 1)
-    for ax in range(3):
-        n = x.shape[2 + ax]
-        idx = torch.arange(n, device=x.device, dtype=torch.float32)
-        dist = idx.view(1, n, 1) - idx.view(1, 1, n)
-        mat = torch.exp(-dist ** 2 / (2 * sig ** 2)) * (dist.abs() <= radius) / norm  # (B, n, n): out_i = Σ_j m_ij x_j
-        moved = torch.movedim(out, 2 + ax, -1)
-        shape = moved.shape
-        out = torch.movedim(torch.bmm(moved.reshape(b, -1, n), mat.transpose(1, 2)).reshape(shape), -1, 2 + ax)
-    return out
-
-
-def random_spatial_displacement(batch_size: int, shape: Sequence[int], cfg: dict, device,
-                                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Random spatial augmentation as a displacement ``(B, 3, a0, a1, a2)`` (voxels, for :func:`warp`).
-
-    Per sample: rotation U(±rotation) and shear U(±shear) per angle, scale U(scale) per axis, translation
-    U(±translation)·n voxels per axis, elastic field = α·Gauss_σ(U(-1, 1) noise) with σ ~ U(elastic_sigma),
-    α ~ U(elastic_alpha); composed as ``u(p) = M (p + e(p) - c) + c + t - p``.
-    """
-    g = generator
-    rot = _uniform(-cfg["rotation"], cfg["rotation"], (batch_size, 3), device, g)
-    scale = _uniform(cfg["scale"][0], cfg["scale"][1], (batch_size, 3), device, g)
-    shear = _uniform(-cfg["shear"], cfg["shear"], (batch_size, 6), device, g)
-    tau = _uniform(-2 * cfg["translation"], 2 * cfg["translation"], (batch_size, 3), device, g)
-    elastic = None
-    alpha_hi = float(cfg.get("elastic_alpha", [0, 0])[1])
-    if alpha_hi > 0:
-        sig_lo, sig_hi = cfg["elastic_sigma"]
-        sigma = _uniform(sig_lo, sig_hi, (batch_size,), device, g)
-        alpha = _uniform(cfg["elastic_alpha"][0], alpha_hi, (batch_size,), device, g)
-        noise = _uniform(-1.0, 1.0, (batch_size, 3, *shape), device, g)
-        elastic = gaussian_smooth(noise, sigma) * alpha.view(-1, 1, 1, 1, 1)
-    return compose_displacement(affine_matrix(rot, scale, shear), tau, shape, elastic)
 
 
 # ============================================================================================ losses
@@ -307,139 +157,13 @@ def smoothness_loss(field: torch.Tensor) -> torch.Tensor:
     return torch.stack(terms).sum() / 3.0 if terms else f.new_zeros(())
 
 
-# ============================================================================================ appearance
-
-def intensity_bounds(x: torch.Tensor, cfg: dict) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``lo, hi (B, C, 1, 1, 1)`` of the map to [0, 1]: per-patch percentiles of ``x`` or a fixed range.
-
-    ``cfg["mode"] == "fixed"`` uses ``cfg["range"]``: ``[lo, hi]`` or one ``[lo, hi]`` per channel (in nnU-Net
-    normalised units). Degenerate ranges (hi - lo < 1e-6) are widened to 1.
-    """
-    b, c = x.shape[:2]
-    if cfg.get("mode", "per_patch") == "fixed":
-        rng = torch.as_tensor(cfg["range"], dtype=torch.float32, device=x.device).reshape(-1, 2)
-        rng = rng.expand(c, 2) if rng.shape[0] == 1 else rng
-        lo = rng[:, 0].view(1, c, 1, 1, 1).expand(b, c, 1, 1, 1)
-        hi = rng[:, 1].view(1, c, 1, 1, 1).expand(b, c, 1, 1, 1)
-    else:
-        flat = x.detach().float().reshape(b * c, -1)
-        step = max(1, math.ceil(flat.shape[1] / 2 ** 20))  # percentiles of a strided subsample when large
-        flat = flat[:, ::step]
-        n = flat.shape[1]
-        p_lo, p_hi = (float(p) / 100.0 for p in cfg.get("percentiles", [0.5, 99.5]))
-        lo = flat.kthvalue(int(round(p_lo * (n - 1))) + 1, dim=1).values.view(b, c, 1, 1, 1)
-        hi = flat.kthvalue(int(round(p_hi * (n - 1))) + 1, dim=1).values.view(b, c, 1, 1, 1)
-    hi = torch.where(hi - lo < 1e-6, lo + 1.0, hi)
-    return lo, hi
-
-
-def to_unit_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """``clamp((x - lo) / (hi - lo), 0, 1)``."""
-    return ((x.float() - lo) / (hi - lo)).clamp(0.0, 1.0)
-
-
-def from_unit_range(u: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`to_unit_range` on [0, 1]: ``lo + u (hi - lo)``."""
-    return lo + u * (hi - lo)
-
+# ============================================================================================ appearance geometry
 
 def _shuffle_geometry(shape: Sequence[int], layout: dict) -> Tuple[List[int], int]:
     app = layout["appearance"]
     window = [max(2, int(round(float(app["shuffle_window_fraction"]) * s))) for s in shape]
     n = int(round(float(app["shuffle_windows_per_128"]) * float(np.prod([s / 128.0 for s in shape]))))
     return window, max(int(layout["min_shuffle_windows"]), n)
-
-
-def local_shuffle(u: torch.Tensor, window: Sequence[int], n_windows: int, p: float,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Local voxel shuffling of ``u (B, C, a0, a1, a2)``: with probability ``p`` per sample, the voxels inside
-    ``n_windows`` non-overlapping boxes of size ``window`` are randomly permuted (same permutation for every
-    channel). Boxes are cells of a grid with a random offset (one per batch), drawn without replacement."""
-    b, c = u.shape[:2]
-    shape = u.shape[2:]
-    dev = u.device
-    w = [min(int(v), int(s)) for v, s in zip(window, shape)]
-    # random grid offset in [0, w) per axis (three host scalars per step: they fix the slicing shapes)
-    off = [min(int(o * v), v - 1) for o, v in zip(_rand((3,), dev, generator).tolist(), w)]
-    m = [(s - o) // v for s, o, v in zip(shape, off, w)]
-    n_cells, vol = int(np.prod(m)), int(np.prod(w))
-    if n_cells == 0 or vol < 2:
-        return u
-    region = u[:, :, off[0]:off[0] + m[0] * w[0], off[1]:off[1] + m[1] * w[1], off[2]:off[2] + m[2] * w[2]]
-    cells = region.reshape(b, c, m[0], w[0], m[1], w[1], m[2], w[2]).permute(0, 1, 2, 4, 6, 3, 5, 7)
-    cells = cells.reshape(b, c, n_cells, vol)
-    perm = _rand((b, n_cells, vol), dev, generator).argsort(dim=-1)
-    shuffled = cells.gather(3, perm.unsqueeze(1).expand(b, c, n_cells, vol))
-    k = min(int(n_windows), n_cells)
-    chosen_idx = _rand((b, n_cells), dev, generator).topk(k, dim=1).indices
-    chosen = torch.zeros(b, n_cells, dtype=torch.bool, device=dev).scatter_(1, chosen_idx, True)
-    chosen &= (_rand((b, 1), dev, generator) < p)
-    cells = torch.where(chosen[:, None, :, None], shuffled, cells)
-    cells = cells.reshape(b, c, m[0], m[1], m[2], w[0], w[1], w[2]).permute(0, 1, 2, 5, 3, 6, 4, 7)
-    out = u.clone()
-    out[:, :, off[0]:off[0] + m[0] * w[0], off[1]:off[1] + m[1] * w[1], off[2]:off[2] + m[2] * w[2]] = \
-        cells.reshape(region.shape)
-    return out
-
-
-def _bernstein_curve(ctrl: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Cubic Bézier points (B, N) of control values ``ctrl (B, 4)`` at ``t (N,)``."""
-    t = t[None]
-    basis = [(1 - t) ** 3, 3 * t * (1 - t) ** 2, 3 * t ** 2 * (1 - t), t ** 3]
-    return sum(ctrl[:, k:k + 1] * basis[k] for k in range(4))
-
-
-def bezier_intensity(u: torch.Tensor, p: float, n_points: int = 1000,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Non-linear intensity map of ``u (B, C, ...)`` in [0, 1], with probability ``p`` per sample.
-
-    A cubic Bézier curve through (0, 0), two random control points in [0, 1)², (1, 1) is sampled at
-    ``n_points``; its x and y values are sorted to a monotone lookup table y = f(x), reversed (decreasing map,
-    Models Genesis' inversion) with probability 0.5, and applied by linear interpolation.
-    """
-    b = u.shape[0]
-    dev = u.device
-    ctrl = _rand((b, 2, 2), dev, generator)  # two control points (x, y)
-    zeros, ones = torch.zeros(b, 1, device=dev), torch.ones(b, 1, device=dev)
-    t = torch.linspace(0, 1, n_points, device=dev)
-    xs = _bernstein_curve(torch.cat([zeros, ctrl[:, :, 0], ones], 1), t).sort(dim=1).values.contiguous()
-    ys = _bernstein_curve(torch.cat([zeros, ctrl[:, :, 1], ones], 1), t).sort(dim=1).values
-    invert = _rand((b, 1), dev, generator) < 0.5
-    ys = torch.where(invert, ys.flip(1), ys)
-    flat = u.reshape(b, -1).float().contiguous()
-    idx = torch.searchsorted(xs, flat).clamp(1, n_points - 1)
-    x0, x1 = xs.gather(1, idx - 1), xs.gather(1, idx)
-    y0, y1 = ys.gather(1, idx - 1), ys.gather(1, idx)
-    wgt = ((flat - x0) / (x1 - x0).clamp(min=1e-12)).clamp(0, 1)
-    mapped = (y0 + wgt * (y1 - y0)).reshape(u.shape)
-    apply = (_rand((b,), dev, generator) < p).view(b, *([1] * (u.dim() - 1)))
-    return torch.where(apply, mapped, u)
-
-
-def inpaint(u: torch.Tensor, max_boxes: int, continue_p: float, size: Sequence[float],
-            generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """In-painting of ``u (B, C, a0, a1, a2)``: box k (k < max_boxes) is drawn while consecutive draws stay
-    below ``continue_p`` (so the first box has probability ``continue_p``); sides U[size_lo·n, size_hi·n) voxels
-    per axis (at least 1), positions uniform inside the patch; boxes are filled with U[0, 1) noise per voxel."""
-    b = u.shape[0]
-    shape = u.shape[2:]
-    dev = u.device
-    k = int(max_boxes)
-    if k < 1:
-        return u
-    active = (_rand((b, k), dev, generator) < continue_p).cumprod(dim=1).bool()
-    inside = []
-    for ax, n in enumerate(shape):
-        lo_s, hi_s = float(size[0]) * n, float(size[1]) * n
-        side = (lo_s + (hi_s - lo_s) * _rand((b, k), dev, generator)).floor().clamp(1, n)
-        start = ((n - side + 1) * _rand((b, k), dev, generator)).floor()
-        coord = torch.arange(n, device=dev, dtype=torch.float32).view(1, 1, n)
-        inside.append((coord >= start[..., None]) & (coord < (start + side)[..., None]))  # (b, k, n)
-    mask = torch.zeros(b, 1, *shape, dtype=torch.bool, device=dev)
-    for j in range(k):
-        box = (inside[0][:, j, :, None, None] & inside[1][:, j, None, :, None] & inside[2][:, j, None, None, :])
-        mask |= (box & active[:, j, None, None, None]).unsqueeze(1)
-    return torch.where(mask, _rand(u.shape, dev, generator), u)
 
 
 # ============================================================================================ heads

@@ -17,7 +17,7 @@ Layout keys (``method_plan["layout"]``):
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from torch import nn
 from ssl_nnunet.methods import register
 from ssl_nnunet.methods.base import PlanningContext, SSLMethod, divides
 from ssl_nnunet.methods.features import check_unet, cumulative_strides, forward_features
+from ssl_nnunet.methods.helpers import per_axis_ints
 from ssl_nnunet.methods.masking import (expand_mask, masked_mse, per_unit_target, random_block_mask,
                                         unit_grid)
 from ssl_nnunet.methods.sparse import (Densify, convert_encoder_to_sparse, derive_remask_strides,
@@ -33,14 +34,6 @@ from ssl_nnunet.utilities.errors import SSLInputError
 
 TARGETS = ("none", "per_unit")
 VARIANTS = ("sparse", "dense")
-
-
-def _per_axis(value, ndim: int, key: str) -> List[int]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [int(value)] * ndim
-    if isinstance(value, (list, tuple)) and len(value) == ndim and all(isinstance(v, (int, float)) for v in value):
-        return [int(v) for v in value]
-    raise SSLInputError(f"ssl layout key '{key}' must be an int or a list of {ndim} ints, got {value!r}")
 
 
 @register
@@ -82,7 +75,7 @@ class MAE(SSLMethod):
         ndim = len(network.encoder.strides[0])
         if "mask_unit" not in layout:
             raise SSLInputError("ssl layout of 'mae' has no 'mask_unit'; re-run the SSL planner")
-        self.mask_unit = tuple(_per_axis(layout["mask_unit"], ndim, "mask_unit"))
+        self.mask_unit = tuple(per_axis_ints(layout["mask_unit"], ndim, "mask_unit", "mae"))
         self.mask_ratio = float(layout["mask_ratio"])
         if not 0.0 < self.mask_ratio < 1.0:
             raise SSLInputError(f"ssl layout of 'mae': mask_ratio must lie in (0, 1), got {self.mask_ratio}")
@@ -98,7 +91,7 @@ class MAE(SSLMethod):
             raise SSLInputError(f"ssl layout of 'mae': mask unit {self.mask_unit} is not a multiple of the first "
                                 f"stage's stride {list(network.encoder.strides[0])}")
         if layout.get("remask_strides") is not None:
-            given = [_per_axis(s, ndim, "remask_strides") for s in layout["remask_strides"]]
+            given = [per_axis_ints(s, ndim, "remask_strides", "mae") for s in layout["remask_strides"]]
             if sorted(map(tuple, given)) != sorted(map(tuple, self.remask_strides)):
                 raise SSLInputError(
                     f"ssl layout of 'mae': remask_strides {given} do not match the network, whose stages with a "

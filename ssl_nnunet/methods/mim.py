@@ -63,6 +63,7 @@ from torch import nn
 from ssl_nnunet.methods import register
 from ssl_nnunet.methods.base import PlanningContext, SSLMethod, divides
 from ssl_nnunet.methods.features import check_unet, cumulative_strides
+from ssl_nnunet.methods.helpers import per_axis_ints, split_into_cells, uniform
 from ssl_nnunet.methods.masking import (expand_mask, masked_mse, num_hidden_units, per_unit_target,
                                         random_block_mask, unit_grid)
 from ssl_nnunet.methods.sparse import Densify, convert_encoder_to_sparse, derive_remask_strides, sparse_masked_forward
@@ -70,29 +71,12 @@ from ssl_nnunet.utilities.errors import SSLInputError
 
 TARGETS = ("none", "per_unit")
 
-__all__ = ["MiM", "MiMViews", "split_units", "unit_boxes", "sample_hidden_units", "unit_mean_features",
+__all__ = ["MiM", "MiMViews", "unit_boxes", "sample_hidden_units", "unit_mean_features",
            "info_nce", "resize_to"]
 
 
 # ------------------------------------------------------------------------------------------------------------
 # tensor helpers (any number of spatial axes; docstrings use 3D)
-
-def split_units(x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-    """``x (N, C, a0, a1, a2)`` cut into the units of a ``grid (n0, n1, n2)`` → ``(N, n, C, a0/n0, a1/n1, a2/n2)``.
-
-    Units are numbered in C order over the grid (as in :func:`random_block_mask`); pure reshape/permute,
-    so every unit is a bit-exact slice of ``x``.
-    """
-    n_ax = len(grid)
-    spatial = tuple(int(s) for s in x.shape[2:])
-    unit = unit_grid(spatial, grid)  # = spatial / grid; raises when the grid does not divide the shape
-    n, c = x.shape[:2]
-    shape = [n, c]
-    for g, u in zip(grid, unit):
-        shape += [int(g), int(u)]
-    perm = [0] + [2 + 2 * i for i in range(n_ax)] + [1] + [3 + 2 * i for i in range(n_ax)]
-    return x.reshape(shape).permute(perm).reshape(n, math.prod(grid), c, *unit)
-
 
 def unit_boxes(index: torch.Tensor, grid: Sequence[int], unit: Sequence[int]) -> torch.Tensor:
     """Boxes of units ``index (...,)`` (C order over ``grid``) of size ``unit`` → ``(..., 2, n_ax)`` long:
@@ -118,8 +102,7 @@ def sample_hidden_units(mask: torch.Tensor, k: int, generator: Optional[torch.Ge
     hidden = flat == 0
     if k > 0 and int(hidden.sum(1).min()) < k:
         raise ValueError(f"cannot pick {k} hidden units: a sample hides only {int(hidden.sum(1).min())}")
-    draw_device = generator.device if generator is not None else flat.device
-    scores = torch.rand(flat.shape, generator=generator, device=draw_device).to(flat.device)
+    scores = uniform(flat.shape, flat.device, generator)
     scores = torch.where(hidden, scores, scores + 2.0)
     return scores.argsort(dim=1)[:, :k]
 
@@ -143,7 +126,7 @@ def _avg_pool(x: torch.Tensor, factor: Sequence[int]) -> torch.Tensor:
 
 def unit_mean_features(fmap: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     """Mean of a feature map ``(N, C, f0, f1, f2)`` over each unit of ``grid`` → ``(N, n, C)`` (float32)."""
-    return split_units(fmap.float(), grid).flatten(3).mean(dim=3)
+    return split_into_cells(fmap.float(), grid).flatten(3).mean(dim=3)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -172,7 +155,7 @@ def info_nce(context: torch.Tensor, candidates: torch.Tensor, labels: torch.Tens
 def _per_unit_stats(x: torch.Tensor, unit: Sequence[int], eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-unit mean and sqrt(var + eps) of ``x (N, C, *a)``, broadcast back to ``(N, C, *a)`` (for previews)."""
     grid = unit_grid(x.shape[2:], unit)
-    u = split_units(x.float(), grid)
+    u = split_into_cells(x.float(), grid)
     mean = u.flatten(3).mean(3)
     std = torch.sqrt(u.flatten(3).var(3, unbiased=False) + eps)
 
@@ -186,15 +169,6 @@ def _per_unit_stats(x: torch.Tensor, unit: Sequence[int], eps: float = 1e-6) -> 
 
 def _mlp(c_in: int, dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(c_in, dim), nn.GELU(), nn.Linear(dim, dim))
-
-
-def _per_axis(value, ndim: int, key: str) -> List[int]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [int(value)] * ndim
-    if isinstance(value, (list, tuple)) and len(value) == ndim and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return [int(v) for v in value]
-    raise SSLInputError(f"ssl layout of 'mim': key '{key}' must be an int or a list of {ndim} ints, got {value!r}")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -337,12 +311,12 @@ class MiM(SSLMethod):
                                "align_stride") if k not in lay]
         if missing:
             raise SSLInputError(f"ssl layout of 'mim' lacks {missing}; re-run the SSL planner")
-        self.patch = _per_axis(method_plan["pretrain_patch_size"], ndim, "pretrain_patch_size")
-        self.r1 = _per_axis(lay["r1"], ndim, "r1")
-        self.region = _per_axis(lay["level1_region"], ndim, "level1_region")
-        self.unit1 = _per_axis(lay["level1_unit"], ndim, "level1_unit")
-        self.u2 = _per_axis(lay["u2"], ndim, "u2")
-        self.align_stride = _per_axis(lay["align_stride"], ndim, "align_stride")
+        self.patch = per_axis_ints(method_plan["pretrain_patch_size"], ndim, "pretrain_patch_size", "mim")
+        self.r1 = per_axis_ints(lay["r1"], ndim, "r1", "mim")
+        self.region = per_axis_ints(lay["level1_region"], ndim, "level1_region", "mim")
+        self.unit1 = per_axis_ints(lay["level1_unit"], ndim, "level1_unit", "mim")
+        self.u2 = per_axis_ints(lay["u2"], ndim, "u2", "mim")
+        self.align_stride = per_axis_ints(lay["align_stride"], ndim, "align_stride", "mim")
         P = self.patch
         if self.region != [r * p for r, p in zip(self.r1, P)]:
             raise SSLInputError(f"ssl layout of 'mim': level1_region {self.region} must equal r1 {self.r1} times the "
@@ -360,10 +334,10 @@ class MiM(SSLMethod):
             raise SSLInputError(f"ssl layout of 'mim': the native level-2 region {self.region2} must divide the patch "
                                 f"{P} (integral level-2 zoom)")
         zoom2 = [p // r for p, r in zip(P, self.region2)]
-        if "level2_zoom" in lay and _per_axis(lay["level2_zoom"], ndim, "level2_zoom") != zoom2:
+        if "level2_zoom" in lay and per_axis_ints(lay["level2_zoom"], ndim, "level2_zoom", "mim") != zoom2:
             raise SSLInputError(f"ssl layout of 'mim': level2_zoom {lay['level2_zoom']} != patch / (level1_region / "
                                 f"grid) = {zoom2}")
-        if "level3_zoom" in lay and _per_axis(lay["level3_zoom"], ndim, "level3_zoom") != self.grid2:
+        if "level3_zoom" in lay and per_axis_ints(lay["level3_zoom"], ndim, "level3_zoom", "mim") != self.grid2:
             raise SSLInputError(f"ssl layout of 'mim': level3_zoom {lay['level3_zoom']} != patch / u2 = {self.grid2}")
         n1, n2 = math.prod(self.grid1), math.prod(self.grid2)
         if n1 < 2:
@@ -458,7 +432,7 @@ class MiM(SSLMethod):
         x1 = _avg_pool(batch, self.r1)
         mask1 = random_block_mask(B, self.grid1, self.ratios[0], device=dev, generator=generator)
         idx2 = sample_hidden_units(mask1, self.gamma, generator)                       # (B, γ)
-        units1 = split_units(batch, self.grid1)                                          # (B, n1, C, *R2)
+        units1 = split_into_cells(batch, self.grid1)                                          # (B, n1, C, *R2)
         x2 = torch.gather(units1, 1, idx2.view(B, self.gamma, *([1] * (units1.dim() - 2))).expand(
             B, self.gamma, *units1.shape[2:]))
         x2 = resize_to(x2.reshape(B * self.gamma, *units1.shape[2:]), self.patch)
@@ -469,7 +443,7 @@ class MiM(SSLMethod):
         x3 = mask3 = label23 = box23 = None
         if self.beta > 0:
             idx3 = sample_hidden_units(mask2, self.beta, generator)                      # (Bγ, β)
-            units2 = split_units(x2, self.grid2)                                         # (Bγ, n2, C, *u2)
+            units2 = split_into_cells(x2, self.grid2)                                         # (Bγ, n2, C, *u2)
             x3 = torch.gather(units2, 1, idx3.view(n2v, self.beta, *([1] * (units2.dim() - 2))).expand(
                 n2v, self.beta, *units2.shape[2:]))
             x3 = resize_to(x3.reshape(n2v * self.beta, *units2.shape[2:]), self.patch)

@@ -62,7 +62,6 @@ Layout keys (``method_plan["layout"]``):
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -72,7 +71,9 @@ from torch import nn
 
 from ssl_nnunet.methods import register
 from ssl_nnunet.methods.base import PlanningContext, SSLMethod, divides
+from ssl_nnunet.methods.ema import frozen_copy
 from ssl_nnunet.methods.features import check_unet, cumulative_strides, encoder_forward
+from ssl_nnunet.methods.helpers import per_axis_ints, split_into_cells, uniform
 from ssl_nnunet.utilities.errors import SSLInputError
 
 LOSS_VARIANTS = ("paper", "official")
@@ -89,7 +90,6 @@ COS_EPS = 1e-8
 __all__ = [
     "VoCo",
     "Projector",
-    "split_into_bases",
     "random_crop_starts",
     "extract_crops",
     "position_labels",
@@ -103,42 +103,13 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------------------ views
 
-def split_into_bases(region: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-    """Split ``region (B, C, R0, R1, R2)`` into the base grid ``g`` → ``(B, n, C, c0, c1, c2)``, ``c = R / g``.
-
-    Base ``j = (k0·g1 + k1)·g2 + k2`` covers ``[k_ax·c_ax, (k_ax+1)·c_ax)`` on every axis; the bases tile the
-    region exactly (no overlap, nothing left out).
-    """
-    b, ch = region.shape[:2]
-    spatial = region.shape[2:]
-    grid = [int(g) for g in grid]
-    if len(grid) != len(spatial) or any(s % g for s, g in zip(spatial, grid)):
-        raise ValueError(f"region {tuple(spatial)} cannot be split into a base grid {tuple(grid)}")
-    crop = [s // g for s, g in zip(spatial, grid)]
-    shape = [b, ch]
-    for g, c in zip(grid, crop):
-        shape += [g, c]
-    nd = len(grid)
-    x = region.reshape(shape)
-    # (B, C, g0, c0, g1, c1, g2, c2) -> (B, g0, g1, g2, C, c0, c1, c2)
-    perm = [0] + [2 + 2 * i for i in range(nd)] + [1] + [3 + 2 * i for i in range(nd)]
-    return x.permute(perm).reshape(b, math.prod(grid), ch, *crop)
-
-
-def _uniform(shape, device, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """``U[0, 1)`` float32 on ``device``; drawn on the generator's device (may differ) when one is given."""
-    if generator is None:
-        return torch.rand(shape, device=device)
-    return torch.rand(shape, generator=generator, device=generator.device).to(device)
-
-
 def random_crop_starts(batch_size: int, n_crops: int, region: Sequence[int], crop: Sequence[int], device=None,
                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Integer starts ``(B, n_t, 3)`` (int64), uniform in ``[0, R_ax − c_ax]``: every crop lies fully inside R."""
     hi = torch.tensor([int(r) - int(c) for r, c in zip(region, crop)], dtype=torch.float32, device=device)
     if bool((hi < 0).any()):
         raise ValueError(f"crop {tuple(crop)} is larger than the region {tuple(region)}")
-    u = _uniform((batch_size, n_crops, len(crop)), device, generator)
+    u = uniform((batch_size, n_crops, len(crop)), device, generator)
     return torch.clamp(torch.floor(u * (hi + 1)), max=hi).long()
 
 
@@ -164,7 +135,7 @@ def position_labels(starts: torch.Tensor, crop: Sequence[int], grid: Sequence[in
     """Overlap fractions ``y (B, n_t, n)`` (float32) of crops at ``starts (B, n_t, 3)`` with the base grid.
 
     ``y_j = Π_ax ov_ax(k_ax(j))``, ``ov_ax(k) = max(0, min(s + c, (k+1)·c) − max(s, k·c)) / c``, base order as in
-    :func:`split_into_bases`.
+    :func:`ssl_nnunet.methods.helpers.split_into_cells`.
     """
     s = starts.float()
     out = None
@@ -193,12 +164,12 @@ def augment_crops(crops: torch.Tensor, in_plane_axes: Tuple[int, int], p_flip: f
     x = crops
     for ax in range(crops.dim() - 2):
         if p_flip > 0:
-            flag = _uniform((n,), dev, generator) < p_flip
+            flag = uniform((n,), dev, generator) < p_flip
             x = torch.where(flag.view(bshape), x.flip(2 + ax), x)
     if p_rot90 > 0:
         a, b = (2 + in_plane_axes[0], 2 + in_plane_axes[1])
-        flag = _uniform((n,), dev, generator) < p_rot90
-        k = torch.floor(_uniform((n,), dev, generator) * 3).long() + 1  # 1, 2 or 3
+        flag = uniform((n,), dev, generator) < p_rot90
+        k = torch.floor(uniform((n,), dev, generator) * 3).long() + 1  # 1, 2 or 3
         square = x.shape[a] == x.shape[b]
         if square:
             rotated = torch.where((k == 1).view(bshape), torch.rot90(x, 1, (a, b)),
@@ -208,8 +179,8 @@ def augment_crops(crops: torch.Tensor, in_plane_axes: Tuple[int, int], p_flip: f
             rotated = torch.rot90(x, 2, (a, b))
         x = torch.where(flag.view(bshape), rotated, x)
     if p_shift > 0 and shift > 0:
-        flag = (_uniform((n,), dev, generator) < p_shift).to(x.dtype)
-        offset = (_uniform((n,), dev, generator) * 2 - 1).to(x.dtype) * shift * flag
+        flag = (uniform((n,), dev, generator) < p_shift).to(x.dtype)
+        offset = (uniform((n,), dev, generator) * 2 - 1).to(x.dtype) * shift * flag
         x = x + offset.view(bshape)
     return x
 
@@ -357,15 +328,6 @@ def voco_layout(patch: List[int], total_stride: List[int], median_shape: Sequenc
 
 # ------------------------------------------------------------------------------------------------ method
 
-def _int_list(value, ndim: int, key: str) -> List[int]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [int(value)] * ndim
-    if isinstance(value, (list, tuple)) and len(value) == ndim and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return [int(v) for v in value]
-    raise SSLInputError(f"ssl layout of 'voco': '{key}' must be an int or a list of {ndim} ints, got {value!r}")
-
-
 class _EncoderHolder(nn.Module):
     """Holds a copy of a U-Net encoder under ``.encoder`` so that :func:`encoder_forward` accepts it."""
 
@@ -426,10 +388,10 @@ class VoCo(SSLMethod):
         for key in ("crop_size", "base_grid"):
             if key not in layout:
                 raise SSLInputError(f"ssl layout of 'voco' has no '{key}'; re-run the SSL planner")
-        self.crop = _int_list(layout["crop_size"], ndim, "crop_size")
-        self.grid = _int_list(layout["base_grid"], ndim, "base_grid")
+        self.crop = per_axis_ints(layout["crop_size"], ndim, "crop_size", "voco")
+        self.grid = per_axis_ints(layout["base_grid"], ndim, "base_grid", "voco")
         self.region = [g * c for g, c in zip(self.grid, self.crop)]
-        if "region_size" in layout and _int_list(layout["region_size"], ndim, "region_size") != self.region:
+        if "region_size" in layout and per_axis_ints(layout["region_size"], ndim, "region_size", "voco") != self.region:
             raise SSLInputError(f"ssl layout of 'voco': region_size {layout['region_size']} != base_grid "
                                 f"{self.grid} x crop_size {self.crop}")
         if any(g < 1 for g in self.grid) or math.prod(self.grid) < 2:
@@ -495,10 +457,8 @@ class VoCo(SSLMethod):
             raise SSLInputError(f"ssl layout of 'voco': ema_momentum must be a number or [start, end] in [0, 1], "
                                 f"got {mom!r}")
         if self.use_ema_teacher:
-            self.teacher = _EncoderHolder(copy.deepcopy(network.encoder))
-            self.teacher_projector = copy.deepcopy(self.projector)
-            for p in list(self.teacher.parameters()) + list(self.teacher_projector.parameters()):
-                p.requires_grad_(False)
+            self.teacher = _EncoderHolder(frozen_copy(network.encoder))
+            self.teacher_projector = frozen_copy(self.projector)
         else:
             self.teacher = None
             self.teacher_projector = None
@@ -524,7 +484,7 @@ class VoCo(SSLMethod):
             raise ValueError(f"VoCo expects regions of size {self.region} (layout region_size), got "
                              f"{list(batch.shape[2:])}")
         b, ch = batch.shape[:2]
-        bases = split_into_bases(batch, self.grid)                                     # (B, n, C, *c)
+        bases = split_into_cells(batch, self.grid)                                     # (B, n, C, *c)
         starts = random_crop_starts(b, self.n_targets, self.region, self.crop, batch.device, generator)
         targets = extract_crops(batch, starts, self.crop)                              # (B, n_t, C, *c)
         labels = position_labels(starts, self.crop, self.grid)                         # (B, n_t, n)
@@ -569,26 +529,15 @@ class VoCo(SSLMethod):
         return {"loss": loss, "L_pred": l_pred.detach(), "L_reg": l_reg.detach(),
                 "pos_acc": position_accuracy(logits.detach(), labels), "L_pred_zero": l_pred_zero}
 
-    def ema_momentum_at(self, step: int, total_steps: int) -> float:
-        """μ(i) = μ1 − (μ1 − μ0)·(cos(π·i/I) + 1)/2 (constant when μ0 = μ1)."""
-        m0, m1 = self.ema_momentum
-        frac = min(max(step / max(1, total_steps), 0.0), 1.0)
-        return m1 - (m1 - m0) * (math.cos(math.pi * frac) + 1) / 2
-
-    @torch.no_grad()
-    def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        """EMA update of the teacher (parameters and floating-point buffers) when ``use_ema_teacher``."""
+    def ema_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
+        """(encoder, teacher encoder) and (projector, teacher projector) with ``use_ema_teacher``, else none."""
         if self.teacher is None:
-            return
-        mu = self.ema_momentum_at(step, total_steps)
-        for t_mod, s_mod in ((self.teacher.encoder, self.network.encoder), (self.teacher_projector, self.projector)):
-            # parameters()/buffers() visit every tensor once (the state dict lists aliased weights twice)
-            for t, s in itertools.chain(zip(t_mod.parameters(), s_mod.parameters()),
-                                        zip(t_mod.buffers(), s_mod.buffers())):
-                if t.dtype.is_floating_point:
-                    t.mul_(mu).add_(s.detach(), alpha=1.0 - mu)
-                else:
-                    t.copy_(s)
+            return []
+        return [(self.network.encoder, self.teacher.encoder), (self.projector, self.teacher_projector)]
+
+    def ema_momentum_range(self) -> Tuple[float, float]:
+        """``(μ0, μ1)`` from ``layout.ema_momentum`` (a constant μ gives ``(μ, μ)``)."""
+        return self.ema_momentum[0], self.ema_momentum[1]
 
     # -------------------------------------------------------------------------------------------- previews
     @torch.no_grad()
