@@ -197,7 +197,7 @@ def fit_profile_affine(profile: np.ndarray, reference: np.ndarray, scale_range: 
 
 @dataclass
 class CaseGeometry:
-    """Per-case artefacts of the matcher (JSON-serialisable).
+    """Body geometry of one case and its map to the reference case (JSON-serialisable).
 
     Attributes:
         shape: spatial shape ``(a0, a1, a2)`` of the preprocessed array.
