@@ -18,8 +18,9 @@ from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 
 from ssl_nnunet.methods import get_method
 from ssl_nnunet.methods.alice import CASA, cosine_loss, embedding_spread, rotation_about_axis, strong_augment
-from ssl_nnunet.methods.alice_matcher import (CrossVolumeMatcher, MatchedPairSampler, cache_path, centre_range,
-                                              fit_profile_affine, plan_out_of_plane_axis)
+from ssl_nnunet.data.alice_pairs import CrossVolumeMatcher, CrossVolumePairSampler, centre_range
+from ssl_nnunet.data.body_geometry import DatasetGeometry, cache_path, fit_profile_affine
+from ssl_nnunet.data.samplers import SamplerSpec
 from ssl_nnunet.methods.masking import expand_mask, masked_mse, per_unit_target
 from ssl_nnunet.utilities.errors import SSLInputError
 
@@ -74,7 +75,7 @@ def matcher_cases():
     inplane = np.full((70, 48, 44), -1.0, np.float32)
     inplane[:, 5:45] = a                                     # shift along a1: p1 -> p1 + 5
     images = {"A": a, "shift": shifted, "crop": cropped, "scale": scaled, "inplane": inplane}
-    return images, CrossVolumeMatcher.from_arrays(images, a_op=0)
+    return images, CrossVolumeMatcher(DatasetGeometry.from_arrays(images, a_op=0))
 
 
 def test_matcher_identity(matcher_cases):
@@ -102,7 +103,8 @@ def test_matcher_recovers_shift_and_scale_along_out_of_plane_axis(matcher_cases,
 
 def test_profile_beats_body_box_when_the_field_of_view_is_cut(matcher_cases):
     images, _ = matcher_cases
-    bbox_only = CrossVolumeMatcher.from_arrays({k: images[k] for k in ("A", "crop")}, a_op=0, kind="bbox")
+    bbox_only = CrossVolumeMatcher(DatasetGeometry.from_arrays({k: images[k] for k in ("A", "crop")}, a_op=0,
+                                                               kind="bbox"))
     errors = [abs(bbox_only.map_point("A", "crop", [z, 20, 22])[0][0] - (z - 15)) for z in range(20, 60, 4)]
     assert max(errors) > 3  # the body box stretches the truncated case; the profile fit does not
 
@@ -145,35 +147,37 @@ def test_matcher_cache_beside_data_and_rebuilt_when_stale(tmp_path, matcher_case
     images, _ = matcher_cases
     folder = str(tmp_path / "Dataset999_X" / "sslPlans_3d_fullres")
     ds = _FakeDataset(folder, {k: images[k] for k in ("A", "shift", "crop")})
-    m = CrossVolumeMatcher.load_or_build(ds, 0, verbose=False)
+    m = DatasetGeometry.load_or_compute(ds, 0, verbose=False)
     path = cache_path(folder)
     assert path == str(tmp_path / "Dataset999_X" / "alice_matcher_sslPlans_3d_fullres.json")
     assert os.path.isfile(path) and not [f for f in os.listdir(os.path.dirname(path)) if f.startswith(".tmp")]
     assert ds.loads == 3
-    again = CrossVolumeMatcher.load_or_build(ds, 0, verbose=False)
+    again = DatasetGeometry.load_or_compute(ds, 0, verbose=False)
     assert ds.loads == 3 and again.to_json()["cases"] == m.to_json()["cases"]
     os.utime(os.path.join(folder, "shift.pkl"), ns=(1, 1))  # re-preprocessed case
-    CrossVolumeMatcher.load_or_build(ds, 0, verbose=False)
+    DatasetGeometry.load_or_compute(ds, 0, verbose=False)
     assert ds.loads == 6
     with open(path) as f:
         assert json.load(f)["out_of_plane_axis"] == 0
 
 
-def test_plan_out_of_plane_axis(tmp_path):
-    folder = tmp_path / "sslPlans_3d_fullres"
-    folder.mkdir()
-    plans = {"configurations": {"3d_fullres": {"data_identifier": "sslPlans_3d_fullres", "spacing": [1, 3, 1]}}}
-    (tmp_path / "sslPlans.json").write_text(json.dumps(plans))
-    assert plan_out_of_plane_axis(str(folder)) == 1
-    plans["ssl"] = {"out_of_plane_axis": 2}
-    (tmp_path / "sslPlans.json").write_text(json.dumps(plans))
-    assert plan_out_of_plane_axis(str(folder)) == 2
+def test_make_sampler_reads_out_of_plane_axis_from_the_ssl_plan(tmp_path, matcher_cases):
+    images, _ = matcher_cases
+    folder = str(tmp_path / "Dataset999_X" / "sslPlans_3d_fullres")
+    ds = _FakeDataset(folder, {k: images[k] for k in ("A", "shift")})
+    plan = {"pretrain_patch_size": list(P), "layout": {**LAYOUT, "matcher": "bbox"}}
+    for a_op in (1, 2):
+        spec = SamplerSpec(ds, ["A", "shift"], list(P), 2, 0, plan, {"out_of_plane_axis": a_op}, folder)
+        sampler = get_method("alice").make_sampler(spec)
+        assert isinstance(sampler, CrossVolumePairSampler) and sampler.matcher.a_op == a_op
+        with open(cache_path(folder)) as f:
+            assert json.load(f)["out_of_plane_axis"] == a_op
 
 
 def test_sampler_pairs_different_cases_at_corresponding_points(tmp_path, matcher_cases):
     images, m = matcher_cases
     ds = _FakeDataset(str(tmp_path / "d"), images)
-    sampler = MatchedPairSampler(ds, ["A", "shift", "crop"], P, 4, m, seed=0)
+    sampler = CrossVolumePairSampler(ds, ["A", "shift", "crop"], P, 4, m, seed=0)
     batch = sampler.next_batch()
     assert batch.shape == (4, 2, 1, *P) and batch.dtype == torch.float32
     for source, target, c_a, c_b, matched in sampler.last_pairs:
@@ -185,11 +189,11 @@ def test_sampler_pairs_different_cases_at_corresponding_points(tmp_path, matcher
             clamped = [min(max(round(v), lo), hi) for v, (lo, hi) in zip(mapped, rng_b)]
             assert c_b == clamped
     # a single query case (the trainer's held-out validation case) is paired with the other cases
-    single = MatchedPairSampler(ds, ["A"], P, 3, m, seed=1, key_identifiers=sorted(images))
+    single = CrossVolumePairSampler(ds, ["A"], P, 3, m, seed=1, key_identifiers=sorted(images))
     single.next_batch()
     assert all(s == "A" and t != "A" for s, t, *_ in single.last_pairs)
     with pytest.raises(ValueError):
-        MatchedPairSampler(ds, ["A"], P, 1, m)
+        CrossVolumePairSampler(ds, ["A"], P, 1, m)
 
 
 # ------------------------------------------------------------------------------------------------ method

@@ -1,1 +1,1 @@
-"""Data helpers for ssl_nnunet (demo dataset generation)."""
+"""Data helpers for ssl_nnunet: unlabeled samplers, the prefetching loader, per-case body geometry, demo datasets."""

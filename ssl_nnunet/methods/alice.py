@@ -2,7 +2,7 @@
 
 CNN realisation (§7.3) on a nnU-Net U-Net. A batch element holds a query crop Q of case A and a key crop K
 of the same body part of a different case B (``batch (B, 2, C, a0, a1, a2)``; the pairs come from
-:class:`ssl_nnunet.methods.alice_matcher.MatchedPairSampler` through :meth:`Alice.make_sampler`). Shapes below
+:class:`ssl_nnunet.data.alice_pairs.CrossVolumePairSampler` through :meth:`Alice.make_sampler`). Shapes below
 use ``B`` pairs, ``2B`` views per branch (rows ``0..B-1`` = Q, ``B..2B-1`` = K), token stride ``t`` (= mask
 unit q by default), token grid ``g = P / t``, ``N = prod(g)`` tokens, ``N_vis`` visible tokens per view,
 ``C_t`` channels of the encoder stage at stride ``t`` (``enc_pen`` for t = q), head output dim ``D``,
@@ -56,9 +56,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_nnunet.data.alice_pairs import MATCHERS, CrossVolumeMatcher, CrossVolumePairSampler
+from ssl_nnunet.data.body_geometry import DatasetGeometry
+from ssl_nnunet.data.samplers import SamplerSpec
 from ssl_nnunet.methods import register
-from ssl_nnunet.methods.alice_matcher import (MATCHERS, CrossVolumeMatcher, MatchedPairSampler,
-                                              plan_out_of_plane_axis)
 from ssl_nnunet.methods.base import PlanningContext, SSLMethod, divides
 from ssl_nnunet.methods.ema import frozen_copy, paired_tensors
 from ssl_nnunet.methods.features import check_unet, cumulative_strides, run_encoder
@@ -343,28 +344,26 @@ class Alice(SSLMethod):
     @classmethod
     def required_patch_size(cls, method_plan: dict) -> List[int]:
         """The crop size P (``layout.crop_size``, else ``pretrain_patch_size``)."""
-        layout = method_plan.get("layout", {})
-        return list(layout.get("crop_size", method_plan["pretrain_patch_size"]))
+        return list(method_plan["layout"].get("crop_size", method_plan["pretrain_patch_size"]))
 
     @classmethod
-    def make_sampler(cls, dataset, identifiers: List[str], patch_size: List[int], batch_size: int, seed: int,
-                     method_plan: dict, preprocessed_folder: str):
-        """Sampler of matched (Q, K) pairs: ``next_batch() -> (B, 2, C, *P)`` (see :mod:`alice_matcher`); the
-        out-of-plane axis is read from the plans that wrote ``preprocessed_folder``.
+    def make_sampler(cls, spec: SamplerSpec):
+        """Sampler of matched (Q, K) pairs: ``next_batch() -> (B, 2, C, *P)``
+        (:class:`ssl_nnunet.data.alice_pairs.CrossVolumePairSampler`); the out-of-plane axis is
+        ``spec.ssl_plan["out_of_plane_axis"]``, the geometry cache lies beside ``spec.preprocessed_folder``.
 
-        With a single case in ``identifiers`` (the trainer's one held-out validation case) the key crops come
-        from the other cases of ``dataset``. ``matcher = "random"`` gives the default sampler (two random
-        crops of different cases).
+        With a single case in ``spec.identifiers`` (the trainer's one held-out validation case) the key crops
+        come from the other cases of ``spec.dataset``. ``matcher = "random"`` gives the default sampler (two
+        random crops of different cases).
         """
-        kind = method_plan["layout"].get("matcher", "profile_bbox")
+        kind = cls.resolved_layout(spec.method_plan)["matcher"]
         if kind == "random":
-            return super().make_sampler(dataset, identifiers, patch_size, batch_size, seed, method_plan,
-                                        preprocessed_folder)
-        matcher = CrossVolumeMatcher.load_or_build(dataset, plan_out_of_plane_axis(preprocessed_folder), kind,
-                                                   preprocessed_folder)
-        keys = identifiers if len(identifiers) >= 2 else sorted(dataset.identifiers)
-        return MatchedPairSampler(dataset, identifiers, patch_size, batch_size, matcher, seed=seed,
-                                  key_identifiers=keys)
+            return super().make_sampler(spec)
+        geometry = DatasetGeometry.load_or_compute(spec.dataset, int(spec.ssl_plan["out_of_plane_axis"]), kind,
+                                                   spec.preprocessed_folder)
+        keys = spec.identifiers if len(spec.identifiers) >= 2 else sorted(spec.dataset.identifiers)
+        return CrossVolumePairSampler(spec.dataset, spec.identifiers, spec.patch_size, spec.batch_size,
+                                      CrossVolumeMatcher(geometry), seed=spec.seed, key_identifiers=keys)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ssl_nnunet.data.samplers import SamplerSpec, UnlabeledPatchSampler
 from ssl_nnunet.methods import ema
 from ssl_nnunet.methods.features import cumulative_strides
 from ssl_nnunet.utilities.errors import SSLInputError
@@ -107,8 +108,13 @@ class SSLMethod(nn.Module):
         self.network = network
         self.method_plan = method_plan
         self.ssl_plan = ssl_plan
-        self.layout = merge_layout(type(self).layout_defaults, method_plan["layout"])
+        self.layout = self.resolved_layout(method_plan)
         self.num_input_channels = num_input_channels
+
+    @classmethod
+    def resolved_layout(cls, method_plan: dict) -> dict:
+        """The layout a run uses: :attr:`layout_defaults` updated by the plan's ``layout``."""
+        return merge_layout(cls.layout_defaults, method_plan.get("layout", {}))
 
     # ---------------------------------------------------------------------------------------------- planning
     @classmethod
@@ -149,13 +155,12 @@ class SSLMethod(nn.Module):
         return list(method_plan["pretrain_patch_size"])
 
     @classmethod
-    def make_sampler(cls, dataset, identifiers: List[str], patch_size: List[int], batch_size: int, seed: int,
-                     method_plan: dict, preprocessed_folder: str):
-        """The data sampler (an object with ``next_batch() -> Tensor``). Default: random body-box patches of
-        ``cases_per_sample`` different cases (:class:`ssl_nnunet.training.data.UnlabeledPatchSampler`).
+    def make_sampler(cls, spec: SamplerSpec):
+        """The data sampler (an object with ``next_batch() -> Tensor``) for ``spec``. Default: random body-box
+        patches of ``cases_per_sample`` different cases (:class:`ssl_nnunet.data.samplers.UnlabeledPatchSampler`).
         Methods that must choose *where* to cut (e.g. Alice's matched crops) override this."""
-        from ssl_nnunet.training.data import UnlabeledPatchSampler
-        return UnlabeledPatchSampler(dataset, identifiers, patch_size, batch_size, cls.cases_per_sample, seed=seed)
+        return UnlabeledPatchSampler(spec.dataset, spec.identifiers, spec.patch_size, spec.batch_size,
+                                     cls.cases_per_sample, seed=spec.seed)
 
     def forward(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """Build the views from ``batch`` and return ``{"loss": total, "<term>": value, ...}``.

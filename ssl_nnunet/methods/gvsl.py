@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_nnunet.data.samplers import RelativePositionPairSampler, SamplerSpec
 from ssl_nnunet.methods import register
 from ssl_nnunet.methods.appearance import (bezier_intensity, from_unit_range, inpaint, intensity_bounds,
                                            local_shuffle, to_unit_range)
@@ -60,11 +61,10 @@ from ssl_nnunet.methods.base import PlanningContext, SSLMethod
 from ssl_nnunet.methods.features import check_unet, forward_features
 from ssl_nnunet.methods.geometry import (affine_matrix, affine_warp, compose_displacement,
                                          random_spatial_displacement, warp)
-from ssl_nnunet.training.data import UnlabeledPatchSampler
 from ssl_nnunet.utilities.errors import SSLInputError
 
 __all__ = [
-    "GVSL", "MatchedPairSampler",
+    "GVSL",
     "bound_affine_params", "local_ncc", "ncc_loss", "smoothness_loss",
 ]
 
@@ -236,29 +236,6 @@ class RestoreHead(nn.Sequential):
         return super().forward(_channels_last(x)).contiguous()
 
 
-# ============================================================================================ sampler
-
-class MatchedPairSampler(UnlabeledPatchSampler):
-    """Pairs of patches of two different cases cut at the *same relative position* of each case's body box
-    (a random r ∈ [0, 1)³ per pair), so A and B show roughly corresponding anatomy, as the paper's whole-volume
-    pairs do (layout ``pair_sampling = "matched"``, the default). Output ``(B, 2, C, a0, a1, a2)``."""
-
-    def __init__(self, dataset, identifiers, patch_size, batch_size, seed=0):
-        super().__init__(dataset, identifiers, patch_size, batch_size, cases_per_sample=2, seed=seed)
-
-    def patch_at(self, identifier: str, rel: Sequence[float]) -> np.ndarray:
-        _, bbox = self._case(identifier)
-        return self.patch_around(identifier, [int(lo + r * max(0, hi - lo - 1)) for (lo, hi), r in zip(bbox, rel)])
-
-    def next_batch(self) -> torch.Tensor:
-        items = []
-        for _ in range(self.batch_size):
-            cases = self.rng.choice(len(self.identifiers), 2, replace=False)
-            rel = self.rng.uniform(0.0, 1.0, len(self.patch_size))
-            items.append(np.stack([self.patch_at(self.identifiers[i], rel) for i in cases]))
-        return torch.from_numpy(np.stack(items))
-
-
 # ============================================================================================ planning
 
 def gvsl_intensity(normalization_schemes: Sequence[str], intensity_properties: dict) -> dict:
@@ -388,14 +365,16 @@ class GVSL(SSLMethod):
 
     @classmethod
     def required_patch_size(cls, method_plan: dict) -> List[int]:
-        return list(method_plan.get("layout", {}).get("pair_patch") or method_plan["pretrain_patch_size"])
+        return list(method_plan["layout"].get("pair_patch") or method_plan["pretrain_patch_size"])
 
     @classmethod
-    def make_sampler(cls, dataset, identifiers, patch_size, batch_size, seed, method_plan, preprocessed_folder):
-        if method_plan.get("layout", {}).get("pair_sampling", "matched") == "independent":
-            return super().make_sampler(dataset, identifiers, patch_size, batch_size, seed, method_plan,
-                                        preprocessed_folder)
-        return MatchedPairSampler(dataset, identifiers, patch_size, batch_size, seed=seed)
+    def make_sampler(cls, spec: SamplerSpec):
+        """:class:`ssl_nnunet.data.samplers.RelativePositionPairSampler` (``pair_sampling = "matched"``) or
+        two independent random patches of different cases (``"independent"``)."""
+        if cls.resolved_layout(spec.method_plan)["pair_sampling"] == "independent":
+            return super().make_sampler(spec)
+        return RelativePositionPairSampler(spec.dataset, spec.identifiers, spec.patch_size, spec.batch_size,
+                                           seed=spec.seed)
 
     # ------------------------------------------------------------------------------------------------ views
     def appearance_transform(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import replace
 from datetime import datetime
 from typing import Dict, List, Optional
 
@@ -28,8 +29,9 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
+from ssl_nnunet.data.loader import PrefetchLoader
+from ssl_nnunet.data.samplers import SamplerSpec
 from ssl_nnunet.methods import get_method
-from ssl_nnunet.training.data import PrefetchLoader
 from ssl_nnunet.training.logger import SSLLogger
 from ssl_nnunet.training.schedule import build_optimizer, learning_rate
 from ssl_nnunet.utilities.errors import SSLInputError
@@ -153,12 +155,11 @@ class SSLTrainer(nnUNetTrainer):
         self.val_identifiers = identifiers[len(identifiers) - n_val:] if n_val else train_ids
         dataset = dataset_class(folder)
         patch = method_cls.required_patch_size(self.method_plan)
-        sampler = method_cls.make_sampler(dataset, train_ids, patch, self.batch_size,
-                                          self.seed + 1000 * self.local_rank + self.current_epoch,
-                                          self.method_plan, folder)
-        self.dataloader_train = PrefetchLoader(sampler, self.num_prefetch)
-        self._val_args = (dataset, self.val_identifiers, patch, self.batch_size, VALIDATION_SEED,
-                          self.method_plan, folder)
+        train_spec = SamplerSpec(dataset, train_ids, patch, self.batch_size,
+                                 self.seed + 1000 * self.local_rank + self.current_epoch, self.method_plan,
+                                 self.ssl_plan, folder)
+        self.dataloader_train = PrefetchLoader(method_cls.make_sampler(train_spec), self.num_prefetch)
+        self._val_spec = replace(train_spec, identifiers=self.val_identifiers, seed=VALIDATION_SEED)
         self.print_to_log_file(f"SSL method {self.method_name}: {len(train_ids)} training / "
                                f"{len(self.val_identifiers)} validation cases, data patch {patch}, batch "
                                f"{self.batch_size} per process x {self.world_size}, {self.total_iterations} "
@@ -244,9 +245,7 @@ class SSLTrainer(nnUNetTrainer):
         ``num_val_iterations``): the same patches, masks and views every call, and the first k batches are the
         same for any count, so a longer evaluation (``ssl_nnunet_benchmark pretext``) extends the per-epoch one."""
         self.method.eval()
-        dataset, ids, patch, batch_size, seed, method_plan, folder = self._val_args
-        sampler = type(self.method).make_sampler(dataset, ids, patch, batch_size, seed + self.local_rank,
-                                                 method_plan, folder)
+        sampler = type(self.method).make_sampler(replace(self._val_spec, seed=self._val_spec.seed + self.local_rank))
         generator = torch.Generator(device=self.device).manual_seed(VALIDATION_SEED + self.local_rank)
         outputs = []
         for _ in range(num_iterations or self.num_val_iterations_per_epoch):

@@ -1,7 +1,8 @@
-"""Cross-volume matcher for Alice: where is "the same body part" of case A in case B (METHODS.md §7.5 A).
+"""Per-case body geometry of a preprocessed dataset, for Alice's cross-volume matcher (METHODS.md §7.5 A).
 
-The Alice paper finds corresponding points of two volumes with a pre-trained landmark model (SAM, Yan et al.
-2022). We ship no external weights, so this module implements the weight-free replacement ``profile_bbox``:
+Computed from the *preprocessed* arrays, once per dataset, and cached beside them: the part of the weight-free
+SAM replacement ``profile_bbox`` that depends on a single case (and on the dataset's reference case). The
+point mapping and the pair sampler that use it are in :mod:`ssl_nnunet.data.alice_pairs`.
 
 1. **Body box.** Per case, a body mask of channel 0 of the *preprocessed* array ``(C, a0, a1, a2)``:
    CT (channel name "CT" in ``dataset.json``): voxels above -500 HU, converted to nnU-Net's normalised units
@@ -19,22 +20,12 @@ The Alice paper finds corresponding points of two volumes with a pre-trained lan
    map is the body-box one: ``[lo, hi)`` of the case onto ``[lo, hi)`` of the reference along ``a_op``.
    The canonical coordinate is ``t(z) = z_ref / L_ref``; the case covers ``[t(lo), t(hi - 1)]``.
 
-Point mapping (:meth:`CrossVolumeMatcher.map_point`): a point ``p = (p0, p1, p2)`` (continuous voxel indices)
-of case A goes to ``p'`` in case B with
-``p'_op = (scale_A * p_op + offset_A - offset_B) / scale_B`` (same canonical coordinate ``t``) and, on the
-in-plane axes, the body-box normalisation ``p'_ax = lo_B + (p_ax - lo_A) (hi_B - lo_B) / (hi_A - lo_A)``.
-The point is *valid* when ``p'_op`` lies inside B's body extent along ``a_op`` (the analogue of SAM's
-score threshold; the sampler redraws otherwise). For A = B the map is the identity.
-
-The per-case geometry is computed once, on first use, from the preprocessed arrays and cached as JSON beside
-the preprocessed data folder: ``nnUNet_preprocessed/DatasetXXX/alice_matcher_<data_identifier>.json`` (atomic
-write; not inside the data folder, where nnU-Net infers the dataset class from the file endings). The cache
-records the size and modification time of every case's ``.pkl`` and is rebuilt when they, the case list, the
-matcher type or ``a_op`` change (e.g. after re-preprocessing). Assumes a consistent orientation of all cases
-(the fingerprint warns when the direction matrices differ); no reorientation is done here.
-
-:class:`MatchedPairSampler` uses the matcher to cut a query crop Q of case A and a key crop K of a different
-case B around corresponding points: ``next_batch() -> (B, 2, C, a0, a1, a2)``, ``[:, 0] = Q``, ``[:, 1] = K``.
+The geometry (:class:`DatasetGeometry`) is computed once, on first use, from the preprocessed arrays and cached
+as JSON beside the preprocessed data folder: ``nnUNet_preprocessed/DatasetXXX/alice_matcher_<data_identifier>.json``
+(atomic write; not inside the data folder, where nnU-Net infers the dataset class from the file endings). The
+cache records the size and modification time of every case's ``.pkl`` and is rebuilt when they, the case list,
+the matcher type or ``a_op`` change (e.g. after re-preprocessing). Assumes a consistent orientation of all
+cases (the fingerprint warns when the direction matrices differ); no reorientation is done here.
 """
 from __future__ import annotations
 
@@ -45,28 +36,22 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from scipy import ndimage
 
-from ssl_nnunet.training.data import crop_with_padding
 from ssl_nnunet.utilities.errors import SSLInputError
 from ssl_nnunet.utilities.file_io import atomic_save_json
 
 __all__ = [
-    "MATCHERS",
     "cache_path",
-    "plan_out_of_plane_axis",
+    "ct_thresholds",
     "CaseGeometry",
-    "CrossVolumeMatcher",
-    "MatchedPairSampler",
+    "DatasetGeometry",
     "body_mask_of",
+    "bounding_box",
     "longitudinal_profile",
     "fit_profile_affine",
-    "centre_range",
 ]
 
-#: ``layout.matcher`` values: profile alignment with body-box fallback; body box only; no matching (ablation)
-MATCHERS = ("profile_bbox", "bbox", "random")
 CACHE_VERSION = 1
 CT_BODY_HU = -500.0
 CT_BONE_HU = 200.0
@@ -208,11 +193,11 @@ def fit_profile_affine(profile: np.ndarray, reference: np.ndarray, scale_range: 
     return best
 
 
-# ------------------------------------------------------------------------------------------------ the matcher
+# ------------------------------------------------------------------------------------------------ per dataset
 
 @dataclass
 class CaseGeometry:
-    """Per-case artefacts of the matcher (JSON-serialisable).
+    """Body geometry of one case and its map to the reference case (JSON-serialisable).
 
     Attributes:
         shape: spatial shape ``(a0, a1, a2)`` of the preprocessed array.
@@ -235,29 +220,28 @@ def _bbox_affine(bbox_op: Sequence[int], ref_bbox_op: Sequence[int]) -> Tuple[fl
     return scale, ref_bbox_op[0] - scale * bbox_op[0]
 
 
-class CrossVolumeMatcher:
-    """Maps points between preprocessed cases (see the module docstring for the formulas).
+@dataclass
+class DatasetGeometry:
+    """The :class:`CaseGeometry` of every case of a dataset, aligned to its reference case (JSON-serialisable).
 
-    Args:
+    Attributes:
         cases: ``{identifier: CaseGeometry}``.
         a_op: out-of-plane axis (``plans["ssl"]["out_of_plane_axis"]``).
         reference_length: ``L_ref`` (``shape[a_op]`` of the reference case); ``t = z_ref / L_ref``.
-        kind: ``"profile_bbox"`` or ``"bbox"``.
+        kind: ``"profile_bbox"`` or ``"bbox"`` (the matcher type it was computed for).
+        reference: identifier of the reference case.
     """
 
-    def __init__(self, cases: Dict[str, CaseGeometry], a_op: int, reference_length: int,
-                 kind: str = "profile_bbox", reference: str = ""):
-        self.cases = cases
-        self.a_op = int(a_op)
-        self.reference_length = int(reference_length)
-        self.kind = kind
-        self.reference = reference
+    cases: Dict[str, CaseGeometry]
+    a_op: int
+    reference_length: int
+    kind: str = "profile_bbox"
+    reference: str = ""
 
-    # ---------------------------------------------------------------- building
     @classmethod
     def from_arrays(cls, images: Dict[str, np.ndarray], a_op: int, kind: str = "profile_bbox",
-                    ct_units: Optional[Dict[str, float]] = None, min_ncc: float = MIN_NCC) -> "CrossVolumeMatcher":
-        """Build from channel-0 arrays ``{identifier: (a0, a1, a2)}``.
+                    ct_units: Optional[Dict[str, float]] = None, min_ncc: float = MIN_NCC) -> "DatasetGeometry":
+        """Compute from channel-0 arrays ``{identifier: (a0, a1, a2)}``.
 
         Args:
             ct_units: for CT, the thresholds in the arrays' units: ``{"body": .., "low": .., "high": ..}``;
@@ -297,7 +281,7 @@ class CrossVolumeMatcher:
                 elif np.isfinite(fit[2]):
                     ncc = float(fit[2])
             cases[ident] = CaseGeometry(shapes[ident], boxes[ident], float(scale), float(offset), ncc, source)
-        return cls(cases, a_op, shapes[reference][a_op], kind, reference)
+        return cls(cases, int(a_op), shapes[reference][a_op], kind, reference)
 
     def to_json(self, stamps: Optional[Dict[str, List[int]]] = None) -> dict:
         return {"version": CACHE_VERSION, "matcher": self.kind, "out_of_plane_axis": self.a_op,
@@ -305,14 +289,15 @@ class CrossVolumeMatcher:
                 "case_files": stamps or {}, "cases": {k: asdict(v) for k, v in sorted(self.cases.items())}}
 
     @classmethod
-    def from_json(cls, obj: dict) -> "CrossVolumeMatcher":
+    def from_json(cls, obj: dict) -> "DatasetGeometry":
         cases = {k: CaseGeometry(**v) for k, v in obj["cases"].items()}
-        return cls(cases, obj["out_of_plane_axis"], obj["reference_length"], obj["matcher"], obj["reference"])
+        return cls(cases, int(obj["out_of_plane_axis"]), int(obj["reference_length"]), obj["matcher"],
+                   obj["reference"])
 
     @classmethod
-    def load_or_build(cls, dataset, a_op: int, kind: str = "profile_bbox",
-                      folder: Optional[str] = None, verbose: bool = True) -> "CrossVolumeMatcher":
-        """The matcher of every case of ``dataset`` (an nnU-Net dataset: ``load_case``, ``identifiers``),
+    def load_or_compute(cls, dataset, a_op: int, kind: str = "profile_bbox", folder: Optional[str] = None,
+                        verbose: bool = True) -> "DatasetGeometry":
+        """The geometry of every case of ``dataset`` (an nnU-Net dataset: ``load_case``, ``identifiers``),
         read from :func:`cache_path` when it is current, else computed and written atomically.
 
         ``folder`` (the preprocessed data folder) defaults to ``dataset.source_folder``; CT thresholds come from
@@ -339,40 +324,12 @@ class CrossVolumeMatcher:
         for ident in identifiers:
             data = dataset.load_case(ident)[0]
             images[ident] = np.asarray(data[0], dtype=np.float32)
-        matcher = cls.from_arrays(images, a_op, kind, ct_units=ct_thresholds(os.path.dirname(folder)))
-        atomic_save_json(matcher.to_json(stamps), path)
-        return matcher
+        geometry = cls.from_arrays(images, a_op, kind, ct_units=ct_thresholds(os.path.dirname(folder)))
+        atomic_save_json(geometry.to_json(stamps), path)
+        return geometry
 
-    # ---------------------------------------------------------------- mapping
-    def canonical(self, identifier: str, z: float) -> float:
-        """Canonical coordinate ``t = (scale z + offset) / L_ref`` of slice ``z`` of a case."""
-        g = self.cases[identifier]
-        return (g.scale * float(z) + g.offset) / self.reference_length
 
-    def coverage(self, identifier: str) -> Tuple[float, float]:
-        """``[t_min, t_max]`` of the case's body along ``a_op``."""
-        lo, hi = self.cases[identifier].bbox[self.a_op]
-        return self.canonical(identifier, lo), self.canonical(identifier, hi - 1)
-
-    def map_point(self, source: str, target: str, point: Sequence[float]) -> Tuple[np.ndarray, bool]:
-        """Map ``point`` (continuous voxel indices ``(p0, p1, p2)``) of case ``source`` into case ``target``.
-
-        Returns:
-            ``(p', valid)``: float64 ``(3,)`` and whether ``p'_op`` lies inside the target's body extent
-            ``[lo, hi - 1]`` along ``a_op`` (outside: the anatomy at ``p`` is not in the target's field of view).
-        """
-        a, b = self.cases[source], self.cases[target]
-        p = np.asarray(point, dtype=np.float64)
-        out = np.empty_like(p)
-        for ax in range(len(p)):
-            if ax == self.a_op:
-                out[ax] = (a.scale * p[ax] + a.offset - b.offset) / b.scale
-            else:
-                (lo_a, hi_a), (lo_b, hi_b) = a.bbox[ax], b.bbox[ax]
-                out[ax] = lo_b + (p[ax] - lo_a) * (hi_b - lo_b) / max(hi_a - lo_a, 1)
-        lo, hi = b.bbox[self.a_op]
-        return out, bool(lo <= out[self.a_op] <= hi - 1)
-
+# ------------------------------------------------------------------------------------------------ cache, CT units
 
 def cache_path(data_folder: str) -> str:
     """``<parent>/alice_matcher_<data folder name>.json`` for a preprocessed data folder."""
@@ -387,29 +344,6 @@ def _file_stamp(path: str) -> List[int]:
     except OSError:
         return [-1, -1]
     return [int(st.st_size), int(st.st_mtime_ns)]
-
-
-def plan_out_of_plane_axis(data_folder: str) -> int:
-    """``ssl.out_of_plane_axis`` of the plans whose configuration wrote ``data_folder`` (found among the JSON
-    files of its parent folder by ``data_identifier``); else the first axis of largest spacing of that
-    configuration; else 0."""
-    data_folder = os.path.abspath(data_folder)
-    parent, ident = os.path.dirname(data_folder), os.path.basename(data_folder)
-    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
-        if not name.endswith(".json") or name.startswith("alice_matcher_"):
-            continue
-        try:
-            with open(os.path.join(parent, name)) as f:
-                plans = json.load(f)
-            configs = [c for c in plans.get("configurations", {}).values() if c.get("data_identifier") == ident]
-        except (OSError, ValueError, AttributeError):
-            continue
-        if configs:
-            if "out_of_plane_axis" in plans.get("ssl", {}):
-                return int(plans["ssl"]["out_of_plane_axis"])
-            if "spacing" in configs[0]:
-                return int(np.argmax(configs[0]["spacing"]))
-    return 0
 
 
 def ct_thresholds(preprocessed_dataset_folder: str) -> Optional[Dict[str, float]]:
@@ -432,93 +366,3 @@ def ct_thresholds(preprocessed_dataset_folder: str) -> Optional[Dict[str, float]
         return (min(max(hu, lo), hi) - props["mean"]) / std
 
     return {"body": norm(CT_BODY_HU), "low": norm(CT_BODY_HU), "high": norm(CT_BONE_HU)}
-
-
-# ------------------------------------------------------------------------------------------------ sampling
-
-def centre_range(bbox: Sequence[Sequence[int]], shape: Sequence[int], patch: Sequence[int]
-                 ) -> List[Tuple[int, int]]:
-    """Per axis the inclusive range ``[c_min, c_max]`` of crop centres (crop = ``[c - P//2, c - P//2 + P)``)
-    that keep the crop inside the body box where the box is at least ``P`` long, else centre the crop on the
-    box; then, where the image is at least ``P`` long, inside the image (METHODS.md §7.8)."""
-    out = []
-    for (lo, hi), d, p in zip(bbox, shape, patch):
-        if hi - lo >= p:
-            cmin, cmax = lo + p // 2, hi - p + p // 2
-        else:
-            cmin = cmax = (lo + hi) // 2
-        if d >= p:
-            cmin = min(max(cmin, p // 2), d - p + p // 2)
-            cmax = min(max(cmax, p // 2), d - p + p // 2)
-        out.append((int(cmin), int(cmax)))
-    return out
-
-
-class MatchedPairSampler:
-    """Pairs of crops of the same body part from two different cases.
-
-    Per batch element: a query case A is drawn from ``identifiers`` and a key case B ≠ A from
-    ``key_identifiers`` (default: ``identifiers``; a single held-out validation case is paired with the other
-    cases of the dataset this way); a crop centre ``c_A`` is drawn uniformly from A's
-    :func:`centre_range`, mapped to B with the matcher and redrawn (up to ``max_tries``) while the point falls
-    outside B's field of view; the mapped centre is rounded and clamped to B's :func:`centre_range`. When no
-    try succeeds the last mapped point is clamped (nearest covered position).
-
-    ``next_batch() -> float32 (B, 2, C, *P)``: ``[:, 0]`` query crops Q (case A), ``[:, 1]`` key crops K
-    (case B). ``last_pairs`` holds ``(id_A, id_B, c_A, c_B, matched)`` of the latest batch.
-    """
-
-    def __init__(self, dataset, identifiers: List[str], patch_size: Sequence[int], batch_size: int,
-                 matcher: CrossVolumeMatcher, seed: int = 0, max_tries: int = 100,
-                 key_identifiers: Optional[List[str]] = None):
-        keys = sorted(set(key_identifiers if key_identifiers is not None else identifiers))
-        if not identifiers or any(all(k == q for k in keys) for q in identifiers):
-            raise ValueError(f"every query case needs a different key case; got queries {list(identifiers)} and "
-                             f"keys {keys}")
-        missing = [i for i in list(identifiers) + keys if i not in matcher.cases]
-        if missing:
-            raise SSLInputError(f"alice matcher has no geometry for {missing[:3]}; delete the matcher cache "
-                                f"(alice_matcher_*.json beside the preprocessed data) to rebuild it")
-        self.dataset = dataset
-        self.identifiers = list(identifiers)
-        self.key_identifiers = keys
-        self.patch_size = [int(p) for p in patch_size]
-        self.batch_size = int(batch_size)
-        self.matcher = matcher
-        self.max_tries = max(1, int(max_tries))
-        self.rng = np.random.RandomState(seed)
-        self.last_pairs: List[tuple] = []
-        self._cache: Dict[str, object] = {}
-
-    def _data(self, identifier: str):
-        if identifier not in self._cache:
-            self._cache[identifier] = self.dataset.load_case(identifier)[0]
-        return self._cache[identifier]
-
-    def _crop(self, identifier: str, centre: Sequence[int]) -> np.ndarray:
-        start = [c - p // 2 for c, p in zip(centre, self.patch_size)]
-        return crop_with_padding(self._data(identifier), start, self.patch_size)
-
-    def draw_pair(self, source: str, target: str) -> Tuple[List[int], List[int], bool]:
-        """Centres ``(c_A, c_B, matched)`` of a query crop in ``source`` and its key crop in ``target``."""
-        ga, gb = self.matcher.cases[source], self.matcher.cases[target]
-        range_a = centre_range(ga.bbox, ga.shape, self.patch_size)
-        range_b = centre_range(gb.bbox, gb.shape, self.patch_size)
-        for _ in range(self.max_tries):
-            c_a = [int(self.rng.randint(lo, hi + 1)) for lo, hi in range_a]
-            mapped, valid = self.matcher.map_point(source, target, c_a)
-            if valid:
-                break
-        c_b = [int(min(max(int(round(v)), lo), hi)) for v, (lo, hi) in zip(mapped, range_b)]
-        return c_a, c_b, valid
-
-    def next_batch(self) -> torch.Tensor:
-        items, self.last_pairs = [], []
-        for _ in range(self.batch_size):
-            source = self.identifiers[self.rng.randint(len(self.identifiers))]
-            candidates = [k for k in self.key_identifiers if k != source]
-            target = candidates[self.rng.randint(len(candidates))]
-            c_a, c_b, matched = self.draw_pair(source, target)
-            items.append(np.stack([self._crop(source, c_a), self._crop(target, c_b)]))
-            self.last_pairs.append((source, target, c_a, c_b, matched))
-        return torch.from_numpy(np.stack(items))

@@ -1,17 +1,42 @@
 """Unlabeled patch sampling from nnU-Net's preprocessed blosc2 data.
 
-The loader only cuts and stacks patches (numpy, in a background thread); every view of an objective is
-built later on the batch's device by the method itself.
+The samplers only cut and stack patches (numpy); every view of an objective is built later on the batch's
+device by the method itself. :class:`SamplerSpec` is what the trainer hands to
+:meth:`ssl_nnunet.methods.base.SSLMethod.make_sampler`; the background loader is
+:class:`ssl_nnunet.data.loader.PrefetchLoader`.
 """
 from __future__ import annotations
 
-import queue
-import threading
-import time
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Sequence
 
 import numpy as np
 import torch
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """Everything a method needs to build its data sampler (:meth:`SSLMethod.make_sampler`).
+
+    Attributes:
+        dataset: the nnU-Net dataset of the preprocessed folder (``load_case``, ``identifiers``).
+        identifiers: the cases to draw from (training or held-out validation cases).
+        patch_size: spatial size ``(a0, a1, a2)`` of a patch (the method's ``required_patch_size``).
+        batch_size: batch elements per ``next_batch()``.
+        seed: seed of the sampler's random state.
+        method_plan: ``plans["ssl"]["methods"][name]``.
+        ssl_plan: the whole ``plans["ssl"]`` block (``out_of_plane_axis``, ...).
+        preprocessed_folder: the preprocessed data folder (where per-dataset caches are placed beside).
+    """
+
+    dataset: object
+    identifiers: List[str]
+    patch_size: List[int]
+    batch_size: int
+    seed: int
+    method_plan: dict
+    ssl_plan: dict
+    preprocessed_folder: str
 
 
 def crop_with_padding(data, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -79,48 +104,24 @@ class UnlabeledPatchSampler:
         return torch.from_numpy(np.stack(items))
 
 
-class PrefetchLoader:
-    """Runs ``sampler.next_batch`` in a background thread, ``num_prefetch`` batches ahead.
+class RelativePositionPairSampler(UnlabeledPatchSampler):
+    """Pairs of patches of two different cases cut at the *same relative position* of each case's body box
+    (a random r ∈ [0, 1)³ per pair: centre ``lo + r (hi - lo - 1)`` per axis, then moved inside the image like
+    :meth:`UnlabeledPatchSampler.patch_around`), so A and B show roughly corresponding anatomy, as GVSL's
+    whole-volume pairs do (GVSL layout ``pair_sampling = "matched"``, the default).
+    Output of :meth:`next_batch`: float32 ``(B, 2, C, a0, a1, a2)``."""
 
-    ``wait_time`` accumulates the seconds the consumer spent blocked on data (for the benchmark's
-    data-wait share). With ``num_prefetch == 0`` batches are made synchronously in the caller.
-    """
+    def __init__(self, dataset, identifiers, patch_size, batch_size, seed=0):
+        super().__init__(dataset, identifiers, patch_size, batch_size, cases_per_sample=2, seed=seed)
 
-    def __init__(self, sampler: UnlabeledPatchSampler, num_prefetch: int = 2):
-        self.sampler = sampler
-        self.num_prefetch = num_prefetch
-        self.wait_time = 0.0
-        self._queue: Optional[queue.Queue] = None
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        if num_prefetch > 0:
-            self._queue = queue.Queue(maxsize=num_prefetch)
-            self._thread = threading.Thread(target=self._work, daemon=True)
-            self._thread.start()
+    def patch_at(self, identifier: str, rel: Sequence[float]) -> np.ndarray:
+        _, bbox = self._case(identifier)
+        return self.patch_around(identifier, [int(lo + r * max(0, hi - lo - 1)) for (lo, hi), r in zip(bbox, rel)])
 
-    def _work(self):
-        while not self._stop.is_set():
-            try:
-                batch = self.sampler.next_batch()
-            except Exception as e:  # surfaced in the consumer
-                batch = e
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(batch, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-
-    def __next__(self) -> torch.Tensor:
-        t0 = time.perf_counter()
-        batch = self.sampler.next_batch() if self._queue is None else self._queue.get()
-        self.wait_time += time.perf_counter() - t0
-        if isinstance(batch, Exception):
-            raise batch
-        return batch
-
-    def close(self, timeout: float = 60.0):
-        """Stops the worker and waits for it (it finishes the batch it is making, then exits)."""
-        self._stop.set()
-        if self._thread is not None and self._thread.is_alive():
-            self._thread.join(timeout)
+    def next_batch(self) -> torch.Tensor:
+        items = []
+        for _ in range(self.batch_size):
+            cases = self.rng.choice(len(self.identifiers), 2, replace=False)
+            rel = self.rng.uniform(0.0, 1.0, len(self.patch_size))
+            items.append(np.stack([self.patch_at(self.identifiers[i], rel) for i in cases]))
+        return torch.from_numpy(np.stack(items))
