@@ -337,7 +337,7 @@ def test_pretrain_export_and_load_into_finetune_network():
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     from ssl_nnunet.export import export_bundle
     from ssl_nnunet.export.exporter import build_network_from_plans
-    from ssl_nnunet.paths import nnUNet_preprocessed
+    from ssl_nnunet.paths import nnunet_preprocessed
     from ssl_nnunet.training.run import pretrain
 
     dataset = "Dataset950_AliceSmoke"
@@ -348,12 +348,12 @@ def test_pretrain_export_and_load_into_finetune_network():
     assert len(trainer.iteration_losses) == 2 and all(np.isfinite(trainer.iteration_losses))
     for term in ("rec_loss", "dv_loss", "st_loss", "cls_std", "token_std"):
         assert len(trainer.logger.get_checkpoint()[f"train_{term}"]) == 1
-    assert os.path.isfile(os.path.join(nnUNet_preprocessed, dataset, "alice_matcher_sslPlans_3d_fullres.json"))
+    assert os.path.isfile(os.path.join(nnunet_preprocessed(), dataset, "alice_matcher_sslPlans_3d_fullres.json"))
     ckpt = torch.load(os.path.join(trainer.output_folder, "checkpoint_final.pth"), weights_only=False)
     assert not any(k.startswith(("target_encoder", "psi", "phi", "casa")) for k in ckpt["network_weights"])
 
     bundle = export_bundle(950, "alice", os.path.join(trainer.output_folder, "bundle"))
-    with open(os.path.join(nnUNet_preprocessed, dataset, "sslFinetunePlans.json")) as f:
+    with open(os.path.join(nnunet_preprocessed(), dataset, "sslFinetunePlans.json")) as f:
         finetune = json.load(f)
     net = build_network_from_plans(finetune, 1, 3, deep_supervision=True)
     load_pretrained_weights(net, os.path.join(bundle, "checkpoint_final.pth"), verbose=False)

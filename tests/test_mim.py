@@ -226,7 +226,7 @@ def test_pretrain_export_and_nnunet_load():
     from conftest import prepare_planned_dataset
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     from ssl_nnunet.export.exporter import build_network_from_plans, export_bundle
-    from ssl_nnunet.paths import nnUNet_preprocessed
+    from ssl_nnunet.paths import nnunet_preprocessed
     from ssl_nnunet.training.run import pretrain
 
     did, name = 946, "Dataset946_MiMSmoke"
@@ -246,7 +246,7 @@ def test_pretrain_export_and_nnunet_load():
     assert any(f.startswith("preview_epoch_") for f in os.listdir(trainer.output_folder))
 
     out = export_bundle(did, "mim", os.path.join(os.environ["nnUNet_results"], "mim_bundle"))
-    with open(os.path.join(nnUNet_preprocessed, name, "sslFinetunePlans.json")) as f:
+    with open(os.path.join(nnunet_preprocessed(), name, "sslFinetunePlans.json")) as f:
         ft_plans = json.load(f)
     net = build_network_from_plans(ft_plans, 1, 4, deep_supervision=True)
     load_pretrained_weights(net, os.path.join(out, "checkpoint_final.pth"))

@@ -303,7 +303,7 @@ def test_pretrain_export_and_nnunet_load(tmp_path):
     from conftest import prepare_planned_dataset
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     from ssl_nnunet.export.exporter import build_network_from_plans, export_bundle
-    from ssl_nnunet.paths import nnUNet_preprocessed
+    from ssl_nnunet.paths import nnunet_preprocessed
     from ssl_nnunet.training.run import pretrain
 
     dataset = "Dataset945_VoCoExport"
@@ -327,7 +327,7 @@ def test_pretrain_export_and_nnunet_load(tmp_path):
     with open(os.path.join(out, "README.md")) as f:
         assert "decoder is exported at its random initialisation" in f.read()
 
-    with open(os.path.join(nnUNet_preprocessed, dataset, "sslFinetunePlans.json")) as f:
+    with open(os.path.join(nnunet_preprocessed(), dataset, "sslFinetunePlans.json")) as f:
         ft_plans = json.load(f)
     net = build_network_from_plans(ft_plans, 1, 3, deep_supervision=True)
     load_pretrained_weights(net, os.path.join(out, "checkpoint_final.pth"))

@@ -27,7 +27,7 @@ import shutil
 import subprocess
 from typing import Dict, List, Optional, Union
 
-from ssl_nnunet.paths import nnUNet_preprocessed, nnUNet_raw
+from ssl_nnunet.paths import nnunet_preprocessed, nnunet_raw
 from ssl_nnunet.utilities.errors import SSLInputError, run_cli
 from ssl_nnunet.utilities.file_io import atomic_directory, atomic_save_json, dataset_name_from_id, load_json, ssl_output_folder
 
@@ -363,7 +363,7 @@ def export_bundle(dataset: Union[int, str], method: str, output_dir: str, plans_
     """
     import torch
     dataset_name = dataset_name_from_id(dataset)
-    pp_folder = os.path.join(nnUNet_preprocessed, dataset_name)
+    pp_folder = os.path.join(nnunet_preprocessed(), dataset_name)
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or not _is_replaceable_bundle(output_dir)):
         raise SSLInputError(f"Output folder {output_dir} exists and is not an ssl_nnunet bundle; choose a new or "
@@ -378,7 +378,7 @@ def export_bundle(dataset: Union[int, str], method: str, output_dir: str, plans_
                             f"planning run.")
     dataset_json_path = os.path.join(pp_folder, "dataset.json")
     if not os.path.isfile(dataset_json_path):
-        dataset_json_path = os.path.join(nnUNet_raw, dataset_name, "dataset.json")
+        dataset_json_path = os.path.join(nnunet_raw(), dataset_name, "dataset.json")
     dataset_json = load_json(dataset_json_path, "dataset.json")
     fingerprint_path = os.path.join(pp_folder, "dataset_fingerprint.json")
     if not os.path.isfile(fingerprint_path):

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ssl_nnunet.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
+from ssl_nnunet.paths import nnunet_preprocessed, nnunet_raw, nnunet_results
 from ssl_nnunet.utilities.errors import SSLInputError, run_cli
 from ssl_nnunet.utilities.file_io import atomic_save_json, atomic_torch_save, dataset_name_from_id, load_json
 
@@ -71,8 +71,8 @@ def target_weights(bundle: dict, target_name: str, encoder_only: bool, out_dir: 
     """Weights file for ``-pretrained_weights``: the bundle's checkpoint, or a target-specific copy with the
     input convolution adapted to the target's channel count and/or a freshly initialised decoder
     (``encoder_only``). Returns ``(path, notes)``."""
-    plans = load_json(os.path.join(nnUNet_preprocessed, target_name, PLANS + ".json"), "plans")
-    dataset_json = load_json(os.path.join(nnUNet_preprocessed, target_name, "dataset.json"), "dataset.json")
+    plans = load_json(os.path.join(nnunet_preprocessed(), target_name, PLANS + ".json"), "plans")
+    dataset_json = load_json(os.path.join(nnunet_preprocessed(), target_name, "dataset.json"), "dataset.json")
     torch.manual_seed(seed)
     fresh = _target_network(plans, dataset_json).state_dict()
     ckpt = torch.load(bundle["checkpoint"], map_location="cpu", weights_only=False)
@@ -105,11 +105,11 @@ def ensure_splits(target_name: str) -> List[dict]:
     """Write nnU-Net's 5-fold ``splits_final.json`` (its own function and seed) if missing, so both arms and
     every later run use the same folds."""
     from nnunetv2.utilities.crossval_split import generate_crossval_split
-    path = os.path.join(nnUNet_preprocessed, target_name, "splits_final.json")
+    path = os.path.join(nnunet_preprocessed(), target_name, "splits_final.json")
     if os.path.isfile(path):
         return load_json(path, "splits")
-    plans = load_json(os.path.join(nnUNet_preprocessed, target_name, PLANS + ".json"), "plans")
-    folder = os.path.join(nnUNet_preprocessed, target_name, plans["configurations"][CONFIGURATION]["data_identifier"])
+    plans = load_json(os.path.join(nnunet_preprocessed(), target_name, PLANS + ".json"), "plans")
+    folder = os.path.join(nnunet_preprocessed(), target_name, plans["configurations"][CONFIGURATION]["data_identifier"])
     ids = sorted({f.split(".")[0] for f in os.listdir(folder) if f.endswith(".pkl")})
     if len(ids) < 5:
         raise SSLInputError(f"{target_name} has {len(ids)} training case(s); 5-fold cross-validation needs >= 5.")
@@ -147,7 +147,7 @@ def run_fold(results_root: str, target_name: str, fold: int, trainer: str, devic
     elif weights is not None:
         cmd += ["-pretrained_weights", weights]
     env = dict(os.environ, nnUNet_results=results_root, nnUNet_extTrainer=trainer_dir(),
-               nnUNet_raw=nnUNet_raw, nnUNet_preprocessed=nnUNet_preprocessed,
+               nnUNet_raw=nnunet_raw(), nnUNet_preprocessed=nnunet_preprocessed(),
                nnUNet_def_n_proc=str(num_processes), nnUNet_n_proc_DA=str(num_processes))
     env.update(nnunet_paths or {})
     os.makedirs(folder, exist_ok=True)
@@ -171,12 +171,12 @@ def finetune(target, weights: str, folds: Sequence[int] = (0, 1, 2, 3, 4), scrat
     target_name = dataset_name_from_id(target)
     bundle = resolve_bundle(weights)
     source_name = bundle["source"]
-    root = os.path.join(nnUNet_results, target_name, "ssl_nnunet_finetune", source_name)
+    root = os.path.join(nnunet_results(), target_name, "ssl_nnunet_finetune", source_name)
     tag = f"{bundle['method']}{'_encoder_only' if encoder_only else ''}"
     print(f"Fine-tuning {target_name} from {source_name} ({bundle['method']}) with {trainer}, folds {list(folds)}"
           f"{' + scratch baseline' if scratch else ''}")
-    target_pp = os.path.join(nnUNet_preprocessed, target_name)
-    source_plans = os.path.join(nnUNet_preprocessed, source_name, PLANS + ".json")
+    target_pp = os.path.join(nnunet_preprocessed(), target_name)
+    source_plans = os.path.join(nnunet_preprocessed(), source_name, PLANS + ".json")
     if not os.path.isfile(source_plans):
         # bundle from another machine: its plans.json is the source plan
         atomic_save_json(bundle["plans"], source_plans)

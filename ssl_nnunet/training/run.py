@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ssl_nnunet.paths import nnUNet_preprocessed
+from ssl_nnunet.paths import nnunet_preprocessed
 from ssl_nnunet.utilities.errors import SSLInputError, run_cli
 from ssl_nnunet.utilities.file_io import dataset_name_from_id, load_json
 
@@ -30,7 +30,7 @@ def build_trainer(dataset, method: str, plans_identifier: str = "sslPlans", devi
     except KeyError as e:
         raise SSLInputError(str(e.args[0])) from None
     dataset_name = dataset_name_from_id(dataset)
-    folder = os.path.join(nnUNet_preprocessed, dataset_name)
+    folder = os.path.join(nnunet_preprocessed(), dataset_name)
     plans_file = os.path.join(folder, plans_identifier + ".json")
     if not os.path.isfile(plans_file):
         raise SSLInputError(f"{plans_file} not found. Run ssl_nnunet_plan_and_preprocess -d {dataset} first.")
