@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from experiment_planning.dataset_checks import list_cases
 from experiment_planning.fingerprint import body_mask
-from experiment_planning.planner import CONFIGURATION, SSL_PLANS
+from ssl_nnunet.constants import CONFIGURATION, SSL_PLANS
 from ssl_nnunet.paths import nnunet_preprocessed
 from ssl_nnunet.utilities.errors import SSLInputError
 from ssl_nnunet.utilities.file_io import atomic_directory, dataset_name_from_id, load_json

@@ -16,11 +16,12 @@ from experiment_planning.fingerprint import extract_fingerprint
 from experiment_planning.planner import plan_experiment
 from experiment_planning.preprocess import preprocess
 from ssl_nnunet.export import export_bundle, transfer_and_preprocess
-from ssl_nnunet.export.exporter import BUNDLE_FILES, build_network_from_plans
+from ssl_nnunet.export.exporter import BUNDLE_FILES
 from ssl_nnunet.utilities.file_io import ssl_output_folder
 from ssl_nnunet.nnunet_trainers import trainer_dir
 from ssl_nnunet.paths import nnunet_preprocessed, nnunet_results
 from ssl_nnunet.utilities.errors import SSLInputError
+from ssl_nnunet.utilities.network import build_network_from_plans
 
 SOURCE_ID, SOURCE = 930, "Dataset930_DropinSource"
 TARGET_ID, TARGET = 931, "Dataset931_DropinTarget"

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from typing import Any, Union
 
-from ssl_nnunet.constants import CONFIGURATION, SSL_PLANS
+from ssl_nnunet.constants import CONFIGURATION, FINETUNE_PLANS, SSL_PLANS
 from ssl_nnunet.paths import nnunet_preprocessed, nnunet_raw, nnunet_results
 from ssl_nnunet.utilities.errors import SSLInputError
 
@@ -97,6 +97,19 @@ def atomic_directory(final_dir: str):
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_plans(path: str, dataset: Union[int, str]) -> dict:
+    """A plans file of ``ssl_nnunet_plan_experiment`` with its ``3d_fullres`` configuration; the errors name
+    the command that writes it for ``dataset``."""
+    if not os.path.isfile(path):
+        raise SSLInputError(f"Plans file {path} not found. Run ssl_nnunet_plan_and_preprocess -d {dataset} "
+                            f"first (it writes {SSL_PLANS}.json and {FINETUNE_PLANS}.json).")
+    plans = load_json(path, "plans")
+    if CONFIGURATION not in plans.get("configurations", {}):
+        raise SSLInputError(f"{path} has no '{CONFIGURATION}' configuration; re-run ssl_nnunet_plan_experiment "
+                            f"-d {dataset}.")
+    return plans
 
 
 def load_json(path: str, what: str = "file") -> Any:
