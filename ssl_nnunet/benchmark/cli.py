@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ssl_nnunet.benchmark.transfer import BUDGETS
 from ssl_nnunet.constants import SSL_PLANS
 from ssl_nnunet.methods import method_names
 from ssl_nnunet.utilities.errors import run_cli
@@ -32,15 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("throughput", help="SSL step time vs. plain forward+backward of the same network")
     t.add_argument("-d", required=True, help=f"preprocessed dataset (its {SSL_PLANS}.json profile is used)")
     t.add_argument("-m", nargs="+", default=["all"], choices=[*methods, "all"],
-                   help=f"methods: {', '.join(methods)} or all (default: all registered)")
+                   help="methods, or all (default: all registered)")
     t.add_argument("-device", default=default_device)
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--timed", type=int, default=10)
     t.add_argument("-o", default="documentation/benchmarks", help="output prefix: writes PREFIX.json and PREFIX.md")
     tr = sub.add_parser("transfer", help="pretrain every method, fine-tune vs scratch on the demo task")
     tr.add_argument("-m", nargs="+", default=["all"], choices=[*methods, "all"],
-                    help=f"methods: {', '.join(methods)} or all (default: all registered)")
-    tr.add_argument("--budget", default="cpu-small", choices=["cpu-small", "gpu-full", "smoke"])
+                    help="methods, or all (default: all registered)")
+    tr.add_argument("--budget", default="cpu-small", choices=list(BUDGETS))
     tr.add_argument("-device", default=default_device)
     tr.add_argument("-np", type=int, default=2)
     tr.add_argument("--root", default=None,

@@ -132,7 +132,7 @@ _UNLABELED_SPEC = _DatasetSpec(
     "contrast change and Gaussian noise. Not real subjects; for testing the pipeline only.")
 _LABELED_SPEC = _DatasetSpec(
     DEMO_LABELED_ID, DEMO_LABELED_DATASET, LABELED_CASE_PREFIX, True,
-    "ssl_nnunet demo: labeled synthetic T1 brains for fine-tuning. Generated like Dataset900_DemoBrainSSL "
+    f"ssl_nnunet demo: labeled synthetic T1 brains for fine-tuning. Generated like {DEMO_UNLABELED_DATASET} "
     "(but from different random states); labels come from the MNI152 GM/WM probability maps and brain "
     f"mask (grey/white matter where that probability is the larger one and >= {TISSUE_THRESHOLD}, "
     "csf_other elsewhere in the brain mask), deformed with the same field as the image. Not real "
