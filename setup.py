@@ -26,7 +26,7 @@ setup(
             "ssl_nnunet_plan_and_preprocess=experiment_planning.entrypoints:plan_and_preprocess_entry",
             "ssl_nnunet_pretrain=ssl_nnunet.training.run:main",
             "ssl_nnunet_export=ssl_nnunet.export.exporter:main",
-            "ssl_nnunet_benchmark=ssl_nnunet.benchmark.throughput:main",
+            "ssl_nnunet_benchmark=ssl_nnunet.benchmark.cli:main",
             "ssl_nnunet_transfer=ssl_nnunet.export.transfer:main",
             "ssl_nnunet_finetune=ssl_nnunet.finetune.finetune:main",
         ],

@@ -7,13 +7,13 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from ssl_nnunet.paths import nnUNet_raw
+from ssl_nnunet.paths import nnunet_raw
 from ssl_nnunet.utilities.errors import SSLInputError
 from ssl_nnunet.utilities.file_io import load_json
 
 
 def load_dataset_json(dataset_name: str) -> dict:
-    path = os.path.join(nnUNet_raw, dataset_name, "dataset.json")
+    path = os.path.join(nnunet_raw(), dataset_name, "dataset.json")
     if not os.path.isfile(path):
         raise SSLInputError(f"{dataset_name}: dataset.json is missing ({path}). Every nnU-Net raw dataset needs one "
                             f"with 'channel_names', 'labels' and 'file_ending' (see documentation/dataset_format.md).")
@@ -34,7 +34,7 @@ def load_dataset_json(dataset_name: str) -> dict:
 def _cases_from_dataset_key(dataset_name: str, dataset_json: dict) -> Dict[str, dict]:
     """nnU-Net v2's explicit file list: ``"dataset": {case: {"images": [...], "label": ...}}`` (paths relative to
     the raw dataset folder or absolute; ``label`` optional here)."""
-    folder = os.path.join(nnUNet_raw, dataset_name)
+    folder = os.path.join(nnunet_raw(), dataset_name)
     entries = dataset_json["dataset"]
     where = f"{os.path.join(folder, 'dataset.json')}: 'dataset'"
     if not isinstance(entries, dict) or not entries:
@@ -73,7 +73,7 @@ def list_cases(dataset_name: str, dataset_json: dict) -> Dict[str, dict]:
     """
     if "dataset" in dataset_json:
         return _cases_from_dataset_key(dataset_name, dataset_json)
-    folder = os.path.join(nnUNet_raw, dataset_name)
+    folder = os.path.join(nnunet_raw(), dataset_name)
     images_dir = os.path.join(folder, "imagesTr")
     ending = dataset_json["file_ending"]
     n_channels = len(dataset_json["channel_names"])

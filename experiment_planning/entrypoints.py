@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from ssl_nnunet.constants import FINETUNE_PLANS, PROFILES, SSL_PLANS
 from ssl_nnunet.utilities.errors import run_cli
 
 
@@ -11,7 +12,7 @@ def _common_args(parser: argparse.ArgumentParser, planning: bool = True) -> None
     parser.add_argument("-d", nargs="+", required=True, help="dataset id(s) or name(s), e.g. -d 900")
     parser.add_argument("-np", type=int, default=2, help="number of worker processes (default 2)")
     if planning:
-        parser.add_argument("-profile", default="gpu", choices=["cpu_smoke", "cpu_bench", "gpu"],
+        parser.add_argument("-profile", default="gpu", choices=PROFILES,
                             help="network/patch profile: cpu_smoke (tests), cpu_bench (CPU benchmarks, demo), "
                                  "gpu (nnU-Net ResEnc plan; default)")
         parser.add_argument("-pl", default="ResEncM", help="nnU-Net planner preset: ResEncM (default), ResEncL, "
@@ -52,13 +53,13 @@ def extract_fingerprint_entry() -> None:
 
 
 def plan_experiment_entry() -> None:
-    p = argparse.ArgumentParser(description="Write sslPlans.json (pretraining) and sslFinetunePlans.json.")
+    p = argparse.ArgumentParser(description=f"Write {SSL_PLANS}.json (pretraining) and {FINETUNE_PLANS}.json.")
     _common_args(p)
     run_cli(lambda: _plan(p.parse_args()))
 
 
 def preprocess_entry() -> None:
-    p = argparse.ArgumentParser(description="Preprocess a dataset with its sslPlans.json (nnU-Net blosc2 format).")
+    p = argparse.ArgumentParser(description=f"Preprocess a dataset with its {SSL_PLANS}.json (nnU-Net blosc2 format).")
     _common_args(p, planning=False)
     run_cli(lambda: _preprocess(p.parse_args()))
 

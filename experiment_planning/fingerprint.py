@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from experiment_planning.dataset_checks import list_cases, load_dataset_json, read_checked_case
-from ssl_nnunet.paths import nnUNet_preprocessed
+from ssl_nnunet.paths import nnunet_preprocessed
 from ssl_nnunet.utilities.file_io import atomic_save_json, dataset_name_from_id
 
 TOTAL_INTENSITY_SAMPLES = 10_000_000
@@ -87,7 +87,7 @@ def extract_fingerprint(dataset: str | int, num_processes: int = 2, overwrite: b
                         verbose: bool = True) -> dict:
     """Fingerprint ``dataset`` and write ``dataset_fingerprint.json`` atomically. Returns the fingerprint."""
     dataset_name = dataset_name_from_id(dataset)
-    out_file = os.path.join(nnUNet_preprocessed, dataset_name, "dataset_fingerprint.json")
+    out_file = os.path.join(nnunet_preprocessed(), dataset_name, "dataset_fingerprint.json")
     dataset_json = load_dataset_json(dataset_name)
     cases = list_cases(dataset_name, dataset_json)
     if os.path.isfile(out_file) and not overwrite:

@@ -23,7 +23,7 @@ from experiment_planning.dataset_checks import list_cases, load_dataset_json
 from experiment_planning.ssl_layout import compute_ssl_block
 from plans import load_shipped
 from ssl_nnunet.constants import CONFIGURATION, FINETUNE_PLANS, PROFILES, SSL_PLANS
-from ssl_nnunet.paths import nnUNet_preprocessed, nnUNet_raw
+from ssl_nnunet.paths import nnunet_preprocessed, nnunet_raw
 from ssl_nnunet.utilities.errors import SSLInputError
 from ssl_nnunet.utilities.file_io import atomic_copy, atomic_save_json, dataset_name_from_id, load_json
 
@@ -97,7 +97,7 @@ def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "Res
         raise SSLInputError(f"Unknown profile -profile {profile}. Choose one of {', '.join(PROFILES)}.")
     dataset_name = dataset_name_from_id(dataset)
     dataset_json = load_dataset_json(dataset_name)  # readable error before nnU-Net's asserts
-    pp_folder = os.path.join(nnUNet_preprocessed, dataset_name)
+    pp_folder = os.path.join(nnunet_preprocessed(), dataset_name)
     fingerprint_file = os.path.join(pp_folder, "dataset_fingerprint.json")
     if not os.path.isfile(fingerprint_file):
         raise SSLInputError(f"{dataset_name}: no fingerprint at {fingerprint_file}. Run "
@@ -147,7 +147,7 @@ def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "Res
     finetune["ssl_pretraining_source"] = {"dataset_name": dataset_name, "plans_name": SSL_PLANS,
                                           "profile": profile, "planner_preset": preset}
 
-    atomic_copy(os.path.join(nnUNet_raw, dataset_name, "dataset.json"), os.path.join(pp_folder, "dataset.json"))
+    atomic_copy(os.path.join(nnunet_raw(), dataset_name, "dataset.json"), os.path.join(pp_folder, "dataset.json"))
     atomic_save_json(plans, os.path.join(pp_folder, SSL_PLANS + ".json"))
     atomic_save_json(finetune, os.path.join(pp_folder, FINETUNE_PLANS + ".json"))
     if verbose:

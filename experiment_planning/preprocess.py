@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from experiment_planning.dataset_checks import list_cases
 from experiment_planning.fingerprint import body_mask
-from experiment_planning.planner import CONFIGURATION, SSL_PLANS
-from ssl_nnunet.paths import nnUNet_preprocessed
+from ssl_nnunet.constants import CONFIGURATION, SSL_PLANS
+from ssl_nnunet.paths import nnunet_preprocessed
 from ssl_nnunet.utilities.errors import SSLInputError
 from ssl_nnunet.utilities.file_io import atomic_directory, dataset_name_from_id, load_json
 
@@ -52,7 +52,7 @@ class SSLPreprocessor(DefaultPreprocessor):
     def run(self, dataset_name_or_id: Union[int, str], configuration_name: str = CONFIGURATION,
             plans_identifier: str = SSL_PLANS, num_processes: int = 2):
         dataset_name = dataset_name_from_id(dataset_name_or_id)
-        pp_folder = os.path.join(nnUNet_preprocessed, dataset_name)
+        pp_folder = os.path.join(nnunet_preprocessed(), dataset_name)
         plans_file = os.path.join(pp_folder, plans_identifier + ".json")
         if not os.path.isfile(plans_file):
             raise SSLInputError(f"{dataset_name}: plans file {plans_file} not found. Run "

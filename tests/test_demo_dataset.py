@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from ssl_nnunet.constants import DEMO_LABELED_DATASET, DEMO_UNLABELED_DATASET
 from ssl_nnunet.data import demo_dataset as dd
 
 SPACING = 5.0
@@ -43,9 +44,9 @@ def test_layout_and_dataset_json(demo, monkeypatch):
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
     monkeypatch.setenv("nnUNet_raw", demo["raw"])
-    assert convert_id_to_dataset_name(900) == dd.UNLABELED_DATASET_NAME
-    assert convert_id_to_dataset_name(901) == dd.LABELED_DATASET_NAME
-    assert sorted(os.listdir(demo["raw"])) == [dd.UNLABELED_DATASET_NAME, dd.LABELED_DATASET_NAME]
+    assert convert_id_to_dataset_name(900) == DEMO_UNLABELED_DATASET
+    assert convert_id_to_dataset_name(901) == DEMO_LABELED_DATASET
+    assert sorted(os.listdir(demo["raw"])) == [DEMO_UNLABELED_DATASET, DEMO_LABELED_DATASET]
 
     unlabeled = json.load(open(os.path.join(demo["unlabeled"], "dataset.json")))
     assert unlabeled["channel_names"] == {"0": "T1"}
@@ -142,13 +143,13 @@ def test_rerun_is_idempotent_and_mismatch_needs_overwrite(tmp_path, capsys):
     dd.make_demo_datasets(n_unlabeled=1, n_labeled=2, spacing=SPACING, seed=3, raw_dir=raw, overwrite=True)
     labeled_json = json.load(open(os.path.join(first["labeled"], "dataset.json")))
     assert labeled_json["numTraining"] == 2 and len(_nifti_files(first["labeled"])) == 4
-    assert sorted(os.listdir(raw)) == [dd.UNLABELED_DATASET_NAME, dd.LABELED_DATASET_NAME]  # no leftovers
+    assert sorted(os.listdir(raw)) == [DEMO_UNLABELED_DATASET, DEMO_LABELED_DATASET]  # no leftovers
 
     # both folders are checked before anything is generated
     shutil.rmtree(first["unlabeled"])
     with pytest.raises(dd.DemoDatasetError, match="seed: 3 on disk vs 4 requested"):
         dd.make_demo_datasets(n_unlabeled=1, n_labeled=2, spacing=SPACING, seed=4, raw_dir=raw)
-    assert os.listdir(raw) == [dd.LABELED_DATASET_NAME]
+    assert os.listdir(raw) == [DEMO_LABELED_DATASET]
 
 
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
@@ -187,9 +188,9 @@ def test_cli(tmp_path, monkeypatch, capsys):
     argv = ["--n_unlabeled", "1", "--n_labeled", "1", "--spacing", "6", "--seed", "2"]
     assert dd.main(argv) == 0
     out = capsys.readouterr().out
-    assert os.path.join(str(tmp_path), dd.UNLABELED_DATASET_NAME) in out
-    assert os.path.join(str(tmp_path), dd.LABELED_DATASET_NAME) in out
-    image = sitk.ReadImage(str(tmp_path / dd.LABELED_DATASET_NAME / "imagesTr" / "DemoBrainSeg_0001_0000.nii.gz"))
+    assert os.path.join(str(tmp_path), DEMO_UNLABELED_DATASET) in out
+    assert os.path.join(str(tmp_path), DEMO_LABELED_DATASET) in out
+    image = sitk.ReadImage(str(tmp_path / DEMO_LABELED_DATASET / "imagesTr" / "DemoBrainSeg_0001_0000.nii.gz"))
     assert image.GetSpacing() == (6.0, 6.0, 6.0)
     assert dd.main(argv + ["--n_labeled", "2"]) == 1  # differs from what is on disk, no --overwrite
     assert "--overwrite" in capsys.readouterr().err

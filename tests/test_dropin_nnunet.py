@@ -16,11 +16,12 @@ from experiment_planning.fingerprint import extract_fingerprint
 from experiment_planning.planner import plan_experiment
 from experiment_planning.preprocess import preprocess
 from ssl_nnunet.export import export_bundle, transfer_and_preprocess
-from ssl_nnunet.export.exporter import BUNDLE_FILES, build_network_from_plans
+from ssl_nnunet.export.exporter import BUNDLE_FILES
 from ssl_nnunet.utilities.file_io import ssl_output_folder
 from ssl_nnunet.nnunet_trainers import trainer_dir
-from ssl_nnunet.paths import nnUNet_preprocessed, nnUNet_results
+from ssl_nnunet.paths import nnunet_preprocessed, nnunet_results
 from ssl_nnunet.utilities.errors import SSLInputError
+from ssl_nnunet.utilities.network import build_network_from_plans
 
 SOURCE_ID, SOURCE = 930, "Dataset930_DropinSource"
 TARGET_ID, TARGET = 931, "Dataset931_DropinTarget"
@@ -28,7 +29,7 @@ MARK_KEY = "encoder.stem.convs.0.conv.weight"
 
 
 def _plans(dataset_name, identifier):
-    with open(os.path.join(nnUNet_preprocessed, dataset_name, identifier + ".json")) as f:
+    with open(os.path.join(nnunet_preprocessed(), dataset_name, identifier + ".json")) as f:
         return json.load(f)
 
 
@@ -151,11 +152,11 @@ def test_nnunetv2_train_with_pretrained_weights(bundle):
                             labeled=True, seed=1)  # >= 5 cases: nnU-Net creates a 5-fold split
     plans_path = transfer_and_preprocess(SOURCE_ID, TARGET_ID)
     target_plans = _plans(TARGET, "sslFinetunePlans")
-    assert plans_path == os.path.join(nnUNet_preprocessed, TARGET, "sslFinetunePlans.json")
+    assert plans_path == os.path.join(nnunet_preprocessed(), TARGET, "sslFinetunePlans.json")
     assert target_plans["dataset_name"] == TARGET
     assert (target_plans["configurations"]["3d_fullres"]["architecture"]
             == _plans(SOURCE, "sslFinetunePlans")["configurations"]["3d_fullres"]["architecture"])
-    assert os.path.isdir(os.path.join(nnUNet_preprocessed, TARGET, "sslFinetunePlans_3d_fullres"))
+    assert os.path.isdir(os.path.join(nnunet_preprocessed(), TARGET, "sslFinetunePlans_3d_fullres"))
 
     exe = os.path.join(os.path.dirname(sys.executable), "nnUNetv2_train")
     cmd = [exe] if os.path.isfile(exe) else [sys.executable, "-c",
@@ -170,7 +171,7 @@ def test_nnunetv2_train_with_pretrained_weights(bundle):
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
     assert "################### Loading pretrained weights from file" in r.stdout, log[-4000:]
-    fold = os.path.join(nnUNet_results, TARGET, "nnUNetTrainer_SSLSmoke__sslFinetunePlans__3d_fullres", "fold_0")
+    fold = os.path.join(nnunet_results(), TARGET, "nnUNetTrainer_SSLSmoke__sslFinetunePlans__3d_fullres", "fold_0")
     assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
     trained = torch.load(os.path.join(fold, "checkpoint_final.pth"), weights_only=False)
     assert trained["trainer_name"] == "nnUNetTrainer_SSLSmoke" and trained["current_epoch"] == 1

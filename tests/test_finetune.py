@@ -15,7 +15,7 @@ from experiment_planning.preprocess import preprocess
 from ssl_nnunet.export import export_bundle
 from ssl_nnunet.finetune.finetune import finetune, fold_folder
 from ssl_nnunet.finetune.report import build_report, write_report
-from ssl_nnunet.paths import nnUNet_results
+from ssl_nnunet.paths import nnunet_results
 from ssl_nnunet.training.run import pretrain
 
 SOURCE_ID, TARGET_ID = 960, 961
@@ -41,7 +41,7 @@ def test_finetune_two_channel_target_pretrained_and_scratch(bundle, capsys):
     report = finetune(TARGET_ID, bundle, folds=[0], scratch=True, trainer=TRAINER, device="cpu", num_processes=1)
     out = capsys.readouterr().out
     assert "input channels adapted" in out
-    root = os.path.join(nnUNet_results, TARGET, "ssl_nnunet_finetune", "Dataset960_FinetuneSource")
+    root = os.path.join(nnunet_results(), TARGET, "ssl_nnunet_finetune", "Dataset960_FinetuneSource")
     pre = fold_folder(os.path.join(root, "pretrained_mae"), TARGET, TRAINER, 0)
     scr = fold_folder(os.path.join(root, "scratch"), TARGET, TRAINER, 0)
     for folder in (pre, scr):

@@ -13,7 +13,7 @@ from experiment_planning.fingerprint import extract_fingerprint
 from experiment_planning.planner import FINETUNE_PLANS, SSL_PLANS, plan_experiment
 from experiment_planning.preprocess import preprocess
 from ssl_nnunet.methods.features import cumulative_strides
-from ssl_nnunet.paths import nnUNet_preprocessed
+from ssl_nnunet.paths import nnunet_preprocessed
 from ssl_nnunet.utilities.errors import SSLInputError
 
 SHAPE = (60, 64, 70)
@@ -38,7 +38,7 @@ def test_plans_load_in_nnunet_and_build_network(planned_unlabeled):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     plans, _ = planned_unlabeled
     for name in (SSL_PLANS, FINETUNE_PLANS):
-        with open(os.path.join(nnUNet_preprocessed, "Dataset910_PlanUnlabeled", name + ".json")) as f:
+        with open(os.path.join(nnunet_preprocessed(), "Dataset910_PlanUnlabeled", name + ".json")) as f:
             pm = PlansManager(json.load(f))
         cm = pm.get_configuration("3d_fullres")
         net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
@@ -117,7 +117,7 @@ def _expect_error(dataset_id, *fragments):
         extract_fingerprint(dataset_id, 1, verbose=False)
     for f in fragments:
         assert f in str(e.value), str(e.value)
-    assert not os.path.exists(os.path.join(nnUNet_preprocessed, os.path.basename(_last_folder[0]),
+    assert not os.path.exists(os.path.join(nnunet_preprocessed(), os.path.basename(_last_folder[0]),
                                            "dataset_fingerprint.json"))
 
 
@@ -217,12 +217,12 @@ def test_dataset_key_of_dataset_json_lists_the_files():
     dj["dataset"] = listed
     json.dump(dj, open(dj_path, "w"))
     _plans, out = _plan_and_preprocess(926)
-    fp = json.load(open(os.path.join(nnUNet_preprocessed, "Dataset926_FileList", "dataset_fingerprint.json")))
+    fp = json.load(open(os.path.join(nnunet_preprocessed(), "Dataset926_FileList", "dataset_fingerprint.json")))
     assert len(fp["spacings"]) == 1  # only the listed case; the one left in imagesTr is not part of the list
     assert {f.split(".")[0].replace("_seg", "") for f in os.listdir(out)} == {"scan0"}
     dj["dataset"]["scan_missing"] = {"images": ["scans/nope.nii.gz"]}
     json.dump(dj, open(dj_path, "w"))
-    os.remove(os.path.join(nnUNet_preprocessed, "Dataset926_FileList", "dataset_fingerprint.json"))
+    os.remove(os.path.join(nnunet_preprocessed(), "Dataset926_FileList", "dataset_fingerprint.json"))
     _expect_error(926, "scan_missing", "nope.nii.gz")
 
 

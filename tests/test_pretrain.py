@@ -14,7 +14,7 @@ from helpers import write_synthetic_dataset
 from experiment_planning.fingerprint import extract_fingerprint
 from experiment_planning.planner import plan_experiment
 from experiment_planning.preprocess import preprocess
-from ssl_nnunet.paths import nnUNet_preprocessed
+from ssl_nnunet.paths import nnunet_preprocessed
 from ssl_nnunet.training.run import pretrain, pretrain_ddp
 from ssl_nnunet.utilities.file_io import ssl_output_folder
 
@@ -22,7 +22,7 @@ DATASET = "Dataset940_PretrainSmoke"
 
 
 def _set_plan(dataset, **entries):
-    path = os.path.join(nnUNet_preprocessed, dataset, "sslPlans.json")
+    path = os.path.join(nnunet_preprocessed(), dataset, "sslPlans.json")
     with open(path) as f:
         plans = json.load(f)
     plans["ssl"]["methods"]["mae"].update(entries)

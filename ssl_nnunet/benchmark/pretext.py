@@ -1,6 +1,6 @@
 """``ssl_nnunet_benchmark pretext``: is the pretext task being learned?
 
-Scores a method's loss terms (e.g. VoCo's ``L_pred`` and ``pos_acc``) on a large, fixed held-out set — the
+Scores a method's loss terms (each term its ``forward`` returns) on a large, fixed held-out set — the
 same validation patches, masks and crops the trainer uses each epoch, only many more batches — once for the
 network at initialisation (rebuilt with the run's seed, so bit-identical to the start of the run) and once
 for a checkpoint. The per-epoch validation in ``progress.png`` uses a few batches and is noisy; this gives
@@ -15,6 +15,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ssl_nnunet.constants import SSL_PLANS
 from ssl_nnunet.utilities.errors import SSLInputError
 from ssl_nnunet.utilities.file_io import atomic_save_json
 
@@ -42,7 +43,7 @@ def _score(trainer, num_batches: int) -> Dict[str, float]:
 
 
 def evaluate_pretext(dataset, method: str, checkpoint: Optional[str] = None, num_batches: int = 64,
-                     plans_identifier: str = "sslPlans", device: str = "cpu", seed: int = 0) -> Dict:
+                     plans_identifier: str = SSL_PLANS, device: str = "cpu", seed: int = 0) -> Dict:
     """Mean (and standard error) of every loss term over ``num_batches`` fixed held-out batches, for the
     network at initialisation and for ``checkpoint`` (default: the run's ``checkpoint_final.pth``)."""
     trainer = _trainer(dataset, method, plans_identifier, device, seed)

@@ -13,8 +13,6 @@ For each method, in one process and after warm-up, on the plan of the given data
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import resource
@@ -25,7 +23,6 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from ssl_nnunet.utilities.errors import run_cli
 from ssl_nnunet.utilities.file_io import atomic_save_json, atomic_write_text
 
 
@@ -76,7 +73,7 @@ def record_network_passes(trainer, step_fn) -> Tuple[List[Tuple[torch.Tensor, bo
 
     An encoder pass is detected at the encoder's first module (stem or stage 0), a full U-Net pass by the
     decoder's last stage running after it; ``grad`` is whether autograd was on. A teacher pass records how many
-    of the teacher's stages ran (Alice stops at its token stage). Heads are the method's own work and are part
+    of the teacher's stages ran (a teacher may stop before its last stage). Heads are the method's own work and are part
     of neither floor.
     """
     net = trainer.network
@@ -244,56 +241,3 @@ def write_report(results: List[Dict], json_path: str, md_path: str, command: str
                      f"{100 * r['data_wait_share']:.1f} % | {r['peak_memory_mb']:.0f} |")
     atomic_write_text(md_path, "\n".join(lines) + "\n")
 
-
-def main() -> None:
-    import sys
-    p = argparse.ArgumentParser(description="ssl_nnunet benchmarks")
-    sub = p.add_subparsers(dest="what", required=True)
-    t = sub.add_parser("throughput", help="SSL step time vs. plain forward+backward of the same network")
-    t.add_argument("-d", required=True, help="preprocessed dataset (its sslPlans.json profile is used)")
-    t.add_argument("-m", nargs="+", default=["all"], help="methods (default: all implemented)")
-    t.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu")
-    t.add_argument("--warmup", type=int, default=3)
-    t.add_argument("--timed", type=int, default=10)
-    t.add_argument("-o", default="documentation/benchmarks", help="output prefix: writes PREFIX.json and PREFIX.md")
-    tr = sub.add_parser("transfer", help="pretrain every method, fine-tune vs scratch on the demo task")
-    tr.add_argument("-m", nargs="+", default=["all"], help="methods (default: all implemented)")
-    tr.add_argument("--budget", default="cpu-small", choices=["cpu-small", "gpu-full", "smoke"])
-    tr.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu")
-    tr.add_argument("-np", type=int, default=2)
-    tr.add_argument("--root", default=None,
-                    help="folder for the benchmark's own nnU-Net data and results (default: "
-                         "./ssl_nnunet_data/benchmark_transfer/<budget>; each budget has its own demo datasets)")
-    tr.add_argument("--write-docs", action="store_true", help="also write documentation/results.md + png")
-    pt = sub.add_parser("pretext", help="loss terms on many fixed held-out batches: initialisation vs checkpoint")
-    pt.add_argument("-d", required=True, help="dataset id or name")
-    pt.add_argument("-m", required=True, help="SSL method")
-    pt.add_argument("-c", default=None, help="checkpoint (default: the run's checkpoint_final.pth)")
-    pt.add_argument("-n", type=int, default=64, help="number of held-out batches")
-    pt.add_argument("-p", default="sslPlans", help="plans identifier")
-    pt.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu")
-    pt.add_argument("--seed", type=int, default=0, help="the pretraining run's --seed (rebuilds its initial network)")
-    pt.add_argument("-o", default=None, help="also write the result as JSON")
-    a = p.parse_args()
-
-    def go_transfer():
-        from ssl_nnunet.benchmark.transfer import run_transfer_benchmark
-        from ssl_nnunet.methods import method_names
-        methods = method_names() if a.m == ["all"] else a.m
-        root = a.root or os.path.abspath(os.path.join("ssl_nnunet_data", "benchmark_transfer", a.budget))
-        run_transfer_benchmark(methods, a.budget, root, a.device, a.np, a.write_docs)
-
-    def go():
-        from ssl_nnunet.methods import method_names
-        methods = method_names() if a.m == ["all"] else a.m
-        results = []
-        for m in methods:
-            r = benchmark_method(a.d, m, a.device, a.warmup, a.timed)
-            print(json.dumps(r))
-            results.append(r)
-        write_report(results, a.o + ".json", a.o + ".md", "ssl_nnunet_benchmark " + " ".join(sys.argv[1:]))
-        print(f"Wrote {a.o}.json and {a.o}.md")
-    def go_pretext():
-        from ssl_nnunet.benchmark.pretext import run
-        run(a)
-    run_cli({"throughput": go, "transfer": go_transfer, "pretext": go_pretext}[a.what])

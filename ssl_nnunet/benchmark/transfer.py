@@ -8,21 +8,29 @@ runner — same plan, trainer and splits — in a label-scarce setting: ``n_spli
 are run. Results: ``results.json``, ``results.md`` (also written to ``documentation/results.md`` with
 ``--write-docs``) and ``results.png``.
 
-The benchmark works in its own nnU-Net folders (``--root``), so the user's plans and splits are untouched.
+The benchmark works in its own nnU-Net folders (``--root``), so the user's plans and splits are untouched: it
+points ``nnUNet_raw``/``_preprocessed``/``_results`` there while it runs (ssl_nnunet and nnunetv2 both read
+them at each use) and calls each step's function in this process; only the fine-tuning folds run as
+``nnUNetv2_train`` processes (:func:`ssl_nnunet.finetune.finetune.run_fold`). The output of every step goes
+to ``<root>/benchmark_log.txt``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
+
+from ssl_nnunet.constants import (CONFIGURATION, DEMO_LABELED_DATASET, DEMO_LABELED_ID, DEMO_UNLABELED_DATASET,
+                                  DEMO_UNLABELED_ID, FINETUNE_PLANS, SSL_PLANS)
+from ssl_nnunet.utilities.provenance import project_git_commit
 
 
 class Budget(NamedTuple):
@@ -42,16 +50,55 @@ BUDGETS = {
     "smoke": Budget("cpu_smoke", 2, {"smoke": "nnUNetTrainer_SSLSmoke"}, 1, 4, 2, (8, 6)),
     "gpu-full": Budget("gpu", None, {"nnU-Net default": "nnUNetTrainer_SSLFinetune"}, 5, None, 6, (40, 20)),
 }
-SOURCE, TARGET = "Dataset900_DemoBrainSSL", "Dataset901_DemoBrainSeg"
+SOURCE, TARGET = DEMO_UNLABELED_DATASET, DEMO_LABELED_DATASET
 PRETRAIN_SEED = 0
 
 
-def _run(cmd: List[str], env: dict, log) -> None:
-    log.write("$ " + " ".join(cmd) + "\n")
+@contextlib.contextmanager
+def _environment(variables: Dict[str, str]) -> Iterator[None]:
+    """``os.environ`` updated by ``variables`` inside the block, restored afterwards."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@contextlib.contextmanager
+def _step(log, description: str) -> Iterator[None]:
+    """One benchmark step, run in this process; its stdout and stderr (the file descriptors, so those of its
+    worker processes too) are appended to ``log``."""
+    log.write(f"$ {description}\n")
     log.flush()
-    r = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if r.returncode != 0:
-        raise RuntimeError(f"command failed ({r.returncode}): {' '.join(cmd)}; see {log.name}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd)
+            os.close(old)
 
 
 def _sha256(path: str) -> str:
@@ -59,28 +106,18 @@ def _sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def _git_commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + (" (uncommitted changes)" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _pretraining_done(env: dict, method: str, iterations, bundle: str) -> bool:
     """True when an earlier benchmark run already pretrained ``method`` to the end with the current plan (the
     network and this method's entry) and length and exported it afterwards, so a rerun of the same command
     resumes instead of starting over. Otherwise the method is pretrained again and its old folds are dropped."""
     import torch
-    run = os.path.join(env["nnUNet_results"], SOURCE, f"SSL_{method}__sslPlans__3d_fullres", "checkpoint_final.pth")
+    run = os.path.join(env["nnUNet_results"], SOURCE, f"SSL_{method}__{SSL_PLANS}__{CONFIGURATION}",
+                       "checkpoint_final.pth")
     exported = os.path.join(bundle, "checkpoint_final.pth")
     if not (os.path.isfile(run) and os.path.isfile(exported)) or os.path.getmtime(exported) < os.path.getmtime(run):
         return False
     ckpt = torch.load(run, map_location="cpu", weights_only=False)
-    with open(os.path.join(env["nnUNet_preprocessed"], SOURCE, "sslPlans.json")) as f:
+    with open(os.path.join(env["nnUNet_preprocessed"], SOURCE, SSL_PLANS + ".json")) as f:
         plans = json.load(f)
 
     def strip(p: dict) -> dict:  # this method's entry and everything outside the ssl block (network, spacing, ...)
@@ -104,28 +141,40 @@ def label_scarce_splits(case_ids: List[str], n_splits: int, train_cases: int, n_
 
 def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: str = "cpu",
                            num_processes: int = 2, write_docs: bool = False) -> dict:
+    from experiment_planning.fingerprint import extract_fingerprint
+    from experiment_planning.planner import plan_experiment
+    from experiment_planning.preprocess import preprocess
+    from ssl_nnunet.data.demo_dataset import make_demo_datasets
+    from ssl_nnunet.export.exporter import export_bundle
+    from ssl_nnunet.export.transfer import transfer_and_preprocess
     from ssl_nnunet.finetune.finetune import fold_finished, fold_folder, run_fold
+    from ssl_nnunet.training.run import pretrain
+    from ssl_nnunet.utilities.file_io import atomic_save_json, load_json
     profile, pre_iters, trainers, n_splits, train_cases, n_val, demo_cases = BUDGETS[budget]
-    bin_dir = os.path.dirname(sys.executable)
-    env = dict(os.environ, nnUNet_raw=os.path.join(root, "nnUNet_raw"),
-               nnUNet_preprocessed=os.path.join(root, "nnUNet_preprocessed"),
-               nnUNet_results=os.path.join(root, "nnUNet_results"), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env = {"nnUNet_raw": os.path.join(root, "nnUNet_raw"),
+           "nnUNet_preprocessed": os.path.join(root, "nnUNet_preprocessed"),
+           "nnUNet_results": os.path.join(root, "nnUNet_results"),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.makedirs(env[k], exist_ok=True)
     os.makedirs(root, exist_ok=True)
     t_start = time.time()
-    commit = _git_commit()  # the code that runs, recorded before anything else can change the checkout
+    commit = project_git_commit() or "unknown"  # the code that runs, recorded before anything can change it
     timings: Dict[str, float] = {}
     reused: List[str] = []  # work an earlier invocation of the same command finished (resumed run)
-    with open(os.path.join(root, "benchmark_log.txt"), "a") as log:
-        tool = lambda name, *args: _run([os.path.join(bin_dir, name), *map(str, args)], env, log)  # noqa: E731
+    # the steps get the thread count their own processes had (OMP_NUM_THREADS, default 2)
+    with open(os.path.join(root, "benchmark_log.txt"), "a") as log, _environment(env), \
+            _torch_threads(int(env["OMP_NUM_THREADS"])):
         print("[1] demo datasets + plans")
-        tool("ssl_nnunet_make_demo_dataset", "--n_unlabeled", demo_cases[0], "--n_labeled", demo_cases[1])
-        tool("ssl_nnunet_plan_and_preprocess", "-d", 900, "-np", num_processes, "-profile", profile, "--quiet")
+        with _step(log, f"demo datasets ({demo_cases[0]} unlabeled, {demo_cases[1]} labeled cases)"):
+            make_demo_datasets(n_unlabeled=demo_cases[0], n_labeled=demo_cases[1])
+        with _step(log, f"plan and preprocess {SOURCE} (profile {profile})"):
+            extract_fingerprint(DEMO_UNLABELED_ID, num_processes, overwrite=True, verbose=False)
+            plan_experiment(DEMO_UNLABELED_ID, profile, verbose=False)
+            preprocess(DEMO_UNLABELED_ID, num_processes=num_processes, verbose=False)
         bundles = {}
         for m in methods:
             print(f"[2] pretrain + export {m} ({pre_iters or 'plan'} iterations)")
-            extra = ["--iterations", pre_iters] if pre_iters else []
             bundles[m] = os.path.join(env["nnUNet_results"], SOURCE, f"export_{m}")
             if _pretraining_done(env, m, pre_iters, bundles[m]):
                 print(f"    finished earlier with this plan and length; skipped ({bundles[m]})")
@@ -137,32 +186,31 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
             if os.path.isdir(stale):
                 shutil.rmtree(stale)
             t0 = time.time()
-            tool("ssl_nnunet_pretrain", "-d", 900, "-m", m, "-device", device, "--seed", PRETRAIN_SEED, *extra)
+            with _step(log, f"pretrain {m} on {SOURCE} ({pre_iters or 'plan'} iterations, {device})"):
+                pretrain(DEMO_UNLABELED_ID, m, device=device, iterations=pre_iters or None, seed=PRETRAIN_SEED)
             timings[f"pretrain {m}"] = time.time() - t0
-            tool("ssl_nnunet_export", "-d", 900, "-m", m, "-o", bundles[m])
-        # transfer + label-scarce splits, through the library in a child process with the benchmark's folders
-        code = ("import json,sys; from ssl_nnunet.export.transfer import transfer_and_preprocess as t; "
-                "from ssl_nnunet.benchmark.transfer import label_scarce_splits as s; import os; "
-                f"t(900, 901, 'sslFinetunePlans', {num_processes}); "
-                "pp=os.path.join(os.environ['nnUNet_preprocessed'],'Dataset901_DemoBrainSeg'); "
-                "plans=json.load(open(os.path.join(pp,'sslFinetunePlans.json'))); "
-                "d=os.path.join(pp, plans['configurations']['3d_fullres']['data_identifier']); "
-                "ids=sorted({f.split('.')[0] for f in os.listdir(d) if f.endswith('.pkl')}); "
-                f"json.dump(s(ids, {n_splits}, {train_cases or 0} or (len(ids)-{n_val})//{n_splits}, "
-                f"{n_val}), open(os.path.join(pp,'splits_final.json'),'w'))")
-        print("[3] transfer plans to Dataset901 + label-scarce splits")
-        _run([sys.executable, "-c", code], env, log)
+            with _step(log, f"export {m} to {bundles[m]}"):
+                export_bundle(DEMO_UNLABELED_ID, m, bundles[m])
+        print(f"[3] transfer plans to Dataset{DEMO_LABELED_ID} + label-scarce splits")
+        with _step(log, f"transfer {FINETUNE_PLANS} to {TARGET}, preprocess, label-scarce splits"):
+            target_plans = transfer_and_preprocess(DEMO_UNLABELED_ID, DEMO_LABELED_ID, FINETUNE_PLANS, num_processes)
+            data = os.path.join(env["nnUNet_preprocessed"], TARGET,
+                                load_json(target_plans)["configurations"][CONFIGURATION]["data_identifier"])
+            ids = sorted({f.split(".")[0] for f in os.listdir(data) if f.endswith(".pkl")})
+            splits = label_scarce_splits(ids, n_splits, train_cases or (len(ids) - n_val) // n_splits, n_val)
+            atomic_save_json(splits, os.path.join(env["nnUNet_preprocessed"], TARGET, "splits_final.json"))
         # what stays the same for every results file this invocation writes
         record = {"budget": budget, "profile": profile, "pretraining_iterations": pre_iters,
                   "pretraining_seed": PRETRAIN_SEED, "methods": methods, "trainers": trainers, "splits": n_splits,
                   "train_cases_per_split": train_cases, "validation_cases": n_val,
-                  "demo_cases": {"Dataset900 (unlabeled)": demo_cases[0], "Dataset901 (labeled)": demo_cases[1]},
+                  "demo_cases": {f"Dataset{DEMO_UNLABELED_ID} (unlabeled)": demo_cases[0],
+                                 f"Dataset{DEMO_LABELED_ID} (labeled)": demo_cases[1]},
                   "command": " ".join(["ssl_nnunet_benchmark", *sys.argv[1:]]),
                   "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, device {device}", "git_commit": commit,
-                  "plan_sha256": {"sslPlans (Dataset900)": _sha256(os.path.join(
-                      env["nnUNet_preprocessed"], SOURCE, "sslPlans.json")),
-                      "sslFinetunePlans (Dataset901)": _sha256(os.path.join(
-                          env["nnUNet_preprocessed"], TARGET, "sslFinetunePlans.json"))}}
+                  "plan_sha256": {f"{SSL_PLANS} (Dataset{DEMO_UNLABELED_ID})": _sha256(os.path.join(
+                      env["nnUNet_preprocessed"], SOURCE, SSL_PLANS + ".json")),
+                      f"{FINETUNE_PLANS} (Dataset{DEMO_LABELED_ID})": _sha256(os.path.join(
+                          env["nnUNet_preprocessed"], TARGET, FINETUNE_PLANS + ".json"))}}
         results: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
         ft_root = os.path.join(env["nnUNet_results"], TARGET, "ssl_nnunet_benchmark")
         arms = {**{m: os.path.join(bundles[m], "checkpoint_final.pth") for m in methods},
@@ -181,8 +229,7 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
                     else:
                         log.write(f"fine-tune {arm} split {fold} with {trainer}: {folder}\n")
                         log.flush()
-                        run_fold(arm_root, TARGET, fold, trainer, device, weights, num_processes,
-                                 {k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed")})
+                        run_fold(arm_root, TARGET, fold, trainer, device, weights, num_processes)
                     timings[f"finetune {label} {arm} split {fold}"] = time.time() - t0
                     with open(os.path.join(folder, "validation", "summary.json")) as f:
                         dice.append(float(json.load(f)["foreground_mean"]["Dice"]))

@@ -27,7 +27,6 @@ import math
 import os
 import shutil
 import sys
-import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -35,15 +34,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-from ssl_nnunet import paths as _paths  # sets default nnUNet_* variables before nnunetv2 is imported
+from ssl_nnunet.constants import DEMO_LABELED_DATASET, DEMO_LABELED_ID, DEMO_UNLABELED_DATASET, DEMO_UNLABELED_ID
+from ssl_nnunet.paths import nnunet_raw  # sets default nnUNet_* variables before nnunetv2 is imported
+from ssl_nnunet.utilities.file_io import atomic_directory
 
 # --------------------------------------------------------------------------------------------------------
-# dataset identity
-UNLABELED_DATASET_ID = 900
-UNLABELED_DATASET_NAME = "Dataset900_DemoBrainSSL"
+# dataset identity (ids and names: ssl_nnunet.constants)
 UNLABELED_CASE_PREFIX = "DemoBrainSSL"
-LABELED_DATASET_ID = 901
-LABELED_DATASET_NAME = "Dataset901_DemoBrainSeg"
 LABELED_CASE_PREFIX = "DemoBrainSeg"
 LABELS: Dict[str, int] = {"background": 0, "csf_other": 1, "grey_matter": 2, "white_matter": 3}
 FILE_ENDING = ".nii.gz"
@@ -129,13 +126,13 @@ class _DatasetSpec:
 
 
 _UNLABELED_SPEC = _DatasetSpec(
-    UNLABELED_DATASET_ID, UNLABELED_DATASET_NAME, UNLABELED_CASE_PREFIX, False,
+    DEMO_UNLABELED_ID, DEMO_UNLABELED_DATASET, UNLABELED_CASE_PREFIX, False,
     "ssl_nnunet demo: unlabeled synthetic T1 brains for self-supervised pretraining. Each case is the "
     "nilearn-bundled MNI152 2009 template after a random elastic + affine deformation, bias field, "
     "contrast change and Gaussian noise. Not real subjects; for testing the pipeline only.")
 _LABELED_SPEC = _DatasetSpec(
-    LABELED_DATASET_ID, LABELED_DATASET_NAME, LABELED_CASE_PREFIX, True,
-    "ssl_nnunet demo: labeled synthetic T1 brains for fine-tuning. Generated like Dataset900_DemoBrainSSL "
+    DEMO_LABELED_ID, DEMO_LABELED_DATASET, LABELED_CASE_PREFIX, True,
+    f"ssl_nnunet demo: labeled synthetic T1 brains for fine-tuning. Generated like {DEMO_UNLABELED_DATASET} "
     "(but from different random states); labels come from the MNI152 GM/WM probability maps and brain "
     f"mask (grey/white matter where that probability is the larger one and >= {TISSUE_THRESHOLD}, "
     "csf_other elsewhere in the brain mask), deformed with the same field as the image. Not real "
@@ -408,14 +405,14 @@ def _check_id_conflict(raw_dir: str, spec: _DatasetSpec) -> None:
 
 
 def _remove_leftovers(raw_dir: str, spec: _DatasetSpec) -> None:
-    """Delete hidden temporary folders an interrupted earlier run of this generator left behind."""
+    """Delete hidden temporary folders (of :func:`atomic_directory`) an interrupted earlier run left behind."""
     for entry in os.listdir(raw_dir):
-        if entry.startswith((f".{spec.name}.partial-", f".{spec.name}.old-")):
+        if entry.startswith((f".{spec.name}.tmp_", f".{spec.name}.old_")):
             shutil.rmtree(os.path.join(raw_dir, entry), ignore_errors=True)
 
 
 def _write_cases(folder: str, spec: _DatasetSpec, config: dict) -> None:
-    """Generate and write all cases plus dataset.json into ``folder`` (which must not exist)."""
+    """Generate and write all cases plus dataset.json into ``folder`` (new and empty)."""
     from tqdm import tqdm
 
     os.makedirs(os.path.join(folder, "imagesTr"))
@@ -431,18 +428,6 @@ def _write_cases(folder: str, spec: _DatasetSpec, config: dict) -> None:
             write_volume(label, os.path.join(folder, "labelsTr", f"{case}{FILE_ENDING}"), grid)
     with open(os.path.join(folder, "dataset.json"), "w", encoding="utf-8") as f:
         json.dump(_dataset_json(spec, config), f, indent=4)
-
-
-def _move_into_place(tmp_folder: str, final_folder: str) -> None:
-    """Rename the finished ``tmp_folder`` to ``final_folder``, replacing (then deleting) an old one."""
-    old = None
-    if os.path.exists(final_folder):
-        parent, name = os.path.split(final_folder)
-        old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final_folder, old)
-    os.replace(tmp_folder, final_folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _keep_existing(spec: _DatasetSpec, config: dict, raw_dir: str, overwrite: bool) -> bool:
@@ -465,13 +450,8 @@ def _build_dataset(spec: _DatasetSpec, config: dict, raw_dir: str) -> str:
     """Generate one dataset in a hidden temporary folder and rename it to ``raw_dir/spec.name``."""
     final = os.path.join(raw_dir, spec.name)
     _remove_leftovers(raw_dir, spec)
-    tmp = os.path.join(raw_dir, f".{spec.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_directory(final) as tmp:
         _write_cases(tmp, spec, config)
-        _move_into_place(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -506,7 +486,7 @@ def make_demo_datasets(n_unlabeled: int = 40, n_labeled: int = 20, spacing: floa
     an interrupted run leaves no half-written dataset.
     """
     _validate_arguments(n_unlabeled, n_labeled, spacing, seed)
-    raw_dir = os.path.abspath(raw_dir or os.environ.get("nnUNet_raw") or _paths.nnUNet_raw)
+    raw_dir = os.path.abspath(raw_dir or nnunet_raw())
     os.makedirs(raw_dir, exist_ok=True)
     jobs = {"unlabeled": (_UNLABELED_SPEC, int(n_unlabeled)), "labeled": (_LABELED_SPEC, int(n_labeled))}
     configs = {key: _generation_config(spec, n, float(spacing), int(seed)) for key, (spec, n) in jobs.items()}
@@ -529,8 +509,8 @@ def make_demo_datasets(n_unlabeled: int = 40, n_labeled: int = 20, spacing: floa
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssl_nnunet_make_demo_dataset",
-        description=f"Write the synthetic demo datasets {UNLABELED_DATASET_NAME} (unlabeled) and "
-                    f"{LABELED_DATASET_NAME} (labeled) into $nnUNet_raw. They are made from the MNI152 "
+        description=f"Write the synthetic demo datasets {DEMO_UNLABELED_DATASET} (unlabeled) and "
+                    f"{DEMO_LABELED_DATASET} (labeled) into $nnUNet_raw. They are made from the MNI152 "
                     f"template bundled with nilearn; nothing is downloaded.")
     parser.add_argument("--n_unlabeled", type=int, default=40, help="cases in the unlabeled dataset (default 40)")
     parser.add_argument("--n_labeled", type=int, default=20, help="cases in the labeled dataset (default 20)")

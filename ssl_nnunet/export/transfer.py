@@ -19,12 +19,10 @@ import io
 import os
 from typing import Union
 
-from ssl_nnunet.paths import nnUNet_preprocessed, nnUNet_raw
+from ssl_nnunet.constants import CONFIGURATION, FINETUNE_PLANS
+from ssl_nnunet.paths import nnunet_preprocessed, nnunet_raw
 from ssl_nnunet.utilities.errors import SSLInputError, run_cli
-from ssl_nnunet.utilities.file_io import atomic_copy, dataset_name_from_id, load_json
-
-CONFIGURATION = "3d_fullres"
-FINETUNE_PLANS = "sslFinetunePlans"
+from ssl_nnunet.utilities.file_io import atomic_copy, atomic_save_json, dataset_name_from_id, load_json, load_plans
 
 
 def _dataset_number(dataset_name: str) -> int:
@@ -32,7 +30,7 @@ def _dataset_number(dataset_name: str) -> int:
 
 
 def _check_target(target_name: str, source_plans: dict, source_name: str, adapt_channels: bool = False) -> dict:
-    raw = os.path.join(nnUNet_raw, target_name)
+    raw = os.path.join(nnunet_raw(), target_name)
     dataset_json = load_json(os.path.join(raw, "dataset.json"), "dataset.json")
     labels_dir = os.path.join(raw, "labelsTr")
     if not os.path.isdir(labels_dir) or not os.listdir(labels_dir):
@@ -61,7 +59,6 @@ def adapt_plans_to_target_channels(plans_file: str, target_dataset_json: dict, t
     config["use_mask_for_norm"] = [bool(config["use_mask_for_norm"][0])] * len(names)
     fingerprint = load_json(target_fingerprint_file, "fingerprint")
     plans["foreground_intensity_properties_per_channel"] = fingerprint["foreground_intensity_properties_per_channel"]
-    from ssl_nnunet.utilities.file_io import atomic_save_json
     atomic_save_json(plans, plans_file)
     return True
 
@@ -80,16 +77,11 @@ def transfer_and_preprocess(source_dataset: Union[int, str], target_dataset: Uni
 
     source_name = dataset_name_from_id(source_dataset)
     target_name = dataset_name_from_id(target_dataset)
-    source_plans_file = os.path.join(nnUNet_preprocessed, source_name, plans_identifier + ".json")
-    if not os.path.isfile(source_plans_file):
-        raise SSLInputError(f"Plans file {source_plans_file} not found. Plan the pretraining dataset with "
-                            f"ssl_nnunet_plan_and_preprocess -d {source_dataset} first.")
-    source_plans = load_json(source_plans_file, "plans")
-    if CONFIGURATION not in source_plans.get("configurations", {}):
-        raise SSLInputError(f"{source_plans_file} has no '{CONFIGURATION}' configuration.")
+    source_plans = load_plans(os.path.join(nnunet_preprocessed(), source_name, plans_identifier + ".json"),
+                              source_dataset)
     target_json = _check_target(target_name, source_plans, source_name, adapt_channels)
     target_id = _dataset_number(target_name)
-    target_pp = os.path.join(nnUNet_preprocessed, target_name)
+    target_pp = os.path.join(nnunet_preprocessed(), target_name)
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
 
     with quiet:
@@ -101,7 +93,7 @@ def transfer_and_preprocess(source_dataset: Union[int, str], target_dataset: Uni
         if adapt_channels:
             adapt_plans_to_target_channels(os.path.join(target_pp, plans_identifier + ".json"), target_json,
                                            os.path.join(target_pp, "dataset_fingerprint.json"))
-        atomic_copy(os.path.join(nnUNet_raw, target_name, "dataset.json"), os.path.join(target_pp, "dataset.json"))
+        atomic_copy(os.path.join(nnunet_raw(), target_name, "dataset.json"), os.path.join(target_pp, "dataset.json"))
         preprocess_dataset(target_id, plans_identifier, configurations=(CONFIGURATION,),
                            num_processes=[num_processes], verbose=verbose, show_progress_bar=verbose)
     target_plans = os.path.join(target_pp, plans_identifier + ".json")

@@ -22,12 +22,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ssl_nnunet.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
+from ssl_nnunet.constants import CONFIGURATION, FINETUNE_PLANS
+from ssl_nnunet.paths import nnunet_preprocessed, nnunet_raw, nnunet_results
 from ssl_nnunet.utilities.errors import SSLInputError, run_cli
 from ssl_nnunet.utilities.file_io import atomic_save_json, atomic_torch_save, dataset_name_from_id, load_json
+from ssl_nnunet.utilities.network import build_network_from_plans
 
-PLANS = "sslFinetunePlans"
-CONFIGURATION = "3d_fullres"
 DEFAULT_TRAINER = "nnUNetTrainer_SSLFinetune"
 
 
@@ -56,23 +56,17 @@ def _method_from_card(folder: str) -> str:
 
 
 def _target_network(plans: dict, dataset_json: dict):
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    pm = PlansManager(plans)
-    cm = pm.get_configuration(CONFIGURATION)
-    n_in = len(dataset_json["channel_names"])
-    n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
-    return get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                  cm.network_arch_init_kwargs_req_import, n_in, n_out, allow_init=True,
-                                  deep_supervision=True)
+    n_out = PlansManager(plans).get_label_manager(dataset_json).num_segmentation_heads
+    return build_network_from_plans(plans, len(dataset_json["channel_names"]), n_out, deep_supervision=True)
 
 
 def target_weights(bundle: dict, target_name: str, encoder_only: bool, out_dir: str, seed: int = 0) -> tuple:
     """Weights file for ``-pretrained_weights``: the bundle's checkpoint, or a target-specific copy with the
     input convolution adapted to the target's channel count and/or a freshly initialised decoder
     (``encoder_only``). Returns ``(path, notes)``."""
-    plans = load_json(os.path.join(nnUNet_preprocessed, target_name, PLANS + ".json"), "plans")
-    dataset_json = load_json(os.path.join(nnUNet_preprocessed, target_name, "dataset.json"), "dataset.json")
+    plans = load_json(os.path.join(nnunet_preprocessed(), target_name, FINETUNE_PLANS + ".json"), "plans")
+    dataset_json = load_json(os.path.join(nnunet_preprocessed(), target_name, "dataset.json"), "dataset.json")
     torch.manual_seed(seed)
     fresh = _target_network(plans, dataset_json).state_dict()
     ckpt = torch.load(bundle["checkpoint"], map_location="cpu", weights_only=False)
@@ -105,11 +99,11 @@ def ensure_splits(target_name: str) -> List[dict]:
     """Write nnU-Net's 5-fold ``splits_final.json`` (its own function and seed) if missing, so both arms and
     every later run use the same folds."""
     from nnunetv2.utilities.crossval_split import generate_crossval_split
-    path = os.path.join(nnUNet_preprocessed, target_name, "splits_final.json")
+    path = os.path.join(nnunet_preprocessed(), target_name, "splits_final.json")
     if os.path.isfile(path):
         return load_json(path, "splits")
-    plans = load_json(os.path.join(nnUNet_preprocessed, target_name, PLANS + ".json"), "plans")
-    folder = os.path.join(nnUNet_preprocessed, target_name, plans["configurations"][CONFIGURATION]["data_identifier"])
+    plans = load_json(os.path.join(nnunet_preprocessed(), target_name, FINETUNE_PLANS + ".json"), "plans")
+    folder = os.path.join(nnunet_preprocessed(), target_name, plans["configurations"][CONFIGURATION]["data_identifier"])
     ids = sorted({f.split(".")[0] for f in os.listdir(folder) if f.endswith(".pkl")})
     if len(ids) < 5:
         raise SSLInputError(f"{target_name} has {len(ids)} training case(s); 5-fold cross-validation needs >= 5.")
@@ -119,7 +113,7 @@ def ensure_splits(target_name: str) -> List[dict]:
 
 
 def fold_folder(results_root: str, target_name: str, trainer: str, fold: int) -> str:
-    return os.path.join(results_root, target_name, f"{trainer}__{PLANS}__{CONFIGURATION}", f"fold_{fold}")
+    return os.path.join(results_root, target_name, f"{trainer}__{FINETUNE_PLANS}__{CONFIGURATION}", f"fold_{fold}")
 
 
 def fold_finished(folder: str) -> bool:
@@ -129,17 +123,17 @@ def fold_finished(folder: str) -> bool:
 
 
 def run_fold(results_root: str, target_name: str, fold: int, trainer: str, device: str,
-             weights: Optional[str], num_processes: int, nnunet_paths: Optional[Dict[str, str]] = None) -> str:
-    """Train (or resume, or only validate) one fold with ``nnUNetv2_train``; returns the fold folder.
-    ``nnunet_paths`` ({'nnUNet_raw': ..., 'nnUNet_preprocessed': ...}) replaces this process's folders for the
-    training process (the transfer benchmark works in its own)."""
+             weights: Optional[str], num_processes: int) -> str:
+    """Train (or resume, or only validate) one fold with ``nnUNetv2_train``; returns the fold folder. The
+    training process gets this process's ``nnUNet_raw`` and ``nnUNet_preprocessed`` as they are now and
+    ``results_root`` as its ``nnUNet_results``."""
     from ssl_nnunet.nnunet_trainers import trainer_dir
     folder = fold_folder(results_root, target_name, trainer, fold)
     if fold_finished(folder):
         print(f"  fold {fold}: finished earlier, skipped ({folder})")
         return folder
     exe = os.path.join(os.path.dirname(sys.executable), "nnUNetv2_train")
-    cmd = [exe, target_name, CONFIGURATION, str(fold), "-p", PLANS, "-tr", trainer, "-device", device]
+    cmd = [exe, target_name, CONFIGURATION, str(fold), "-p", FINETUNE_PLANS, "-tr", trainer, "-device", device]
     if os.path.isfile(os.path.join(folder, "checkpoint_final.pth")):
         cmd.append("--val")
     elif os.path.isfile(os.path.join(folder, "checkpoint_latest.pth")):
@@ -147,9 +141,8 @@ def run_fold(results_root: str, target_name: str, fold: int, trainer: str, devic
     elif weights is not None:
         cmd += ["-pretrained_weights", weights]
     env = dict(os.environ, nnUNet_results=results_root, nnUNet_extTrainer=trainer_dir(),
-               nnUNet_raw=nnUNet_raw, nnUNet_preprocessed=nnUNet_preprocessed,
+               nnUNet_raw=nnunet_raw(), nnUNet_preprocessed=nnunet_preprocessed(),
                nnUNet_def_n_proc=str(num_processes), nnUNet_n_proc_DA=str(num_processes))
-    env.update(nnunet_paths or {})
     os.makedirs(folder, exist_ok=True)
     log_path = os.path.join(folder, "ssl_nnunet_finetune_stdout.txt")
     print(f"  fold {fold}: {' '.join(os.path.basename(c) if i == 0 else c for i, c in enumerate(cmd))}")
@@ -171,16 +164,16 @@ def finetune(target, weights: str, folds: Sequence[int] = (0, 1, 2, 3, 4), scrat
     target_name = dataset_name_from_id(target)
     bundle = resolve_bundle(weights)
     source_name = bundle["source"]
-    root = os.path.join(nnUNet_results, target_name, "ssl_nnunet_finetune", source_name)
+    root = os.path.join(nnunet_results(), target_name, "ssl_nnunet_finetune", source_name)
     tag = f"{bundle['method']}{'_encoder_only' if encoder_only else ''}"
     print(f"Fine-tuning {target_name} from {source_name} ({bundle['method']}) with {trainer}, folds {list(folds)}"
           f"{' + scratch baseline' if scratch else ''}")
-    target_pp = os.path.join(nnUNet_preprocessed, target_name)
-    source_plans = os.path.join(nnUNet_preprocessed, source_name, PLANS + ".json")
+    target_pp = os.path.join(nnunet_preprocessed(), target_name)
+    source_plans = os.path.join(nnunet_preprocessed(), source_name, FINETUNE_PLANS + ".json")
     if not os.path.isfile(source_plans):
         # bundle from another machine: its plans.json is the source plan
         atomic_save_json(bundle["plans"], source_plans)
-    transfer_and_preprocess(source_name, target_name, PLANS, num_processes, verbose=False, adapt_channels=True)
+    transfer_and_preprocess(source_name, target_name, FINETUNE_PLANS, num_processes, verbose=False, adapt_channels=True)
     ensure_splits(target_name)
     os.makedirs(root, exist_ok=True)
     weights_file, notes = target_weights(bundle, target_name, encoder_only, root)

@@ -8,9 +8,11 @@ from typing import Optional
 
 import torch
 
-from ssl_nnunet.paths import nnUNet_preprocessed
+from ssl_nnunet.constants import CONFIGURATION, SSL_PLANS
+from ssl_nnunet.methods import get_method, method_names
+from ssl_nnunet.paths import nnunet_preprocessed
 from ssl_nnunet.utilities.errors import SSLInputError, run_cli
-from ssl_nnunet.utilities.file_io import dataset_name_from_id, load_json
+from ssl_nnunet.utilities.file_io import dataset_name_from_id, load_json, load_plans
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -21,26 +23,22 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_trainer(dataset, method: str, plans_identifier: str = "sslPlans", device: str = "cpu",
+def build_trainer(dataset, method: str, plans_identifier: str = SSL_PLANS, device: str = "cpu",
                   iterations: Optional[int] = None, seed: int = 0, num_prefetch: int = 2):
-    from ssl_nnunet.methods import get_method
     from ssl_nnunet.training.ssl_trainer import SSLTrainer
     try:
         get_method(method)
     except KeyError as e:
         raise SSLInputError(str(e.args[0])) from None
     dataset_name = dataset_name_from_id(dataset)
-    folder = os.path.join(nnUNet_preprocessed, dataset_name)
-    plans_file = os.path.join(folder, plans_identifier + ".json")
-    if not os.path.isfile(plans_file):
-        raise SSLInputError(f"{plans_file} not found. Run ssl_nnunet_plan_and_preprocess -d {dataset} first.")
-    plans = load_json(plans_file, "plans")
+    folder = os.path.join(nnunet_preprocessed(), dataset_name)
+    plans = load_plans(os.path.join(folder, plans_identifier + ".json"), dataset)
     dataset_json = load_json(os.path.join(folder, "dataset.json"), "dataset.json")
-    trainer = SSLTrainer(plans, "3d_fullres", 0, dataset_json, _resolve_device(device))
+    trainer = SSLTrainer(plans, CONFIGURATION, 0, dataset_json, _resolve_device(device))
     return trainer.configure(method, iterations=iterations, seed=seed, num_prefetch=num_prefetch)
 
 
-def pretrain(dataset, method: str, plans_identifier: str = "sslPlans", device: str = "cpu",
+def pretrain(dataset, method: str, plans_identifier: str = SSL_PLANS, device: str = "cpu",
              continue_training: bool = False, iterations: Optional[int] = None,
              pretrained_weights: Optional[str] = None, seed: int = 0, num_prefetch: int = 2):
     """Pretrain ``method`` on ``dataset`` in this process; returns the trainer."""
@@ -95,10 +93,10 @@ def pretrain_ddp(num_processes: int, **kwargs):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="Self-supervised pretraining of the nnU-Net network of sslPlans.json.")
+    p = argparse.ArgumentParser(description=f"Self-supervised pretraining of the nnU-Net network of {SSL_PLANS}.json.")
     p.add_argument("-d", required=True, help="dataset id or name")
-    p.add_argument("-m", required=True, help="SSL method: mae, mim, voco, gvsl, alice")
-    p.add_argument("-p", default="sslPlans", help="plans identifier (default sslPlans)")
+    p.add_argument("-m", required=True, choices=method_names(), help="SSL method")
+    p.add_argument("-p", default=SSL_PLANS, help=f"plans identifier (default {SSL_PLANS})")
     p.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu", "mps"])
     p.add_argument("-num_gpus", type=int, default=1, help="number of DDP processes (gloo on CPU, NCCL on CUDA)")
     p.add_argument("--c", action="store_true", help="continue from checkpoint_latest.pth")

@@ -26,7 +26,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
 from ssl_nnunet.data.loader import PrefetchLoader
@@ -36,6 +35,7 @@ from ssl_nnunet.training.logger import SSLLogger
 from ssl_nnunet.training.schedule import build_optimizer, learning_rate
 from ssl_nnunet.utilities.errors import SSLInputError
 from ssl_nnunet.utilities.file_io import atomic_copy, atomic_save_json, atomic_torch_save, ssl_output_folder
+from ssl_nnunet.utilities.network import build_network_from_plans
 
 MAX_CONSECUTIVE_NONFINITE = 5
 VALIDATION_SEED = 12345
@@ -117,10 +117,8 @@ class SSLTrainer(nnUNetTrainer):
         torch.manual_seed(self.seed + 1000 * self.local_rank)
         self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
                                                                self.dataset_json)
-        cm = self.configuration_manager
-        network = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                         cm.network_arch_init_kwargs_req_import, self.num_input_channels,
-                                         self.num_input_channels, allow_init=True, deep_supervision=False)
+        network = build_network_from_plans(self.plans_manager.plans, self.num_input_channels, self.num_input_channels,
+                                           deep_supervision=False, configuration=self.configuration_name)
         method_cls = get_method(self.method_name)
         self.method = method_cls(network, self.method_plan, self.ssl_plan, self.num_input_channels).to(self.device)
         self.network = self.method.network

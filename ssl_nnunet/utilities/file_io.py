@@ -9,7 +9,8 @@ import shutil
 import tempfile
 from typing import Any, Union
 
-from ssl_nnunet.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
+from ssl_nnunet.constants import CONFIGURATION, FINETUNE_PLANS, SSL_PLANS
+from ssl_nnunet.paths import nnunet_preprocessed, nnunet_raw, nnunet_results
 from ssl_nnunet.utilities.errors import SSLInputError
 
 
@@ -71,10 +72,10 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write(path, write)
 
 
-def ssl_output_folder(dataset_name: str, method: str, plans_name: str = "sslPlans",
-                      configuration: str = "3d_fullres") -> str:
+def ssl_output_folder(dataset_name: str, method: str, plans_name: str = SSL_PLANS,
+                      configuration: str = CONFIGURATION) -> str:
     """``nnUNet_results/<Dataset>/SSL_<method>__<plans>__<configuration>``: the SSL trainer's output folder."""
-    return os.path.join(nnUNet_results, dataset_name, f"SSL_{method}__{plans_name}__{configuration}")
+    return os.path.join(nnunet_results(), dataset_name, f"SSL_{method}__{plans_name}__{configuration}")
 
 
 @contextlib.contextmanager
@@ -96,6 +97,19 @@ def atomic_directory(final_dir: str):
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_plans(path: str, dataset: Union[int, str]) -> dict:
+    """A plans file of ``ssl_nnunet_plan_experiment`` with its ``3d_fullres`` configuration; the errors name
+    the command that writes it for ``dataset``."""
+    if not os.path.isfile(path):
+        raise SSLInputError(f"Plans file {path} not found. Run ssl_nnunet_plan_and_preprocess -d {dataset} "
+                            f"first (it writes {SSL_PLANS}.json and {FINETUNE_PLANS}.json).")
+    plans = load_json(path, "plans")
+    if CONFIGURATION not in plans.get("configurations", {}):
+        raise SSLInputError(f"{path} has no '{CONFIGURATION}' configuration; re-run ssl_nnunet_plan_experiment "
+                            f"-d {dataset}.")
+    return plans
 
 
 def load_json(path: str, what: str = "file") -> Any:
@@ -126,7 +140,8 @@ def dataset_name_from_id(dataset: Union[int, str]) -> str:
         raise SSLInputError(f"'{dataset}' is not a dataset id: pass a number (e.g. -d 1) or a full name "
                             f"(e.g. -d Dataset001_Name).")
     prefix = f"Dataset{int(text):03d}_"
-    found = sorted(set(_datasets_in(nnUNet_raw) + _datasets_in(nnUNet_preprocessed) + _datasets_in(nnUNet_results)))
+    raw, preprocessed = nnunet_raw(), nnunet_preprocessed()
+    found = sorted(set(_datasets_in(raw) + _datasets_in(preprocessed) + _datasets_in(nnunet_results())))
     matches = sorted({d for d in found if d.startswith(prefix)})
     if len(matches) == 1:
         return matches[0]
@@ -134,6 +149,6 @@ def dataset_name_from_id(dataset: Union[int, str]) -> str:
         raise SSLInputError(f"Dataset id {int(text)} is ambiguous: {', '.join(matches)}. Pass the full name.")
     listing = ", ".join(found) if found else "none"
     raise SSLInputError(
-        f"Dataset id {int(text)} not found in nnUNet_raw={nnUNet_raw} or nnUNet_preprocessed={nnUNet_preprocessed}. "
+        f"Dataset id {int(text)} not found in nnUNet_raw={raw} or nnUNet_preprocessed={preprocessed}. "
         f"Datasets found: {listing}. Check the id or the nnUNet_raw environment variable "
         f"(make the demo data with ssl_nnunet_make_demo_dataset).")
