@@ -28,20 +28,20 @@ def _common_args(parser: argparse.ArgumentParser, planning: bool = True) -> None
 
 
 def _fingerprint(args) -> None:
-    from experiment_planning.fingerprint import extract_fingerprint
+    from ssl_nnunet.experiment_planning.fingerprint import extract_fingerprint
     for d in args.d:
         extract_fingerprint(d, args.np, overwrite=True, verbose=not args.quiet)
 
 
 def _plan(args) -> None:
-    from experiment_planning.planner import plan_experiment
+    from ssl_nnunet.experiment_planning.planner import plan_experiment
     for d in args.d:
         plan_experiment(d, args.profile, args.pl, args.gpu_memory_target, args.spacing, args.isotropic,
                         verbose=not args.quiet)
 
 
 def _preprocess(args) -> None:
-    from experiment_planning.preprocess import preprocess
+    from ssl_nnunet.experiment_planning.preprocess import preprocess
     for d in args.d:
         preprocess(d, num_processes=args.np, verbose=not args.quiet)
 

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import numpy as np
 from tqdm import tqdm
 
-from experiment_planning.dataset_checks import list_cases, load_dataset_json, read_checked_case
+from ssl_nnunet.experiment_planning.dataset_checks import list_cases, load_dataset_json, read_checked_case
 from ssl_nnunet.paths import nnunet_preprocessed
 from ssl_nnunet.utilities.file_io import atomic_save_json, dataset_name_from_id
 
@@ -117,8 +117,8 @@ def extract_fingerprint(dataset: str | int, num_processes: int = 2, overwrite: b
     inconsistent = [r["case"] for r in results if not np.allclose(r["direction"], directions[0], atol=1e-3)]
     if inconsistent and verbose:
         print(f"WARNING: {len(inconsistent)} case(s) have a different orientation than {results[0]['case']} "
-              f"(e.g. {inconsistent[:3]}). nnU-Net does not reorient; spatial SSL objectives (VoCo, Alice, GVSL) "
-              f"assume a consistent orientation.")
+              f"(e.g. {inconsistent[:3]}). nnU-Net does not reorient; SSL objectives that match anatomy "
+              f"across cases (anchored regions, paired crops) assume a consistent orientation.")
     fingerprint = {
         "spacings": [r["spacing"] for r in results],
         "shapes_after_crop": [r["shape_after_crop"] for r in results],

@@ -4,7 +4,7 @@ Runs one of nnunetv2's experiment planners (``-pl ResEncM|ResEncL|ResEncXL|ResEn
 normalisation, transpose, architecture and patch size, keeps its ``3d_fullres`` configuration, applies the
 ``-profile`` (``cpu_smoke`` / ``cpu_bench`` replace the network and patch by the small presets of
 ``plans/profiles.json``; ``gpu`` keeps the nnU-Net plan) and adds the ``ssl`` block
-(:mod:`experiment_planning.ssl_layout`). Writes, atomically, into ``nnUNet_preprocessed/DatasetXXX/``:
+(:mod:`ssl_nnunet.experiment_planning.ssl_layout`). Writes, atomically, into ``nnUNet_preprocessed/DatasetXXX/``:
 
 * ``sslPlans.json`` – the pretraining plan (a valid nnU-Net plans file + ``ssl``);
 * ``sslFinetunePlans.json`` – the fine-tuning plan: nnU-Net plans with the same architecture, spacing and
@@ -19,9 +19,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from experiment_planning.dataset_checks import list_cases, load_dataset_json
-from experiment_planning.ssl_layout import compute_ssl_block
-from plans import load_shipped
+from ssl_nnunet.experiment_planning.dataset_checks import list_cases, load_dataset_json
+from ssl_nnunet.experiment_planning.ssl_layout import compute_ssl_block
+from ssl_nnunet.plans import load_shipped
 from ssl_nnunet.constants import CONFIGURATION, FINETUNE_PLANS, PROFILES, SSL_PLANS
 from ssl_nnunet.paths import nnunet_preprocessed, nnunet_raw
 from ssl_nnunet.utilities.errors import SSLInputError

@@ -17,8 +17,8 @@ from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPre
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from tqdm import tqdm
 
-from experiment_planning.dataset_checks import list_cases
-from experiment_planning.fingerprint import body_mask
+from ssl_nnunet.experiment_planning.dataset_checks import list_cases
+from ssl_nnunet.experiment_planning.fingerprint import body_mask
 from ssl_nnunet.constants import CONFIGURATION, SSL_PLANS
 from ssl_nnunet.paths import nnunet_preprocessed
 from ssl_nnunet.utilities.errors import SSLInputError

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import List, Optional, Sequence
 
-from plans import load_shipped
+from ssl_nnunet.plans import load_shipped
 from ssl_nnunet.constants import PROFILES
 from ssl_nnunet.methods import all_methods
 from ssl_nnunet.methods.base import PlanningContext, divides, merge_layout

@@ -44,9 +44,9 @@ def prepare_planned_dataset(dataset_id: int, name: str, method: str = None, meth
     """Synthetic dataset -> fingerprint -> cpu_smoke sslPlans.json -> preprocessing; optionally update the plan
     entry of ``method`` (e.g. ``iterations_per_epoch``). Returns the path of sslPlans.json."""
     import json
-    from experiment_planning.fingerprint import extract_fingerprint
-    from experiment_planning.planner import plan_experiment
-    from experiment_planning.preprocess import preprocess
+    from ssl_nnunet.experiment_planning.fingerprint import extract_fingerprint
+    from ssl_nnunet.experiment_planning.planner import plan_experiment
+    from ssl_nnunet.experiment_planning.preprocess import preprocess
     write_synthetic_dataset(dataset_id, name, **kw)
     extract_fingerprint(dataset_id, 1, verbose=False)
     plan_experiment(dataset_id, "cpu_smoke", verbose=False)

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from helpers import write_synthetic_dataset
-from experiment_planning.fingerprint import extract_fingerprint
-from experiment_planning.planner import plan_experiment
-from experiment_planning.preprocess import preprocess
+from ssl_nnunet.experiment_planning.fingerprint import extract_fingerprint
+from ssl_nnunet.experiment_planning.planner import plan_experiment
+from ssl_nnunet.experiment_planning.preprocess import preprocess
 from ssl_nnunet.export import export_bundle, transfer_and_preprocess
 from ssl_nnunet.export.exporter import BUNDLE_FILES
 from ssl_nnunet.utilities.file_io import ssl_output_folder

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from helpers import write_synthetic_dataset
-from experiment_planning.fingerprint import extract_fingerprint
-from experiment_planning.planner import plan_experiment
-from experiment_planning.preprocess import preprocess
+from ssl_nnunet.experiment_planning.fingerprint import extract_fingerprint
+from ssl_nnunet.experiment_planning.planner import plan_experiment
+from ssl_nnunet.experiment_planning.preprocess import preprocess
 from ssl_nnunet.export import export_bundle
 from ssl_nnunet.finetune.finetune import finetune, fold_folder
 from ssl_nnunet.finetune.report import build_report, write_report

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from test_masking_sparse_mae import resenc
-from experiment_planning.ssl_layout import validate_ssl_block
+from ssl_nnunet.experiment_planning.ssl_layout import validate_ssl_block
 from ssl_nnunet.methods.mim import mim_layout
 from ssl_nnunet.methods import get_method
 from ssl_nnunet.methods.masking import expand_mask, num_hidden_units, per_unit_target
@@ -78,7 +78,7 @@ def test_invalid_layouts_are_rejected_with_readable_messages():
 
 def validate_ssl_block_mim_only(block):
     """Run validate_ssl_block with the other methods filled in by a valid planner output."""
-    from experiment_planning.ssl_layout import compute_ssl_block
+    from ssl_nnunet.experiment_planning.ssl_layout import compute_ssl_block
     full = compute_ssl_block(P, [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], [1, 1, 1], [100] * 3, "cpu_smoke", P)
     full["methods"]["mim"] = block["methods"]["mim"]
     return validate_ssl_block(full, P)

@@ -9,9 +9,9 @@ import pytest
 import SimpleITK as sitk
 
 from helpers import write_synthetic_dataset
-from experiment_planning.fingerprint import extract_fingerprint
-from experiment_planning.planner import FINETUNE_PLANS, SSL_PLANS, plan_experiment
-from experiment_planning.preprocess import preprocess
+from ssl_nnunet.experiment_planning.fingerprint import extract_fingerprint
+from ssl_nnunet.experiment_planning.planner import FINETUNE_PLANS, SSL_PLANS, plan_experiment
+from ssl_nnunet.experiment_planning.preprocess import preprocess
 from ssl_nnunet.methods.features import cumulative_strides
 from ssl_nnunet.paths import nnunet_preprocessed
 from ssl_nnunet.utilities.errors import SSLInputError
@@ -194,7 +194,7 @@ def test_empty_images_tr():
 
 def test_cli_exit_code_and_message():
     env = dict(os.environ)
-    r = subprocess.run([sys.executable, "-c", "from experiment_planning.entrypoints import "
+    r = subprocess.run([sys.executable, "-c", "from ssl_nnunet.experiment_planning.entrypoints import "
                         "plan_and_preprocess_entry as m; m()", "-d", "986", "-np", "1"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 2

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from helpers import write_synthetic_dataset
-from experiment_planning.fingerprint import extract_fingerprint
-from experiment_planning.planner import plan_experiment
-from experiment_planning.preprocess import preprocess
+from ssl_nnunet.experiment_planning.fingerprint import extract_fingerprint
+from ssl_nnunet.experiment_planning.planner import plan_experiment
+from ssl_nnunet.experiment_planning.preprocess import preprocess
 from ssl_nnunet.paths import nnunet_preprocessed
 from ssl_nnunet.training.run import pretrain, pretrain_ddp
 from ssl_nnunet.utilities.file_io import ssl_output_folder

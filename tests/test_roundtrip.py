@@ -58,9 +58,9 @@ RUN = {"default": (2, 1), "voco": (3, 3), "alice": (2, 2)}
 @pytest.fixture(scope="module")
 def planned(new_dataset_id):
     """A 5-case dataset planned and preprocessed with the toy objective registered; yields its id and name."""
-    from experiment_planning.fingerprint import extract_fingerprint
-    from experiment_planning.planner import plan_experiment
-    from experiment_planning.preprocess import preprocess
+    from ssl_nnunet.experiment_planning.fingerprint import extract_fingerprint
+    from ssl_nnunet.experiment_planning.planner import plan_experiment
+    from ssl_nnunet.experiment_planning.preprocess import preprocess
     register(ToyDenoising)
     did, name = new_dataset_id("RoundTrip")
     # (40, 96, 40): two patches along a1 only, so MiM's level-1 region is (1, 2, 1) patches at native resolution
@@ -183,7 +183,7 @@ def test_toy_objective_registered_in_the_test_alone(planned, tmp_path):
 
 
 def test_toy_objective_layout_check_runs_in_the_planner(planned):
-    from experiment_planning.ssl_layout import validate_ssl_block
+    from ssl_nnunet.experiment_planning.ssl_layout import validate_ssl_block
     _, name = planned
     with open(_pp(name, "sslPlans.json")) as f:
         ssl = json.load(f)["ssl"]

@@ -141,9 +141,9 @@ def label_scarce_splits(case_ids: List[str], n_splits: int, train_cases: int, n_
 
 def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: str = "cpu",
                            num_processes: int = 2, write_docs: bool = False) -> dict:
-    from experiment_planning.fingerprint import extract_fingerprint
-    from experiment_planning.planner import plan_experiment
-    from experiment_planning.preprocess import preprocess
+    from ssl_nnunet.experiment_planning.fingerprint import extract_fingerprint
+    from ssl_nnunet.experiment_planning.planner import plan_experiment
+    from ssl_nnunet.experiment_planning.preprocess import preprocess
     from ssl_nnunet.data.demo_dataset import make_demo_datasets
     from ssl_nnunet.export.exporter import export_bundle
     from ssl_nnunet.export.transfer import transfer_and_preprocess

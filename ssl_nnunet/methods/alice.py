@@ -247,6 +247,8 @@ class Alice(SSLMethod):
     layout_defaults = {"mask_ratio": 0.75, "ema": [0.996, 1.0], "matcher": "profile_bbox", "recon_weight": 1.0,
                        "center_momentum": 0.9, "use_predictor": False}
 
+    required_layout_keys = ("mask_unit", "token_stride", "head", "casa")
+
     # ---------------------------------------------------------------------------------------------- planning
     @classmethod
     def default_layout(cls, ctx: PlanningContext):
@@ -279,9 +281,6 @@ class Alice(SSLMethod):
         check_unet(network)
         layout = self.layout
         ndim = len(network.encoder.strides[0])
-        for key in ("mask_unit", "token_stride", "head", "casa"):
-            if key not in layout:
-                raise SSLInputError(f"ssl layout of 'alice' has no '{key}'; re-run the SSL planner")
         self.mask_unit = tuple(per_axis_ints(layout["mask_unit"], ndim, "mask_unit", "alice"))
         self.token_stride = tuple(per_axis_ints(layout["token_stride"], ndim, "token_stride", "alice"))
         self.mask_ratio = float(layout["mask_ratio"])

@@ -102,6 +102,8 @@ class SSLMethod(nn.Module):
     #: layout constants that do not depend on the dataset: the one home of each default. The constructor reads
     #: ``merge_layout(layout_defaults, method_plan["layout"])``, and :meth:`default_layout` starts from them.
     layout_defaults: dict = {}
+    #: layout keys the plan must give (derived by :meth:`default_layout`; no context-free default exists)
+    required_layout_keys: Tuple[str, ...] = ()
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__()
@@ -110,6 +112,9 @@ class SSLMethod(nn.Module):
         self.ssl_plan = ssl_plan
         self.layout = self.resolved_layout(method_plan)
         self.num_input_channels = num_input_channels
+        missing = [k for k in type(self).required_layout_keys if k not in self.layout]
+        if missing:
+            raise SSLInputError(f"ssl layout of '{self.name}' lacks {missing}; re-run the SSL planner")
 
     @classmethod
     def resolved_layout(cls, method_plan: dict) -> dict:

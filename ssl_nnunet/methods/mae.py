@@ -51,6 +51,7 @@ class MAE(SSLMethod):
     name = "mae"
     trained_parts = "encoder and decoder (the reconstruction decoder is the nnU-Net decoder)"
     layout_defaults = {"mask_ratio": 0.75, "target": "none", "variant": "sparse"}
+    required_layout_keys = ("mask_unit",)
 
     @classmethod
     def default_layout(cls, ctx: PlanningContext):
@@ -73,8 +74,6 @@ class MAE(SSLMethod):
         check_unet(network)
         layout = self.layout
         ndim = len(network.encoder.strides[0])
-        if "mask_unit" not in layout:
-            raise SSLInputError("ssl layout of 'mae' has no 'mask_unit'; re-run the SSL planner")
         self.mask_unit = tuple(per_axis_ints(layout["mask_unit"], ndim, "mask_unit", "mae"))
         self.mask_ratio = float(layout["mask_ratio"])
         if not 0.0 < self.mask_ratio < 1.0:

@@ -245,6 +245,8 @@ class MiM(SSLMethod):
     layout_defaults = {"ratios": [0.5, 0.6, 0.5], "beta": 2, "alpha": 0.1, "tau": 0.2, "proj_dim": 2048,
                        "target": "per_unit", "level_weights": [1.0, 1.0, 1.0]}
 
+    required_layout_keys = ("r1", "level1_region", "level1_unit", "u2", "gamma", "align_stride")
+
     # ---------------------------------------------------------------------------------------------- planning
     @classmethod
     def default_layout(cls, ctx: PlanningContext):
@@ -252,7 +254,7 @@ class MiM(SSLMethod):
         ``plans/profiles.json``'s ``mim_max_patch_size`` (a multiple of the total stride)."""
         patch, S = list(ctx.patch_size), ctx.total_stride
         if not ctx.is_cpu:
-            from plans import load_shipped
+            from ssl_nnunet.plans import load_shipped
             cap = load_shipped("profiles.json")["gpu"]["mim_max_patch_size"]
             patch = [min(P, max(s, (cap // s) * s)) for P, s in zip(patch, S)]
         return patch, mim_layout(patch, ctx.mask_quantum, ctx.median_shape)
@@ -307,10 +309,6 @@ class MiM(SSLMethod):
         check_unet(network)
         lay = self.layout
         ndim = len(network.encoder.strides[0])
-        missing = [k for k in ("r1", "level1_region", "level1_unit", "u2", "gamma", "beta", "proj_dim",
-                               "align_stride") if k not in lay]
-        if missing:
-            raise SSLInputError(f"ssl layout of 'mim' lacks {missing}; re-run the SSL planner")
         self.patch = per_axis_ints(method_plan["pretrain_patch_size"], ndim, "pretrain_patch_size", "mim")
         self.r1 = per_axis_ints(lay["r1"], ndim, "r1", "mim")
         self.region = per_axis_ints(lay["level1_region"], ndim, "level1_region", "mim")

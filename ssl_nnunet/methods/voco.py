@@ -354,6 +354,8 @@ class VoCo(SSLMethod):
                        "use_ema_teacher": False, "ema_momentum": 0.9, "augmentation": dict(DEFAULT_AUGMENTATION),
                        "pool": "avg"}
 
+    required_layout_keys = ("crop_size", "base_grid")
+
     # ---------------------------------------------------------------------------------------------- planning
     @classmethod
     def default_layout(cls, ctx: PlanningContext):
@@ -385,9 +387,6 @@ class VoCo(SSLMethod):
         ndim = len(network.encoder.strides[0])
         if ndim != 3:
             raise SSLInputError("VoCo is implemented for 3D networks only")
-        for key in ("crop_size", "base_grid"):
-            if key not in layout:
-                raise SSLInputError(f"ssl layout of 'voco' has no '{key}'; re-run the SSL planner")
         self.crop = per_axis_ints(layout["crop_size"], ndim, "crop_size", "voco")
         self.grid = per_axis_ints(layout["base_grid"], ndim, "base_grid", "voco")
         self.region = [g * c for g, c in zip(self.grid, self.crop)]

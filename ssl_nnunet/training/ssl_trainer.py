@@ -67,11 +67,17 @@ class SSLTrainer(nnUNetTrainer):
         self.output_folder_base = ssl_output_folder(self.plans_manager.dataset_name, method,
                                                     self.plans_manager.plans_name, self.configuration_name)
         self.output_folder = self.output_folder_base
-        for folder in (self._stray_folder, os.path.dirname(self._stray_folder)):
-            try:  # nnU-Net's constructor made its own (empty) fold folder; other DDP ranks may remove it first
-                os.rmdir(folder)
-            except OSError:
-                pass
+        # nnU-Net's constructor made its own (empty) fold folder. Under DDP every rank's constructor creates it:
+        # wait until all of them are past that point, then rank 0 alone removes it (a rank still inside
+        # os.makedirs would otherwise find its parent gone)
+        if self.is_ddp:
+            dist.barrier()
+        if self.local_rank == 0:
+            for folder in (self._stray_folder, os.path.dirname(self._stray_folder)):
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass
         os.makedirs(self.output_folder, exist_ok=True)
         stamp = datetime.now().strftime("%Y_%m_%d_%H_%M_%S")
         self.log_file = os.path.join(self.output_folder, f"training_log_{stamp}.txt")
