@@ -30,6 +30,7 @@ setup(
             "ssl_nnunet_plan_and_preprocess=ssl_nnunet.experiment_planning.entrypoints:plan_and_preprocess_entry",
             "ssl_nnunet_pretrain=ssl_nnunet.training.run:main",
             "ssl_nnunet_export=ssl_nnunet.export.exporter:main",
+            "ssl_nnunet_import=ssl_nnunet.export.nnssl_import:main",
             "ssl_nnunet_benchmark=ssl_nnunet.benchmark.cli:main",
             "ssl_nnunet_transfer=ssl_nnunet.export.transfer:main",
             "ssl_nnunet_finetune=ssl_nnunet.finetune.finetune:main",

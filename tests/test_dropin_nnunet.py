@@ -175,17 +175,3 @@ def test_nnunetv2_train_with_pretrained_weights(bundle):
     assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
     trained = torch.load(os.path.join(fold, "checkpoint_final.pth"), weights_only=False)
     assert trained["trainer_name"] == "nnUNetTrainer_SSLSmoke" and trained["current_epoch"] == 1
-
-
-def test_adaptation_plan_for_plain_conv_unet(bundle):
-    """PlainConvUNet (nnU-Net's default planner) has no stem: in_proj = first conv of stage 0 and its alias."""
-    from ssl_nnunet.export.exporter import build_adaptation_plan
-    plans = _plans(SOURCE, "sslFinetunePlans")
-    arch = plans["configurations"]["3d_fullres"]["architecture"]
-    arch["network_class_name"] = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
-    arch["arch_kwargs"]["n_conv_per_stage"] = arch["arch_kwargs"].pop("n_blocks_per_stage")
-    state = build_network_from_plans(plans, 2, 2).state_dict()
-    plan = build_adaptation_plan(_plans(SOURCE, "sslPlans"), plans, "mae", 2, state)
-    assert plan["architecture_plans"]["arch_class_name"] == "PlainConvUNet"
-    assert plan["key_to_stem"] is None and plan["pretrain_num_input_channels"] == 2
-    assert plan["keys_to_in_proj"] == ["encoder.stages.0.0.convs.0.conv", "encoder.stages.0.0.convs.0.all_modules.0"]

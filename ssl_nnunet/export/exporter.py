@@ -14,18 +14,24 @@ nothing half-written; a rerun replaces an earlier bundle) with
   ``nnssl_adaptation_plan``;
 * ``plans.json`` (the fine-tuning plan), ``dataset.json``, ``dataset_fingerprint.json``;
 * ``adaptation_plan.json`` (the same dict as ``nnssl_adaptation_plan``);
+* ``config.json`` – a short description of the weights (nnU-Net master downloads it with the checkpoint and
+  the adaptation plan from a Hugging Face model repository) including the ``citations``;
 * ``README.md`` – a model card with the fine-tuning commands (:mod:`ssl_nnunet.export.model_card`).
+
+The checkpoint holds only tensors and plain Python values, so ``torch.load(..., weights_only=True)`` (nnU-Net
+master, torch's default) reads it; :func:`write_bundle` checks that before the bundle is renamed into place.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import os
-import shutil
 from typing import Dict, List, Optional, Union
 
 from ssl_nnunet.constants import CONFIGURATION, FINETUNE_PLANS, SSL_PLANS
-from ssl_nnunet.export.model_card import render_model_card
+from ssl_nnunet.export.adaptation_schema import require_valid_adaptation_plan, to_weights_only_safe
+from ssl_nnunet.export.citations import bundle_citations
+from ssl_nnunet.export.model_card import citations_markdown, render_model_card
 from ssl_nnunet.methods import method_names
 from ssl_nnunet.paths import nnunet_preprocessed, nnunet_raw
 from ssl_nnunet.utilities.errors import SSLInputError, run_cli
@@ -34,7 +40,7 @@ from ssl_nnunet.utilities.file_io import (atomic_directory, atomic_save_json, da
 from ssl_nnunet.utilities.network import build_network_from_plans
 
 BUNDLE_FILES = ("checkpoint_final.pth", "plans.json", "dataset.json", "dataset_fingerprint.json",
-                "adaptation_plan.json", "README.md")
+                "adaptation_plan.json", "config.json", "README.md")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -124,39 +130,38 @@ def load_weights_strict(network, weights: dict, source: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ adaptation plan
 
-def _in_projection_keys(state: dict) -> List[str]:
-    """Module paths of the first convolution of the encoder and of its aliases (same tensor, other name)."""
-    first = next((k for k, v in state.items() if k.startswith("encoder.") and k.endswith(".weight")
-                  and getattr(v, "ndim", 0) >= 4), None)
-    if first is None:
-        return []
-    ptr = state[first].data_ptr()
-    keys = [first[:-len(".weight")]]
-    for k, v in state.items():
-        if k != first and k.startswith("encoder.") and k.endswith(".weight") and v.data_ptr() == ptr:
-            keys.append(k[:-len(".weight")])
-    return keys
+def _spacing_style(spacing) -> str:
+    """nnssl's ``spacing_style`` for a spacing chosen by nnU-Net's planner (median-based, anisotropy rule):
+    ``onemmiso`` when it is 1 mm isotropic, else ``median``."""
+    if spacing is not None and all(abs(float(s) - 1.0) < 1e-6 for s in spacing):
+        return "onemmiso"
+    return "median"
 
 
 def build_adaptation_plan(pretrain_plans: dict, finetune_plans: dict, method: str, n_channels: int,
-                          state: dict) -> dict:
-    """The nnssl ``adaptation_plan`` (INTEROP.md §4) for the exported network."""
+                          network) -> dict:
+    """The nnssl ``adaptation_plan`` of the exported ``network`` (the fields of
+    :mod:`ssl_nnunet.export.adaptation_schema`, no others). Encoder, stem and input-projection keys are the
+    architecture's own (``key_to_encoder``, ``key_to_stem``, ``keys_to_in_proj`` of dynamic-network-architectures:
+    ``encoder.stem`` for ``ResidualEncoderUNet``, ``encoder.stages.0`` for ``PlainConvUNet``)."""
     arch = finetune_plans["configurations"][CONFIGURATION]["architecture"]
     pre_cfg = pretrain_plans["configurations"][CONFIGURATION]
     ft_cfg = finetune_plans["configurations"][CONFIGURATION]
     method_plan = pretrain_plans.get("ssl", {}).get("methods", {}).get(method, {})
-    pretrain_patch = list(method_plan.get("pretrain_patch_size", pre_cfg["patch_size"]))
+    pretrain_patch = [int(p) for p in method_plan.get("pretrain_patch_size", pre_cfg["patch_size"])]
     arch_kwargs = copy.deepcopy(arch["arch_kwargs"])
     for k in arch.get("_kw_requires_import", []):  # plans already hold dotted strings; keep them strings
         if arch_kwargs.get(k) is not None and not isinstance(arch_kwargs[k], str):
             obj = arch_kwargs[k]
             arch_kwargs[k] = f"{obj.__module__}.{obj.__qualname__}"
-    has_stem = any(k.startswith("encoder.stem.") for k in state)
+    # nnssl lists the kwargs that hold an import string (an op that is None needs no import)
+    requiring_import = [k for k in arch.get("_kw_requires_import", []) if isinstance(arch_kwargs.get(k), str)]
+    spacing = [float(s) for s in pre_cfg["spacing"]] if pre_cfg.get("spacing") is not None else None
     return {
         "architecture_plans": {
             "arch_class_name": arch["network_class_name"].split(".")[-1],
             "arch_kwargs": arch_kwargs,
-            "arch_kwargs_requiring_import": list(arch.get("_kw_requires_import", [])),
+            "arch_kwargs_requiring_import": requiring_import,
         },
         "pretrain_plan": {
             "dataset_name": pretrain_plans["dataset_name"],
@@ -165,30 +170,29 @@ def build_adaptation_plan(pretrain_plans: dict, finetune_plans: dict, method: st
             "image_reader_writer": pretrain_plans.get("image_reader_writer"),
             "transpose_forward": pretrain_plans.get("transpose_forward"),
             "transpose_backward": pretrain_plans.get("transpose_backward"),
-            "experiment_planner_used": pretrain_plans.get("experiment_planner_used"),
             "configurations": {
                 CONFIGURATION: {
                     "data_identifier": pre_cfg.get("data_identifier"),
                     "preprocessor_name": pre_cfg.get("preprocessor_name"),
-                    # nnU-Net's planner chose the target spacing (median, anisotropy rule or user override)
-                    "spacing_style": "nnunet_planner",
+                    "spacing_style": _spacing_style(spacing),
                     "normalization_schemes": pre_cfg.get("normalization_schemes"),
                     "use_mask_for_norm": pre_cfg.get("use_mask_for_norm"),
                     "resampling_fn_data": pre_cfg.get("resampling_fn_data"),
                     "resampling_fn_data_kwargs": pre_cfg.get("resampling_fn_data_kwargs"),
                     "resampling_fn_mask": pre_cfg.get("resampling_fn_seg"),
                     "resampling_fn_mask_kwargs": pre_cfg.get("resampling_fn_seg_kwargs"),
-                    "spacing": list(pre_cfg["spacing"]) if pre_cfg.get("spacing") is not None else None,
+                    "spacing": spacing,
                     "patch_size": pretrain_patch,
                 }
             },
+            "experiment_planner_used": pretrain_plans.get("experiment_planner_used"),
         },
         "pretrain_num_input_channels": int(n_channels),
         "recommended_downstream_patchsize": [int(p) for p in ft_cfg["patch_size"]],
-        "key_to_encoder": "encoder.stages",
-        "key_to_stem": "encoder.stem" if has_stem else None,
-        "keys_to_in_proj": _in_projection_keys(state),
-        "key_to_lpe": None,
+        "key_to_encoder": network.key_to_encoder,
+        "key_to_stem": network.key_to_stem,
+        "keys_to_in_proj": list(network.keys_to_in_proj),
+        "key_to_lpe": getattr(network, "key_to_lpe", None),
     }
 
 
@@ -198,6 +202,64 @@ def _is_replaceable_bundle(folder: str) -> bool:
     """Only an empty folder or an earlier bundle may be replaced (never an arbitrary directory)."""
     entries = set(os.listdir(folder))
     return not entries or ("adaptation_plan.json" in entries and entries <= set(BUNDLE_FILES))
+
+
+def check_output_folder(output_dir: str) -> str:
+    """Absolute ``output_dir``; refuses an existing folder that is neither empty nor an earlier bundle."""
+    output_dir = os.path.abspath(output_dir)
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or not _is_replaceable_bundle(output_dir)):
+        raise SSLInputError(f"Output folder {output_dir} exists and is not an ssl_nnunet bundle; choose a new or "
+                            f"empty folder (an earlier bundle there would be replaced).")
+    return output_dir
+
+
+def bundle_config(checkpoint: dict, method: str, encoder_only: bool, source: str) -> dict:
+    """``config.json``: what the weights are, in a few keys (the details are in plans.json and README.md)."""
+    plans = checkpoint["init_args"]["plans"]
+    adaptation = checkpoint["nnssl_adaptation_plan"]
+    cfg = plans["configurations"][CONFIGURATION]
+    return {
+        "library_name": "ssl_nnunet",
+        "format": "nnU-Net v2 checkpoint (network_weights) with nnssl_adaptation_plan",
+        "architecture": cfg["architecture"]["network_class_name"],
+        "arch_class_name": adaptation["architecture_plans"]["arch_class_name"],
+        "pretraining_method": method,
+        "pretraining_dataset": plans["dataset_name"],
+        "source": source,
+        "num_input_channels": adaptation["pretrain_num_input_channels"],
+        "spacing": cfg["spacing"],
+        "normalization_schemes": cfg["normalization_schemes"],
+        "recommended_downstream_patchsize": adaptation["recommended_downstream_patchsize"],
+        "encoder_only": bool(encoder_only),
+        "files": {"checkpoint": "checkpoint_final.pth", "plans": "plans.json",
+                  "adaptation_plan": "adaptation_plan.json", "model_card": "README.md"},
+        "citations": checkpoint.get("citations", []),
+    }
+
+
+def write_bundle(output_dir: str, checkpoint: dict, dataset_json: dict, fingerprint: dict, card: str,
+                 config: dict) -> str:
+    """Write a bundle folder atomically (temporary sibling, renamed when complete). ``checkpoint`` is nnU-Net's
+    dict with ``init_args.plans`` and ``nnssl_adaptation_plan``; it is made weights-only safe and re-read with
+    ``torch.load(weights_only=True)`` before the folder is renamed into place."""
+    import torch
+    checkpoint = to_weights_only_safe(checkpoint)
+    adaptation = checkpoint["nnssl_adaptation_plan"]
+    with atomic_directory(output_dir) as tmp:
+        ckpt_file = os.path.join(tmp, "checkpoint_final.pth")
+        torch.save(checkpoint, ckpt_file)
+        try:
+            torch.load(ckpt_file, map_location="cpu", weights_only=True)
+        except Exception as e:  # a non-tensor object slipped in: fail before the bundle exists
+            raise RuntimeError(f"Bundle checkpoint is not loadable with weights_only=True: {e}") from e
+        atomic_save_json(checkpoint["init_args"]["plans"], os.path.join(tmp, "plans.json"))
+        atomic_save_json(dataset_json, os.path.join(tmp, "dataset.json"))
+        atomic_save_json(fingerprint, os.path.join(tmp, "dataset_fingerprint.json"))
+        atomic_save_json(adaptation, os.path.join(tmp, "adaptation_plan.json"))
+        atomic_save_json(to_weights_only_safe(config), os.path.join(tmp, "config.json"))
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(card)
+    return output_dir
 
 
 def export_bundle(dataset: Union[int, str], method: str, output_dir: str, plans_identifier: str = SSL_PLANS,
@@ -211,10 +273,7 @@ def export_bundle(dataset: Union[int, str], method: str, output_dir: str, plans_
     import torch
     dataset_name = dataset_name_from_id(dataset)
     pp_folder = os.path.join(nnunet_preprocessed(), dataset_name)
-    output_dir = os.path.abspath(output_dir)
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or not _is_replaceable_bundle(output_dir)):
-        raise SSLInputError(f"Output folder {output_dir} exists and is not an ssl_nnunet bundle; choose a new or "
-                            f"empty folder (an earlier bundle there would be replaced).")
+    output_dir = check_output_folder(output_dir)
     ckpt_path = find_ssl_checkpoint(dataset_name, method, plans_identifier, checkpoint, dataset)
     pretrain_plans = load_plans(os.path.join(pp_folder, plans_identifier + ".json"), dataset)
     finetune_plans = load_plans(os.path.join(pp_folder, FINETUNE_PLANS + ".json"), dataset)
@@ -241,7 +300,8 @@ def export_bundle(dataset: Union[int, str], method: str, output_dir: str, plans_
     weights = _strip_wrapper_prefixes(ckpt["network_weights"])
     load_weights_strict(network, weights, ckpt_path)
     state = {k: v.detach().to("cpu") for k, v in network.state_dict().items()}
-    adaptation = build_adaptation_plan(pretrain_plans, finetune_plans, method, n_channels, state)
+    adaptation = build_adaptation_plan(pretrain_plans, finetune_plans, method, n_channels, network)
+    require_valid_adaptation_plan(adaptation, "the exported bundle", state, exact=True)
 
     exported = {
         "network_weights": state,
@@ -255,21 +315,14 @@ def export_bundle(dataset: Union[int, str], method: str, output_dir: str, plans_
         "trainer_name": "nnUNetTrainer",
         "inference_allowed_mirroring_axes": None,
         "nnssl_adaptation_plan": adaptation,
+        "citations": bundle_citations(method, adaptation["architecture_plans"]["arch_class_name"]),
         "ssl_method": method,
         "iterations_done": ckpt.get("iterations_done"),
     }
-
-    with atomic_directory(output_dir) as tmp:
-        torch.save(exported, os.path.join(tmp, "checkpoint_final.pth"))
-        atomic_save_json(finetune_plans, os.path.join(tmp, "plans.json"))
-        atomic_save_json(dataset_json, os.path.join(tmp, "dataset.json"))
-        shutil.copyfile(fingerprint_path, os.path.join(tmp, "dataset_fingerprint.json"))
-        atomic_save_json(adaptation, os.path.join(tmp, "adaptation_plan.json"))
-        card = render_model_card(dataset_name, method, plans_identifier, pretrain_plans, finetune_plans, ckpt,
-                                 ckpt_path, adaptation, output_dir)
-        with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(card)
-    return output_dir
+    card = render_model_card(dataset_name, method, plans_identifier, pretrain_plans, finetune_plans, ckpt,
+                             ckpt_path, adaptation, output_dir) + citations_markdown(exported["citations"])
+    config = bundle_config(exported, method, encoder_only=False, source=ckpt_path)
+    return write_bundle(output_dir, exported, dataset_json, load_json(fingerprint_path, "fingerprint"), card, config)
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
-from typing import Dict
+from typing import Dict, List
 
 from ssl_nnunet.constants import CONFIGURATION, FINETUNE_PLANS
 from ssl_nnunet.methods import all_methods
@@ -22,6 +22,17 @@ def final_losses(logging: dict) -> Dict[str, float]:
         if finite:
             out[key] = finite[-1]
     return out
+
+
+def citations_markdown(citations: List[dict]) -> str:
+    """The model card's "Please cite" section for the bundle's ``citations`` entries."""
+    if not citations:
+        return ""
+    lines = ["", "## Please cite", ""]
+    for entry in citations:
+        for text in entry.get("apa_citations") or entry.get("bibtex_citations") or []:
+            lines.append(f"* {entry.get('type', '?')} `{entry.get('name', '?')}`: {text}")
+    return "\n".join(lines) + "\n"
 
 
 def render_model_card(dataset_name: str, method: str, plans_identifier: str, pretrain_plans: dict,
@@ -82,7 +93,9 @@ def render_model_card(dataset_name: str, method: str, plans_identifier: str, pre
   is not loaded by nnU-Net). Also `nnssl_adaptation_plan` for nnssl-aware tools.
 * `plans.json` – the fine-tuning plan `{FINETUNE_PLANS}` (same network, spacing and normalisation as the
   pretraining); `dataset.json`, `dataset_fingerprint.json` – of the source dataset.
-* `adaptation_plan.json` – the nnssl adaptation plan (same as in the checkpoint).
+* `adaptation_plan.json` – the nnssl adaptation plan (same as in the checkpoint); `config.json` – a short
+  description with the citations (what nnU-Net master downloads from a Hugging Face model repository).
+* The checkpoint loads with `torch.load(..., weights_only=True)`.
 
 ## Fine-tuning with nnU-Net (target dataset `TGT`, e.g. `901`)
 
