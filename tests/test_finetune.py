@@ -74,11 +74,16 @@ def test_finetune_two_channel_target_pretrained_and_scratch(bundle, capsys):
     assert os.path.isfile(os.path.join(scr, "checkpoint_final.pth"))
 
 
-def _fake_fold(root, fold, dice1, dice2):
+def _fake_fold(root, fold, dice1, dice2, n_cases=4):
+    """nnU-Net-like summary.json: per-case Dice spread around the given class means (same case ids in every
+    arm of a fold)."""
     os.makedirs(os.path.join(root, f"fold_{fold}", "validation"))
+    spread = np.linspace(-0.02, 0.02, n_cases)
+    cases = [{"reference_file": f"/gt/case_{fold}_{i}.nii.gz", "prediction_file": f"/p/case_{fold}_{i}.nii.gz",
+              "metrics": {"1": {"Dice": dice1 + d}, "2": {"Dice": dice2 + d}}} for i, d in enumerate(spread)]
     with open(os.path.join(root, f"fold_{fold}", "validation", "summary.json"), "w") as f:
         json.dump({"foreground_mean": {"Dice": (dice1 + dice2) / 2},
-                   "mean": {"1": {"Dice": dice1}, "2": {"Dice": dice2}}}, f)
+                   "mean": {"1": {"Dice": dice1}, "2": {"Dice": dice2}}, "metric_per_case": cases}, f)
     return os.path.join(root, f"fold_{fold}")
 
 
@@ -86,14 +91,37 @@ def test_report_numbers(tmp_path):
     folders = {"pretrained": {f: _fake_fold(tmp_path / "p", f, 0.8 + 0.02 * f, 0.6) for f in range(3)},
                "scratch": {f: _fake_fold(tmp_path / "s", f, 0.7, 0.6 - 0.01 * f) for f in range(3)}}
     report = build_report(folders, {"1": "a", "2": "b"})
+    assert report["arms"] == ["pretrained", "scratch"]
     rows = {r["class"]: r for r in report["classes"]}
     assert np.isclose(rows["1"]["pretrained"]["mean"], 0.82)
-    assert np.isclose(rows["1"]["paired_difference"]["mean"], 0.12)
-    assert np.isclose(rows["2"]["paired_difference"]["mean"], 0.01)
+    assert np.isclose(rows["1"]["difference_vs_scratch"]["mean"], 0.12)
+    assert np.isclose(rows["2"]["difference_vs_scratch"]["mean"], 0.01)
     assert np.isclose(rows["mean"]["scratch"]["mean"], np.mean([(0.7 + 0.6 - 0.01 * f) / 2 for f in range(3)]))
+    c = report["comparisons"]["scratch"]["1"]
+    assert np.isclose(c["mean_difference"], 0.12) and c["ci95"][0] <= 0.12 <= c["ci95"][1]
+    assert c["n_cases"] == 12 and c["n_folds"] == 3
+    assert report["verdict"] == "better" and report["verdicts"] == {"scratch": "better"}
     write_report(folders, str(tmp_path / "r"), "test")
     text = (tmp_path / "r" / "finetune_report.md").read_text()
     assert "+0.1200" in text and os.path.isfile(tmp_path / "r" / "finetune_report.png")
+    assert "better than scratch" in text and "12 validation case(s) in 3 fold(s)" in text
+    saved = json.loads((tmp_path / "r" / "finetune_report.json").read_text())
+    assert saved["verdict"] == "better"
+
+
+def test_report_one_fold_two_scratch_arms(tmp_path):
+    """One fold: no verdict and no '± 0.0000' spread; the vanilla scratch arm gets its own column."""
+    folders = {"pretrained": {0: _fake_fold(tmp_path / "p", 0, 0.8, 0.6)},
+               "scratch": {0: _fake_fold(tmp_path / "s", 0, 0.7, 0.6)},
+               "scratch_vanilla": {0: _fake_fold(tmp_path / "v", 0, 0.75, 0.65)}}
+    report = write_report(folders, str(tmp_path / "r"), "one fold")
+    assert report["verdict"] is None and set(report["verdicts"]) == {"scratch", "scratch_vanilla"}
+    rows = {r["class"]: r for r in report["classes"]}
+    assert rows["mean"]["pretrained"]["std"] is None
+    assert np.isclose(rows["1"]["difference_vs_scratch_vanilla"]["mean"], 0.05)
+    text = (tmp_path / "r" / "finetune_report.md").read_text()
+    assert "± 0.0000" not in text and "no verdict" in text and "single fold" in text
+    assert "pretrained − scratch_vanilla" in text and "scratch_vanilla Dice" in text
 
 
 @pytest.fixture(scope="module")
