@@ -19,7 +19,7 @@ SOURCE = "Dataset999_PredictSource"
 
 
 @pytest.fixture(scope="module")
-def arm_model(new_dataset_id):
+def arm_model(new_dataset_id, tmp_path_factory):
     """A target planned with cpu_smoke and a scratch-arm model folder laid out as ssl_nnunet_finetune does."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from ssl_nnunet.experiment_planning.fingerprint import extract_fingerprint
@@ -45,7 +45,7 @@ def arm_model(new_dataset_id):
     torch.save({"network_weights": network.state_dict(), "trainer_name": TRAINER,
                 "init_args": {"configuration": "3d_fullres", "fold": 0}, "inference_allowed_mirroring_axes": None},
                os.path.join(fold, "checkpoint_final.pth"))
-    images = os.path.join(os.path.dirname(raw), f"{name}_imagesTs")
+    images = str(tmp_path_factory.mktemp("predict") / "imagesTs")  # outside nnUNet_raw
     shutil.copytree(os.path.join(raw, "imagesTr"), images)
     return {"id": did, "name": name, "images": images, "arm_root": arm_root["scratch"],
             "model": os.path.dirname(fold)}
