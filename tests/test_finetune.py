@@ -259,3 +259,18 @@ def test_four_case_target_leave_one_out_fold_all_arms(bundle, new_dataset_id, ca
     from ssl_nnunet.utilities.errors import SSLInputError
     with pytest.raises(SSLInputError, match="splits_final.json has 4 folds"):
         finetune(did, bundle, folds=[0], trainer=TRAINER, device="cpu", num_processes=1, k=2)
+
+
+def test_finetune_cli_arguments(monkeypatch):
+    """--scratch without a value trains both scratch arms, with values only those; -k and -tr_vanilla pass on."""
+    import ssl_nnunet.finetune.finetune as ft
+    calls = []
+    monkeypatch.setattr(ft, "finetune", lambda *a: calls.append(a))
+    ft.main(["-d", "901", "-w", "b", "--scratch", "-device", "cpu"])
+    ft.main(["-d", "901", "-w", "b", "--scratch", "scratch_vanilla", "-k", "3", "-f", "0", "1", "-device", "cpu"])
+    ft.main(["-d", "901", "-w", "b", "-tr_vanilla", "nnUNetTrainer", "-device", "cpu"])
+    assert calls[0][3] is True and calls[0][2] is None and calls[0][8] is None
+    assert calls[1][3] == ["scratch_vanilla"] and calls[1][8] == 3 and calls[1][2] == [0, 1]
+    assert calls[2][3] is False and calls[2][9] == "nnUNetTrainer"
+    with pytest.raises(SystemExit):
+        ft.main(["-d", "901", "-w", "b", "--scratch", "vanilla"])
