@@ -19,6 +19,7 @@ setup(
         "nilearn",
         "tqdm",
         "matplotlib",
+        "scipy",  # Wilcoxon signed-rank test of the fine-tuning report (already a dependency of nnunetv2)
     ],
     extras_require={"test": ["pytest"]},
     entry_points={
@@ -34,6 +35,7 @@ setup(
             "ssl_nnunet_benchmark=ssl_nnunet.benchmark.cli:main",
             "ssl_nnunet_transfer=ssl_nnunet.export.transfer:main",
             "ssl_nnunet_finetune=ssl_nnunet.finetune.finetune:main",
+            "ssl_nnunet_predict=ssl_nnunet.finetune.predict:main",
         ],
     },
 )

@@ -5,19 +5,25 @@
    (:func:`ssl_nnunet.export.transfer.transfer_and_preprocess`). When the target has another number of input
    channels, the plan gets the target's normalisation and a target-specific weights file is written whose
    first convolution is repeated over the new channels and divided by their number.
-2. Every requested fold is trained with the real ``nnUNetv2_train`` (subprocess) and ``-pretrained_weights``;
-   with ``--scratch`` the same plan, trainer and folds (one ``splits_final.json``) are trained from random
-   initialisation, so the two arms differ only in initialisation. The arms write to separate result roots.
+2. nnU-Net's ``splits_final.json`` is written once: k-fold with ``k = min(5, cases)`` (leave-one-out below
+   5 labelled cases) or a user-set ``-k``. Every requested fold is trained with the real ``nnUNetv2_train``
+   (subprocess) and ``-pretrained_weights``; its epoch lines are shown condensed with an ``[arm fold F]``
+   prefix. With ``--scratch`` the same plan and folds are trained from random initialisation twice: arm
+   ``scratch`` with the same trainer (the arms differ only in initialisation) and arm ``scratch_vanilla``
+   with nnU-Net's own learning rate and schedule at the same budget. Every arm has its own result root.
 3. Folds with a final checkpoint and validation summary are skipped, interrupted folds continue with
-   nnU-Net's ``--c``; finally the comparison report is written (:mod:`ssl_nnunet.finetune.report`).
+   nnU-Net's ``--c``; finally the comparison report with paired per-case statistics is written
+   (:mod:`ssl_nnunet.finetune.report`, :mod:`ssl_nnunet.finetune.statistics`).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import os
+import re
 import subprocess
 import sys
+import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -95,21 +101,49 @@ def target_weights(bundle: dict, target_name: str, encoder_only: bool, out_dir: 
     return path, notes
 
 
-def ensure_splits(target_name: str) -> List[dict]:
-    """Write nnU-Net's 5-fold ``splits_final.json`` (its own function and seed) if missing, so both arms and
-    every later run use the same folds."""
-    from nnunetv2.utilities.crossval_split import generate_crossval_split
-    path = os.path.join(nnunet_preprocessed(), target_name, "splits_final.json")
-    if os.path.isfile(path):
-        return load_json(path, "splits")
+def preprocessed_case_ids(target_name: str) -> List[str]:
     plans = load_json(os.path.join(nnunet_preprocessed(), target_name, FINETUNE_PLANS + ".json"), "plans")
     folder = os.path.join(nnunet_preprocessed(), target_name, plans["configurations"][CONFIGURATION]["data_identifier"])
-    ids = sorted({f.split(".")[0] for f in os.listdir(folder) if f.endswith(".pkl")})
-    if len(ids) < 5:
-        raise SSLInputError(f"{target_name} has {len(ids)} training case(s); 5-fold cross-validation needs >= 5.")
-    splits = generate_crossval_split(ids, seed=12345, n_splits=5)
+    return sorted({f.split(".")[0] for f in os.listdir(folder) if f.endswith(".pkl")})
+
+
+def make_splits(ids: Sequence[str], k: Optional[int] = None) -> List[dict]:
+    """nnU-Net's k-fold split (its own function and seed) of ``ids``: ``k = min(5, cases)`` by default, so a
+    target with fewer than 5 labelled cases gets leave-one-out."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    n = len(ids)
+    if n < 2:
+        raise SSLInputError(f"{n} labelled training case(s): cross-validation needs at least 2.")
+    k = min(5, n) if k is None else int(k)
+    if not 2 <= k <= n:
+        raise SSLInputError(f"-k {k}: k-fold cross-validation of {n} case(s) needs 2 <= k <= {n}.")
+    return generate_crossval_split(list(ids), seed=12345, n_splits=k)
+
+
+def ensure_splits(target_name: str, k: Optional[int] = None) -> List[dict]:
+    """Write nnU-Net's ``splits_final.json`` (:func:`make_splits`) if missing, so all arms and every later run
+    use the same folds; an existing file is used as it is (nnU-Net does the same) unless ``k`` contradicts it."""
+    path = os.path.join(nnunet_preprocessed(), target_name, "splits_final.json")
+    if os.path.isfile(path):
+        splits = load_json(path, "splits")
+        if k is not None and len(splits) != k:
+            raise SSLInputError(f"{path} has {len(splits)} folds but -k {k} was given; delete the file (and the "
+                                f"fold folders trained on it) to re-split, or drop -k.")
+        return splits
+    splits = make_splits(preprocessed_case_ids(target_name), k)
     atomic_save_json(splits, path)
     return splits
+
+
+def describe_splits(splits: List[dict]) -> str:
+    """What a verdict over these folds rests on, e.g. '4-fold (leave-one-out) over 4 labelled cases ...'."""
+    cases = sorted({c for s in splits for c in s["val"]} | {c for s in splits for c in s["train"]})
+    k = len(splits)
+    n_val = sorted({len(s["val"]) for s in splits})
+    kind = " (leave-one-out)" if n_val == [1] and k == len(cases) else ""
+    return (f"{k}-fold{kind} over {len(cases)} labelled cases, {'-'.join(map(str, n_val))} validation case(s) "
+            f"and {'-'.join(map(str, sorted({len(s['train']) for s in splits})))} training case(s) per fold "
+            f"(nnU-Net's splits_final.json)")
 
 
 def fold_folder(results_root: str, target_name: str, trainer: str, fold: int) -> str:
@@ -122,13 +156,68 @@ def fold_finished(folder: str) -> bool:
         os.path.isfile(os.path.join(folder, "checkpoint_final.pth"))
 
 
+_EPOCH_FIELDS = {
+    "epoch": re.compile(r": Epoch (\d+)\s*$"),
+    "lr": re.compile(r"Current learning rate: (\S+)"),
+    "train_loss": re.compile(r": train_loss (\S+)"),
+    "val_loss": re.compile(r": val_loss (\S+)"),
+    "pseudo Dice": re.compile(r": Pseudo dice (\[.*\])"),
+    "time": re.compile(r"Epoch time: (\S+) s"),
+}
+_NUMPY_SCALAR = re.compile(r"np\.\w+\(([^()]*)\)")  # numpy >= 2 prints np.float32(0.61)
+_VALIDATION_DICE = re.compile(r"Mean Validation Dice:\s+(\S+)")
+
+
+class EpochProgress:
+    """Turns nnU-Net's training output (``print_to_log_file`` lines) into one progress line per epoch,
+    ``[label] epoch 3: lr 0.00946 train_loss -0.41 val_loss -0.38 pseudo Dice [0.61, 0.52] (12.3 s)``, plus
+    the final validation Dice; every other line only goes to the log file."""
+
+    def __init__(self, label: str, emit=print):
+        self.label, self.emit, self.fields = label, emit, {}
+
+    def feed(self, line: str) -> None:
+        line = line.rstrip()
+        for name, pattern in _EPOCH_FIELDS.items():
+            m = pattern.search(line)
+            if m:
+                if name == "epoch":
+                    self.fields = {}
+                self.fields[name] = m.group(1)
+                if name == "time":
+                    f = self.fields
+                    dice = _NUMPY_SCALAR.sub(r"\1", f.get("pseudo Dice", "?"))
+                    self.emit(f"  [{self.label}] epoch {f.get('epoch', '?')}: lr {f.get('lr', '?')} train_loss "
+                              f"{f.get('train_loss', '?')} val_loss {f.get('val_loss', '?')} pseudo Dice "
+                              f"{dice} ({f['time']} s)")
+                return
+        m = _VALIDATION_DICE.search(line)
+        if m:
+            try:
+                value = f"{float(m.group(1)):.4f}"
+            except ValueError:
+                value = m.group(1)
+            self.emit(f"  [{self.label}] final validation (nnU-Net, full cases): mean Dice {value}")
+
+
+def nnunet_training_log(folder: str, since: float = 0.0) -> Optional[str]:
+    """The newest ``training_log_*.txt`` nnU-Net wrote in ``folder`` (modified after ``since``), or None."""
+    logs = [os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("training_log_")] \
+        if os.path.isdir(folder) else []
+    logs = [f for f in logs if os.path.getmtime(f) >= since]
+    return max(logs, key=os.path.getmtime) if logs else None
+
+
 def run_fold(results_root: str, target_name: str, fold: int, trainer: str, device: str,
-             weights: Optional[str], num_processes: int) -> str:
+             weights: Optional[str], num_processes: int, label: Optional[str] = None) -> str:
     """Train (or resume, or only validate) one fold with ``nnUNetv2_train``; returns the fold folder. The
     training process gets this process's ``nnUNet_raw`` and ``nnUNet_preprocessed`` as they are now and
-    ``results_root`` as its ``nnUNet_results``."""
+    ``results_root`` as its ``nnUNet_results``. Its output goes in full to ``ssl_nnunet_finetune_stdout.txt``
+    in the fold folder and, condensed to one line per epoch, to this process's stdout (prefix ``label``,
+    default ``<arm folder> fold F``); the path of nnU-Net's own training log is printed too."""
     from ssl_nnunet.nnunet_trainers import trainer_dir
     folder = fold_folder(results_root, target_name, trainer, fold)
+    label = label or f"{os.path.basename(os.path.normpath(results_root))} fold {fold}"
     if fold_finished(folder):
         print(f"  fold {fold}: finished earlier, skipped ({folder})")
         return folder
@@ -142,78 +231,137 @@ def run_fold(results_root: str, target_name: str, fold: int, trainer: str, devic
         cmd += ["-pretrained_weights", weights]
     env = dict(os.environ, nnUNet_results=results_root, nnUNet_extTrainer=trainer_dir(),
                nnUNet_raw=nnunet_raw(), nnUNet_preprocessed=nnunet_preprocessed(),
-               nnUNet_def_n_proc=str(num_processes), nnUNet_n_proc_DA=str(num_processes))
+               nnUNet_def_n_proc=str(num_processes), nnUNet_n_proc_DA=str(num_processes), PYTHONUNBUFFERED="1")
     os.makedirs(folder, exist_ok=True)
     log_path = os.path.join(folder, "ssl_nnunet_finetune_stdout.txt")
     print(f"  fold {fold}: {' '.join(os.path.basename(c) if i == 0 else c for i, c in enumerate(cmd))}")
+    print(f"  [{label}] output: {log_path}", flush=True)
+    started = time.time()
+    progress = EpochProgress(label, lambda text: print(text, flush=True))
     with open(log_path, "a") as log:
-        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1)
+        announced = False
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            if not announced and _EPOCH_FIELDS["epoch"].search(line):
+                nnunet_log = nnunet_training_log(folder, started - 1)
+                if nnunet_log:
+                    print(f"  [{label}] nnU-Net log: {nnunet_log}", flush=True)
+                announced = True
+            progress.feed(line)
+        returncode = proc.wait()
+    if returncode != 0:
         with open(log_path) as f:
             tail = "".join(f.readlines()[-25:])
-        raise RuntimeError(f"nnUNetv2_train failed for fold {fold} (exit {proc.returncode}); log: {log_path}\n{tail}")
+        raise RuntimeError(f"nnUNetv2_train failed for fold {fold} (exit {returncode}); log: {log_path}\n{tail}")
     return folder
 
 
-def finetune(target, weights: str, folds: Sequence[int] = (0, 1, 2, 3, 4), scratch: bool = False,
+SCRATCH_ARMS = ("scratch", "scratch_vanilla")
+
+
+def arm_roots(root: str, tag: str) -> Dict[str, str]:
+    """Results root (``nnUNet_results`` of the training process) of every arm under the comparison folder."""
+    return {"pretrained": os.path.join(root, f"pretrained_{tag}"), "scratch": os.path.join(root, "scratch"),
+            "scratch_vanilla": os.path.join(root, "scratch_vanilla")}
+
+
+def finetune(target, weights: str, folds: Optional[Sequence[int]] = None, scratch=False,
              trainer: str = DEFAULT_TRAINER, device: str = "cpu", num_processes: int = 2,
-             encoder_only: bool = False) -> dict:
-    """Run the comparison; returns the report dict (also written as markdown/JSON/PNG)."""
+             encoder_only: bool = False, k: Optional[int] = None, vanilla_trainer: Optional[str] = None) -> dict:
+    """Run the comparison; returns the report dict (also written as markdown/JSON/PNG).
+
+    ``folds``: default all folds of the target's split (``k`` folds, ``k = min(5, cases)`` unless given).
+    ``scratch``: ``True`` trains both scratch arms (``scratch``: the same trainer as the pretrained arm;
+    ``scratch_vanilla``: ``vanilla_trainer``, default the trainer's vanilla counterpart from
+    :data:`ssl_nnunet.nnunet_trainers.VANILLA_TRAINERS`), or a list of the arm names to train; scratch folds
+    finished by an earlier run are compared either way."""
     from ssl_nnunet.export.transfer import transfer_and_preprocess
     from ssl_nnunet.finetune.report import write_report
+    from ssl_nnunet.finetune.statistics import comparison_sentence
+    from ssl_nnunet.nnunet_trainers import VANILLA_TRAINERS, vanilla_trainer as default_vanilla
+    scratch_arms = list(SCRATCH_ARMS) if scratch is True else list(scratch or [])
+    unknown = sorted(set(scratch_arms) - set(SCRATCH_ARMS))
+    if unknown:
+        raise SSLInputError(f"unknown scratch arm(s) {unknown}; choose from {list(SCRATCH_ARMS)}")
+    if vanilla_trainer is None:  # the known counterpart; required only when the vanilla arm is trained
+        vanilla_trainer = default_vanilla(trainer) if "scratch_vanilla" in scratch_arms \
+            else VANILLA_TRAINERS.get(trainer)
+    trainers = {"pretrained": trainer, "scratch": trainer, "scratch_vanilla": vanilla_trainer}
     target_name = dataset_name_from_id(target)
     bundle = resolve_bundle(weights)
     source_name = bundle["source"]
     root = os.path.join(nnunet_results(), target_name, "ssl_nnunet_finetune", source_name)
     tag = f"{bundle['method']}{'_encoder_only' if encoder_only else ''}"
-    print(f"Fine-tuning {target_name} from {source_name} ({bundle['method']}) with {trainer}, folds {list(folds)}"
-          f"{' + scratch baseline' if scratch else ''}")
     target_pp = os.path.join(nnunet_preprocessed(), target_name)
     source_plans = os.path.join(nnunet_preprocessed(), source_name, FINETUNE_PLANS + ".json")
     if not os.path.isfile(source_plans):
         # bundle from another machine: its plans.json is the source plan
         atomic_save_json(bundle["plans"], source_plans)
     transfer_and_preprocess(source_name, target_name, FINETUNE_PLANS, num_processes, verbose=False, adapt_channels=True)
-    ensure_splits(target_name)
+    splits = ensure_splits(target_name, k)
+    folds = list(range(len(splits))) if folds is None else list(folds)
+    bad = [f for f in folds if not 0 <= f < len(splits)]
+    if bad:
+        raise SSLInputError(f"fold(s) {bad} do not exist: {os.path.join(target_pp, 'splits_final.json')} has "
+                            f"{len(splits)} folds (0..{len(splits) - 1}).")
+    split_text = describe_splits(splits)
+    print(f"Fine-tuning {target_name} from {source_name} ({bundle['method']}) with {trainer}, folds {folds} of "
+          f"{split_text}" + (f"; scratch arms: {', '.join(f'{a} ({trainers[a]})' for a in scratch_arms)}"
+                             if scratch_arms else ""))
     os.makedirs(root, exist_ok=True)
     weights_file, notes = target_weights(bundle, target_name, encoder_only, root)
     for note in notes:
         print(f"NOTE: {note}")
-    arms = {"pretrained": (os.path.join(root, f"pretrained_{tag}"), weights_file)}
-    if scratch:
-        arms["scratch"] = (os.path.join(root, "scratch"), None)
-    folders: Dict[str, Dict[int, str]] = {arm: {} for arm in arms}
-    for arm, (results_root, arm_weights) in arms.items():
-        print(f"[{arm}]")
-        for fold in folds:
-            folders[arm][fold] = run_fold(results_root, target_name, fold, trainer, device, arm_weights,
-                                          num_processes)
-    if not scratch:
-        scratch_root = os.path.join(root, "scratch")
-        folders["scratch"] = {f: fold_folder(scratch_root, target_name, trainer, f) for f in folds}
+    roots = arm_roots(root, tag)
+    run_arms = ["pretrained", *[a for a in SCRATCH_ARMS if a in scratch_arms]]
+    folders: Dict[str, Dict[int, str]] = {}
+    for arm in run_arms:
+        print(f"[{arm}] {trainers[arm]}")
+        folders[arm] = {fold: run_fold(roots[arm], target_name, fold, trainers[arm], device,
+                                       weights_file if arm == "pretrained" else None, num_processes,
+                                       label=f"{arm} fold {fold}") for fold in folds}
+    for arm in SCRATCH_ARMS:  # scratch folds of an earlier run are compared too
+        if arm not in folders and trainers[arm]:
+            folders[arm] = {f: fold_folder(roots[arm], target_name, trainers[arm], f) for f in folds}
     dataset_json = load_json(os.path.join(target_pp, "dataset.json"), "dataset.json")
     names = {str(v): k for k, v in dataset_json["labels"].items() if not isinstance(v, (list, tuple))}
     report_dir = os.path.join(root, f"report_{tag}__{trainer}")
     extra = {"target": target_name, "source": source_name, "method": bundle["method"], "trainer": trainer,
-             "encoder_only": encoder_only, "weights": weights_file, "notes": notes}
+             "trainers": {a: trainers[a] for a in folders}, "encoder_only": encoder_only, "weights": weights_file,
+             "splits": {"k": len(splits), "folds_run": folds, "description": split_text}, "notes": notes}
     report = write_report(folders, report_dir, f"{target_name}: {bundle['method']} pretrained vs scratch "
                                                 f"({trainer})", names, extra)
     print(f"Report: {report_dir}/finetune_report.md")
+    for base, by_class in report.get("comparisons", {}).items():
+        print(f"Verdict: {comparison_sentence(by_class['mean'])}")
     return report
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description="Fine-tune pretrained weights with nnU-Net (5-fold CV) and compare "
-                                            "with training from scratch.")
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description="Fine-tune pretrained weights with nnU-Net (k-fold CV) and compare "
+                                            "with training from scratch (paired per-case statistics).")
     p.add_argument("-d", required=True, help="labeled target dataset id or name")
     p.add_argument("-w", required=True, help="bundle folder from ssl_nnunet_export (or its checkpoint_final.pth)")
-    p.add_argument("-f", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="folds (default 0 1 2 3 4)")
-    p.add_argument("--scratch", action="store_true", help="also train the same plan/trainer/folds from scratch")
+    p.add_argument("-f", nargs="+", type=int, default=None,
+                   help="folds (default: all k folds of the target's splits_final.json)")
+    p.add_argument("-k", type=int, default=None,
+                   help="folds of a new split (default min(5, labelled cases): leave-one-out below 5 cases); "
+                        "an existing splits_final.json is used as it is")
+    p.add_argument("--scratch", nargs="*", choices=SCRATCH_ARMS, default=None, metavar="ARM",
+                   help="also train from scratch on the same folds: both arms without a value, or name them "
+                        "(scratch: the same trainer; scratch_vanilla: nnU-Net's own lr and schedule, same budget)")
     p.add_argument("-tr", default=DEFAULT_TRAINER,
-                   help="nnU-Net trainer for both arms (default nnUNetTrainer_SSLFinetune; CPU budgets: "
-                        "nnUNetTrainer_SSLFinetune_CPU300 / _CPU1000)")
+                   help="nnU-Net trainer of the pretrained and scratch arms (default nnUNetTrainer_SSLFinetune; "
+                        "CPU budgets: nnUNetTrainer_SSLFinetune_CPU300 / _CPU1000)")
+    p.add_argument("-tr_vanilla", default=None,
+                   help="trainer of the scratch_vanilla arm (default: the -tr trainer's vanilla counterpart, "
+                        "e.g. nnUNetTrainer_SSLVanilla_CPU300 for nnUNetTrainer_SSLFinetune_CPU300)")
     p.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("-np", type=int, default=2, help="worker processes for preprocessing/augmentation")
     p.add_argument("--encoder-only", action="store_true", help="re-initialise the decoder before fine-tuning")
-    a = p.parse_args()
-    run_cli(lambda: finetune(a.d, a.w, a.f, a.scratch, a.tr, a.device, a.np, a.encoder_only))
+    a = p.parse_args(argv)
+    scratch = False if a.scratch is None else (True if a.scratch == [] else a.scratch)
+    run_cli(lambda: finetune(a.d, a.w, a.f, scratch, a.tr, a.device, a.np, a.encoder_only, a.k, a.tr_vanilla))

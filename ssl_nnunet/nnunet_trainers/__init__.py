@@ -14,3 +14,22 @@ import os
 def trainer_dir() -> str:
     """Absolute path of this folder (the value for ``nnUNet_extTrainer``)."""
     return os.path.dirname(os.path.abspath(__file__))
+
+
+# fine-tuning trainer -> its ``scratch_vanilla`` counterpart (nnU-Net's own lr and schedule at the same budget).
+# The smoke trainer already is nnU-Net's trainer with nnU-Net's lr and schedule, so it is its own counterpart.
+VANILLA_TRAINERS = {
+    "nnUNetTrainer_SSLFinetune": "nnUNetTrainer_SSLVanilla",
+    "nnUNetTrainer_SSLFinetune_CPU300": "nnUNetTrainer_SSLVanilla_CPU300",
+    "nnUNetTrainer_SSLFinetune_CPU1000": "nnUNetTrainer_SSLVanilla_CPU1000",
+    "nnUNetTrainer_SSLSmoke": "nnUNetTrainer_SSLSmoke",
+}
+
+
+def vanilla_trainer(trainer: str) -> str:
+    """The ``scratch_vanilla`` trainer for fine-tuning trainer ``trainer`` (see :data:`VANILLA_TRAINERS`)."""
+    if trainer in VANILLA_TRAINERS:
+        return VANILLA_TRAINERS[trainer]
+    from ssl_nnunet.utilities.errors import SSLInputError
+    raise SSLInputError(f"No vanilla scratch trainer known for -tr {trainer} (known: {sorted(VANILLA_TRAINERS)}); "
+                        f"name one with -tr_vanilla (e.g. nnUNetTrainer for nnU-Net's full default).")

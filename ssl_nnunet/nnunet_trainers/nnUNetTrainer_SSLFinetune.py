@@ -7,14 +7,20 @@ with the nnssl fine-tuning learning rate 1e-3 and nnU-Net's 1000 epochs x 250 it
 The ``_CPU300`` / ``_CPU1000`` variants are short CPU budgets (300 / 1000 training iterations, a 2-epoch
 warm-up, learning rate 1e-2 because the budget is short, 5 validation iterations per epoch) without
 mirroring in augmentation and inference (nnunetv2's ``nnUNetTrainerNoMirroring``) so nnU-Net's final
-validation stays cheap. On CPU, every trainer here runs nnU-Net's final validation with the network's 3D
+validation stays cheap.
+
+``nnUNetTrainer_SSLVanilla`` (and ``_CPU300`` / ``_CPU1000``) are the ``scratch_vanilla`` arm of each: nnU-Net's
+own learning rate 1e-2 and poly schedule without warm-up at the same budget (same epochs, iterations,
+validation iterations and mirroring), so a scratch baseline is not handicapped by the fine-tuning recipe's
+low learning rate and warm-up. On CPU, every trainer here runs nnU-Net's final validation with the network's 3D
 convolutions on oneDNN (``ssl_nnunet.utilities.cpu_inference``: batch-1 patches otherwise take PyTorch's
-~10x slower generic kernel). Both arms of a comparison (pretrained and scratch) always use the same trainer.
+~10x slower generic kernel). The pretrained and ``scratch`` arms of a comparison always use the same trainer.
 
 Imported by nnunetv2 as a top-level module from the ``nnUNet_extTrainer`` folder: absolute imports only
 (``ssl_nnunet`` is installed, so its modules import as usual).
 """
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import \
     nnUNetTrainerNoMirroring
 from nnunetv2.training.nnUNetTrainer.variants.lr_schedule.nnUNetTrainer_warmup import nnUNetTrainer_warmup
@@ -69,3 +75,33 @@ class nnUNetTrainer_SSLFinetune_CPU300(_SSLFinetuneCPUBudget):
 
 class nnUNetTrainer_SSLFinetune_CPU1000(_SSLFinetuneCPUBudget):
     budget_epochs, budget_iterations = 20, 50
+
+
+class nnUNetTrainer_SSLVanilla(CPUValidationMixin, nnUNetTrainer):
+    """The ``scratch_vanilla`` arm of ``nnUNetTrainer_SSLFinetune``: nnU-Net's own trainer unchanged (lr 1e-2,
+    poly schedule without warm-up, 1000 x 250 iterations), with the oneDNN validation on CPU only."""
+
+
+class _SSLVanillaCPUBudget(CPUValidationMixin, nnUNetTrainerNoMirroring):
+    """The ``scratch_vanilla`` arm of a CPU budget: nnU-Net's own learning rate (1e-2) and poly schedule
+    (no warm-up) for the same ``budget_epochs`` x ``budget_iterations`` as the fine-tuning budget, with its
+    5 validation iterations per epoch and no mirroring (so both arms are validated alike)."""
+    budget_epochs: int
+    budget_iterations: int
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = self.budget_epochs
+        self.num_iterations_per_epoch = self.budget_iterations
+        self.num_val_iterations_per_epoch = 5
+
+
+class nnUNetTrainer_SSLVanilla_CPU300(_SSLVanillaCPUBudget):
+    budget_epochs, budget_iterations = nnUNetTrainer_SSLFinetune_CPU300.budget_epochs, \
+        nnUNetTrainer_SSLFinetune_CPU300.budget_iterations
+
+
+class nnUNetTrainer_SSLVanilla_CPU1000(_SSLVanillaCPUBudget):
+    budget_epochs, budget_iterations = nnUNetTrainer_SSLFinetune_CPU1000.budget_epochs, \
+        nnUNetTrainer_SSLFinetune_CPU1000.budget_iterations
