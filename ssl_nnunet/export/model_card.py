@@ -99,9 +99,9 @@ def render_model_card(dataset_name: str, method: str, plans_identifier: str, pre
 
 ## Fine-tuning with nnU-Net (target dataset `TGT`, e.g. `901`)
 
-The easy way is `ssl_nnunet_finetune -d TGT -w <this folder> --scratch` (plan transfer, preprocessing, 5 folds
-pretrained vs scratch, report; it also adapts the first convolution when the target has another number of
-input channels). By hand, the target must have the same number of input channels
+The easy way is `ssl_nnunet_finetune -d TGT -w <this folder> --scratch` (plan transfer, preprocessing,
+k = min(5, cases) folds pretrained vs same-recipe and vanilla scratch, paired verdict; it also adapts the first
+convolution when the target has another number of input channels). By hand, the target must have the same number of input channels
 ({adaptation['pretrain_num_input_channels']}) and be preprocessed with the transferred plan, so that nnU-Net
 builds exactly this network:
 
