@@ -254,11 +254,9 @@ class Alice(SSLMethod):
     def default_layout(cls, ctx: PlanningContext):
         """Crop = the plan's patch; mask unit and token stride = q; heads of the paper's size (the CPU profiles'
         smaller ones come from ``plans/method_defaults.json``)."""
-        q, d = list(ctx.mask_quantum), copy.deepcopy(cls.layout_defaults)
-        layout = {"crop_size": list(ctx.patch_size), "mask_unit": q, "mask_ratio": d["mask_ratio"],
-                  "token_stride": list(q), "head": [2048, 256, 512], "casa": {"dim": 512, "heads": 8},
-                  "ema": d["ema"], "matcher": d["matcher"], "recon_weight": d["recon_weight"],
-                  "center_momentum": d["center_momentum"], "use_predictor": d["use_predictor"]}
+        q = list(ctx.mask_quantum)
+        layout = {"crop_size": list(ctx.patch_size), "mask_unit": q, "token_stride": list(q),
+                  "head": [2048, 256, 512], "casa": {"dim": 512, "heads": 8}, **copy.deepcopy(cls.layout_defaults)}
         return list(ctx.patch_size), layout
 
     @classmethod

@@ -262,12 +262,8 @@ def gvsl_layout(patch: List[int]) -> dict:
     Sizes in voxels of the pair patch P; angles in radians; ``weights`` = [ncc, smooth, restore]. The intensity
     map is per-patch here; :meth:`GVSL.default_layout` replaces it by the plan's (:func:`gvsl_intensity`).
     """
-    d = copy.deepcopy(GVSL.layout_defaults)
-    return {"pair_patch": list(patch),
-            "ncc_window": [min(9, 2 * (P // 8) + 1) for P in patch],
-            "affine_bounds": d["affine_bounds"], "spatial_aug": d["spatial_aug"], "appearance": d["appearance"],
-            "intensity": d["intensity"], "pair_sampling": d["pair_sampling"], "weights": d["weights"],
-            "affine_grad": d["affine_grad"], "restore_hidden": d["restore_hidden"]}
+    return {"pair_patch": list(patch), **copy.deepcopy(GVSL.layout_defaults),
+            "ncc_window": [min(9, 2 * (P // 8) + 1) for P in patch]}
 
 
 # ============================================================================================ method

@@ -17,6 +17,7 @@ Layout keys (``method_plan["layout"]``):
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -57,10 +58,8 @@ class MAE(SSLMethod):
     def default_layout(cls, ctx: PlanningContext):
         """Mask unit q; re-masked stages: those whose cumulative stride divides q (METHODS.md §8)."""
         q = ctx.mask_quantum
-        d = cls.layout_defaults
-        layout = {"mask_unit": list(q), "mask_ratio": d["mask_ratio"],
-                  "remask_strides": [s for s in ctx.cumulative_strides if divides(s, q)],
-                  "target": d["target"], "variant": d["variant"]}
+        layout = {"mask_unit": list(q), "remask_strides": [s for s in ctx.cumulative_strides if divides(s, q)],
+                  **copy.deepcopy(cls.layout_defaults)}
         return list(ctx.patch_size), layout
 
     @classmethod

@@ -51,6 +51,7 @@ Layout keys (``method_plan["layout"]``; every size per axis (a0, a1, a2)):
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -200,9 +201,7 @@ def mim_layout(patch: List[int], quantum: List[int], median_shape: Sequence[floa
     return {"r1": r1, "level1_region": [r * P for r, P in zip(r1, patch)],
             "level1_unit": [P // g for P, g in zip(patch, grid1)], "level2_zoom": [g // r for g, r in zip(grid1, r1)],
             "u2": u2, "level3_zoom": [P // u for P, u in zip(patch, u2)],
-            "ratios": list(d["ratios"]), "gamma": max(1, min(4, n_hidden1)), "beta": d["beta"], "alpha": d["alpha"],
-            "tau": d["tau"], "proj_dim": d["proj_dim"], "align_stride": list(quantum), "target": d["target"],
-            "level_weights": list(d["level_weights"])}
+            "gamma": max(1, min(4, n_hidden1)), "align_stride": list(quantum), **copy.deepcopy(d)}
 
 
 @dataclass

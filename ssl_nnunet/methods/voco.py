@@ -318,12 +318,7 @@ def voco_layout(patch: List[int], total_stride: List[int], median_shape: Sequenc
                 break
             crop[ax] //= 2
     region = [g * c for g, c in zip(grid, crop)]
-    d = copy.deepcopy(VoCo.layout_defaults)
-    return {"crop_size": crop, "base_grid": grid, "region_size": region, "n_target_crops": d["n_target_crops"],
-            "lambda_reg": d["lambda_reg"], "loss_variant": d["loss_variant"], "region_mode": d["region_mode"],
-            "proj_dims": d["proj_dims"], "projector_norm": d["projector_norm"], "logit_clamp": d["logit_clamp"],
-            "use_ema_teacher": d["use_ema_teacher"], "ema_momentum": d["ema_momentum"],
-            "augmentation": d["augmentation"]}
+    return {"crop_size": crop, "base_grid": grid, "region_size": region, **copy.deepcopy(VoCo.layout_defaults)}
 
 
 # ------------------------------------------------------------------------------------------------ method
