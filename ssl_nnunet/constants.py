@@ -15,6 +15,11 @@ CONFIGURATION = "3d_fullres"
 PROFILES = ("cpu_smoke", "cpu_bench", "gpu")
 CPU_PROFILES = ("cpu_smoke", "cpu_bench")
 
+#: the arms of a fine-tuning comparison (``ssl_nnunet_finetune``, ``ssl_nnunet_predict``, the report): the
+#: pretrained weights, scratch with the same recipe, and vanilla nnU-Net scratch at the same budget
+FINETUNE_ARMS = ("pretrained", "scratch", "scratch_vanilla")
+SCRATCH_ARMS = FINETUNE_ARMS[1:]
+
 #: the built-in demo datasets (``ssl_nnunet_make_demo_dataset``)
 DEMO_UNLABELED_ID = 900
 DEMO_UNLABELED_DATASET = "Dataset900_DemoBrainSSL"

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ssl_nnunet.constants import CONFIGURATION, FINETUNE_PLANS
+from ssl_nnunet.constants import CONFIGURATION, FINETUNE_PLANS, SCRATCH_ARMS
 from ssl_nnunet.paths import nnunet_preprocessed, nnunet_raw, nnunet_results
 from ssl_nnunet.utilities.errors import SSLInputError, run_cli
 from ssl_nnunet.utilities.file_io import atomic_save_json, atomic_torch_save, dataset_name_from_id, load_json
@@ -146,8 +146,13 @@ def describe_splits(splits: List[dict]) -> str:
             f"(nnU-Net's splits_final.json)")
 
 
+def model_folder(results_root: str, target_name: str, trainer: str) -> str:
+    """nnU-Net's model folder of ``trainer`` on ``target_name`` under the arm's results root."""
+    return os.path.join(results_root, target_name, f"{trainer}__{FINETUNE_PLANS}__{CONFIGURATION}")
+
+
 def fold_folder(results_root: str, target_name: str, trainer: str, fold: int) -> str:
-    return os.path.join(results_root, target_name, f"{trainer}__{FINETUNE_PLANS}__{CONFIGURATION}", f"fold_{fold}")
+    return os.path.join(model_folder(results_root, target_name, trainer), f"fold_{fold}")
 
 
 def fold_finished(folder: str) -> bool:
@@ -259,13 +264,19 @@ def run_fold(results_root: str, target_name: str, fold: int, trainer: str, devic
     return folder
 
 
-SCRATCH_ARMS = ("scratch", "scratch_vanilla")
+def comparison_root(target_name: str, source_name: str) -> str:
+    """The folder of every comparison of ``source_name``'s weights on ``target_name``."""
+    return os.path.join(nnunet_results(), target_name, "ssl_nnunet_finetune", source_name)
+
+
+def arm_tag(method: str, encoder_only: bool) -> str:
+    """What distinguishes the pretrained arms of one comparison folder: the method and the transfer protocol."""
+    return f"{method}{'_encoder_only' if encoder_only else ''}"
 
 
 def arm_roots(root: str, tag: str) -> Dict[str, str]:
     """Results root (``nnUNet_results`` of the training process) of every arm under the comparison folder."""
-    return {"pretrained": os.path.join(root, f"pretrained_{tag}"), "scratch": os.path.join(root, "scratch"),
-            "scratch_vanilla": os.path.join(root, "scratch_vanilla")}
+    return {"pretrained": os.path.join(root, f"pretrained_{tag}"), **{a: os.path.join(root, a) for a in SCRATCH_ARMS}}
 
 
 def finetune(target, weights: str, folds: Optional[Sequence[int]] = None, scratch=False,
@@ -293,8 +304,8 @@ def finetune(target, weights: str, folds: Optional[Sequence[int]] = None, scratc
     target_name = dataset_name_from_id(target)
     bundle = resolve_bundle(weights)
     source_name = bundle["source"]
-    root = os.path.join(nnunet_results(), target_name, "ssl_nnunet_finetune", source_name)
-    tag = f"{bundle['method']}{'_encoder_only' if encoder_only else ''}"
+    root = comparison_root(target_name, source_name)
+    tag = arm_tag(bundle["method"], encoder_only)
     target_pp = os.path.join(nnunet_preprocessed(), target_name)
     source_plans = os.path.join(nnunet_preprocessed(), source_name, FINETUNE_PLANS + ".json")
     if not os.path.isfile(source_plans):

@@ -18,12 +18,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ssl_nnunet.constants import CONFIGURATION, FINETUNE_PLANS
-from ssl_nnunet.paths import nnunet_results
+from ssl_nnunet.constants import FINETUNE_ARMS as ARMS
+from ssl_nnunet.finetune.finetune import arm_roots, arm_tag, comparison_root, model_folder, resolve_bundle
 from ssl_nnunet.utilities.errors import SSLInputError, run_cli
 from ssl_nnunet.utilities.file_io import dataset_name_from_id
-
-ARMS = ("pretrained", "scratch", "scratch_vanilla")
 
 
 def _has_checkpoint(model_folder: str, checkpoint_name: str) -> bool:
@@ -39,18 +37,14 @@ def find_model_folder(target, arm: str, trainer: Optional[str] = None, source: O
     if arm not in ARMS:
         raise SSLInputError(f"-arm {arm}: choose one of {list(ARMS)}")
     target_name = dataset_name_from_id(target)
-    base = os.path.join(nnunet_results(), target_name, "ssl_nnunet_finetune")
-    if arm == "pretrained":
-        arm_dir = f"pretrained_{method}{'_encoder_only' if encoder_only else ''}" if method else "pretrained_*"
-    else:
-        arm_dir = arm
-    pattern = os.path.join(base, source or "*", arm_dir, target_name,
-                           f"{trainer or '*'}__{FINETUNE_PLANS}__{CONFIGURATION}")
+    roots = arm_roots(comparison_root(target_name, source or "*"), arm_tag(method, encoder_only) if method else "*")
+    pattern = model_folder(roots[arm], target_name, trainer or "*")
     found = sorted(f for f in glob.glob(pattern) if _has_checkpoint(f, checkpoint_name))
     if arm == "pretrained" and not method:
         found = [f for f in found if f.split(os.sep)[-3].endswith("_encoder_only") == encoder_only]
     if not found:
-        existing = sorted(glob.glob(os.path.join(base, "*", "*", target_name, f"*__{FINETUNE_PLANS}__*")))
+        existing = sorted(glob.glob(model_folder(os.path.join(comparison_root(target_name, "*"), "*"), target_name,
+                                                 "*")))
         raise SSLInputError(f"No fine-tuned '{arm}' model with a {checkpoint_name} for {target_name} matches "
                             f"{pattern}. Fine-tuned model folders there: {existing or 'none'} (run "
                             f"ssl_nnunet_finetune first; --scratch for the scratch arms).")
@@ -94,7 +88,6 @@ def predict(input_folder: str, output_folder: str, target, arm: str, folds: Opti
         raise SSLInputError(f"-i {input_folder}: no such folder (images named CASE_0000.nii.gz etc., as imagesTr).")
     method = None
     if weights is not None:
-        from ssl_nnunet.finetune.finetune import resolve_bundle
         bundle = resolve_bundle(weights)
         source, method = source or bundle["source"], bundle["method"]
     model_folder = find_model_folder(target, arm, trainer, source, method, encoder_only, checkpoint_name)

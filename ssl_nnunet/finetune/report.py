@@ -16,11 +16,12 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ssl_nnunet.constants import FINETUNE_ARMS, SCRATCH_ARMS
 from ssl_nnunet.finetune.statistics import compare_arms, comparison_sentence
 from ssl_nnunet.utilities.file_io import atomic_save_json
 
-ARMS = ("pretrained", "scratch", "scratch_vanilla")
-BASELINES = ("scratch", "scratch_vanilla")
+ARMS = FINETUNE_ARMS
+BASELINES = SCRATCH_ARMS
 ARM_DESCRIPTIONS = {
     "pretrained": "pretrained weights, fine-tuning recipe",
     "scratch": "random initialisation, the same recipe (isolates the weights)",
