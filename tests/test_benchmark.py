@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,18 +96,46 @@ def test_transfer_benchmark_smoke_budget(tmp_path):
     summary = json.load(open(root / "results.json"))
     assert summary["budget"] == "smoke" and summary["methods"] == ["mae"] and summary["pending_budgets"] == []
     raw = summary["raw"]["smoke"]
-    assert set(raw) == {"mae", "scratch", "scratch_seed2"}
+    assert set(raw) == {"mae", "scratch", "scratch_seed2", "scratch_vanilla"}
+    assert summary["vanilla_trainers"] == {"smoke": "nnUNetTrainer_SSLSmoke"}
+    # every method is paired case by case with both scratch arms; one split gives no interval
+    paired = summary["table"]["smoke"]["paired"]["mae"]
+    assert set(paired) == {"scratch", "scratch_vanilla"}
+    assert paired["scratch_vanilla"]["n_cases"] == 2 and paired["scratch_vanilla"]["ci95"] is None
+    assert set(summary["per_case"]["smoke"]["scratch_vanilla"]["0"]) == set(summary["per_case"]["smoke"]["mae"]["0"])
     assert all(len(v) == 1 and 0.0 <= v[0] <= 1.0 for v in raw.values())
     assert summary["git_commit"] and len(summary["plan_sha256"]) == 2
     assert any(k.startswith("pretrain mae") for k in summary["timings_s"])
     md = (root / "results.md").read_text()
-    assert "| mae |" in md and "Command:" in md
+    assert "| mae |" in md and "Command:" in md and "| arm | vs scratch | vs scratch_vanilla |" in md
     assert (root / "results.png").stat().st_size > 0
     # a rerun of the same command resumes: finished pretraining and folds are reused, results unchanged
     r2 = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     again = json.load(open(root / "results.json"))
     assert "pretraining mae" in again["reused_from_earlier_invocation"]
-    assert len(again["reused_from_earlier_invocation"]) == 4 and again["raw"] == summary["raw"]
+    assert len(again["reused_from_earlier_invocation"]) == 5 and again["raw"] == summary["raw"]
     # the benchmark works in its own nnU-Net folders under --root
     assert (root / "nnUNet_preprocessed" / "Dataset901_DemoBrainSeg" / "splits_final.json").is_file()
+
+
+def test_transfer_summary_pairs_each_method_with_both_scratch_arms():
+    """Constructed per-case Dice: a method 0.05 above scratch on every case of 3 splits is "better" than it,
+    and its interval against the vanilla arm (0.05 above the method, with case noise) covers the true -0.05."""
+    from ssl_nnunet.benchmark.transfer import summarise
+    rng = np.random.default_rng(0)
+    cases = [f"case_{i}" for i in range(6)]
+    base = {s: {c: 0.6 + 0.1 * rng.standard_normal() for c in cases} for s in range(3)}
+    shift = lambda d, x, noise=0.0: {s: {c: v + x + noise * rng.standard_normal() for c, v in f.items()}
+                                     for s, f in d.items()}
+    per_case = {"b": {"scratch": base, "scratch_seed2": shift(base, 0.0, 0.02), "mae": shift(base, 0.05),
+                      "scratch_vanilla": shift(base, 0.10, 0.01)}}
+    raw = {"b": {arm: [float(np.mean(list(f.values()))) for f in d.values()] for arm, d in per_case["b"].items()}}
+    table = summarise(raw, ["mae"], per_case)["table"]["b"]
+    vs = table["paired"]["mae"]
+    assert vs["scratch"]["verdict"] == "better" and vs["scratch"]["mean_difference"] == pytest.approx(0.05)
+    assert vs["scratch_vanilla"]["verdict"] == "worse"
+    low, high = vs["scratch_vanilla"]["ci95"]
+    assert low <= -0.05 <= high and vs["scratch"]["n_cases"] == 18 and vs["scratch"]["n_folds"] == 3
+    assert table["paired"]["scratch_seed2"]["scratch"]["verdict"] == "no evidence of a difference"
+    assert set(table["rows"]) == {"mae", "scratch", "scratch_seed2", "scratch_vanilla"}

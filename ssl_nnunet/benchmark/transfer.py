@@ -4,8 +4,12 @@ Pretrains every method with the same budget on the unlabeled demo set (``Dataset
 bundle and a scratch baseline on the labeled demo set (``Dataset901``) with ``ssl_nnunet_finetune``'s fold
 runner — same plan, trainer and splits — in a label-scarce setting: ``n_splits`` splits of
 ``train_cases`` training cases each (disjoint) against one fixed validation set. Scratch is trained twice
-(two independent initialisations) to measure its run-to-run noise. Two fine-tuning budgets (short and long)
-are run. Results: ``results.json``, ``results.md`` (also written to ``documentation/results.md`` with
+(two independent initialisations) to measure its run-to-run noise, and once more as vanilla nnU-Net
+(``scratch_vanilla``: ``nnUNetTrainer``'s own learning rate and schedule at the same budget,
+:data:`ssl_nnunet.nnunet_trainers.VANILLA_TRAINERS`), so a gain cannot come from a recipe that suits
+pretrained weights better than random ones. Each method is compared with both scratch arms case by case
+(:func:`ssl_nnunet.finetune.statistics.paired_comparison`: per-case Dice of every split, two-stage bootstrap
+interval, Wilcoxon p, verdict). Two fine-tuning budgets (short and long) are run. Results: ``results.json``, ``results.md`` (also written to ``documentation/results.md`` with
 ``--write-docs``) and ``results.png``.
 
 The benchmark works in its own nnU-Net folders (``--root``), so the user's plans and splits are untouched: it
@@ -148,6 +152,8 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
     from ssl_nnunet.export.exporter import export_bundle
     from ssl_nnunet.export.transfer import transfer_and_preprocess
     from ssl_nnunet.finetune.finetune import fold_finished, fold_folder, run_fold
+    from ssl_nnunet.finetune.statistics import fold_case_dice
+    from ssl_nnunet.nnunet_trainers import vanilla_trainer
     from ssl_nnunet.training.run import pretrain
     from ssl_nnunet.utilities.file_io import atomic_save_json, load_json
     profile, pre_iters, trainers, n_splits, train_cases, n_val, demo_cases = BUDGETS[budget]
@@ -211,51 +217,82 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
                       env["nnUNet_preprocessed"], SOURCE, SSL_PLANS + ".json")),
                       f"{FINETUNE_PLANS} (Dataset{DEMO_LABELED_ID})": _sha256(os.path.join(
                           env["nnUNet_preprocessed"], TARGET, FINETUNE_PLANS + ".json"))}}
-        results: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
+        results: Dict[str, Dict[str, List[float]]] = {}
+        per_case: Dict[str, Dict[str, Dict[int, Dict[str, float]]]] = {}
         ft_root = os.path.join(env["nnUNet_results"], TARGET, "ssl_nnunet_benchmark")
         arms = {**{m: os.path.join(bundles[m], "checkpoint_final.pth") for m in methods},
-                "scratch": None, "scratch_seed2": None}
+                "scratch": None, "scratch_seed2": None, "scratch_vanilla": None}
         for label, trainer in trainers.items():
-            results[label] = {}
+            results[label], per_case[label] = {}, {}
             for arm, weights in arms.items():
-                print(f"[4] fine-tune {arm} ({label}, {n_splits} splits)")
-                dice = []
+                arm_trainer = vanilla_trainer(trainer) if arm == "scratch_vanilla" else trainer
+                print(f"[4] fine-tune {arm} ({label}, {arm_trainer}, {n_splits} splits)")
+                dice, folders = [], {}
                 for fold in range(n_splits):
                     arm_root = os.path.join(ft_root, arm)
                     t0 = time.time()
-                    folder = fold_folder(arm_root, TARGET, trainer, fold)
+                    folder = fold_folder(arm_root, TARGET, arm_trainer, fold)
                     if fold_finished(folder):  # reused without starting a child process
                         reused.append(f"fine-tuning {label} {arm} split {fold}")
                     else:
-                        log.write(f"fine-tune {arm} split {fold} with {trainer}: {folder}\n")
+                        log.write(f"fine-tune {arm} split {fold} with {arm_trainer}: {folder}\n")
                         log.flush()
-                        run_fold(arm_root, TARGET, fold, trainer, device, weights, num_processes)
+                        run_fold(arm_root, TARGET, fold, arm_trainer, device, weights, num_processes,
+                                 label=f"{arm} {label} split {fold}")
                     timings[f"finetune {label} {arm} split {fold}"] = time.time() - t0
                     with open(os.path.join(folder, "validation", "summary.json")) as f:
                         dice.append(float(json.load(f)["foreground_mean"]["Dice"]))
+                    folders[fold] = folder
                 results[label][arm] = dice
+                per_case[label][arm] = fold_case_dice(folders)
             # results so far are written after every budget, so an interrupted run loses nothing
-            summary = summarise(results, methods)
+            summary = summarise(results, methods, per_case)
             summary.update(record, pending_budgets=[k for k in trainers if k not in results], raw=results,
-                           wall_time_s=time.time() - t_start, timings_s=timings,
-                           reused_from_earlier_invocation=list(reused))
+                           per_case=per_case, wall_time_s=time.time() - t_start, timings_s=timings,
+                           reused_from_earlier_invocation=list(reused),
+                           vanilla_trainers={label: vanilla_trainer(t) for label, t in trainers.items()})
             write_results(summary, root, write_docs)
     return summary
 
 
-def summarise(results: dict, methods: List[str]) -> dict:
+BASELINES = ("scratch", "scratch_vanilla")  # every method is compared with both, case by case
+
+
+def summarise(results: dict, methods: List[str], per_case: dict) -> dict:
+    """Per budget: mean ± std over splits of every arm, its per-split gain over ``scratch``, the scratch noise,
+    and the paired per-case comparison of every method (and ``scratch_seed2``) with each scratch arm.
+    ``results[label][arm]`` lists the foreground mean Dice per split, ``per_case[label][arm]`` maps split ->
+    case -> foreground mean Dice of the case."""
+    from ssl_nnunet.finetune.statistics import paired_comparison
     table = {}
     for label, arms in results.items():
         scratch = np.asarray(arms["scratch"])
         noise = np.abs(scratch - np.asarray(arms["scratch_seed2"]))
         rows = {}
-        for arm in [*methods, "scratch", "scratch_seed2"]:
+        for arm in [*methods, *(a for a in ("scratch", "scratch_seed2", "scratch_vanilla") if a in arms)]:
             d = np.asarray(arms[arm])
-            rows[arm] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+            rows[arm] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else None,
                          "gain_vs_scratch": float((d - scratch).mean()),
-                         "gain_std": float((d - scratch).std(ddof=1)) if len(d) > 1 else 0.0}
-        table[label] = {"rows": rows, "scratch_noise_mean_abs": float(noise.mean())}
+                         "gain_std": float((d - scratch).std(ddof=1)) if len(d) > 1 else None}
+        paired = {arm: {base: paired_comparison(per_case[label][arm], per_case[label][base], arm, base)
+                        for base in BASELINES if base in per_case[label] and base != arm}
+                  for arm in [*methods, "scratch_seed2"] if arm in per_case[label]}
+        table[label] = {"rows": rows, "scratch_noise_mean_abs": float(noise.mean()), "paired": paired}
     return {"table": table}
+
+
+def _paired_cell(c: dict) -> str:
+    if c["mean_difference"] is None:
+        return "—"
+    if c["ci95"] is None:
+        return f"{c['mean_difference']:+.4f} (no interval: one split)"
+    low, high = c["ci95"]
+    return (f"{c['mean_difference']:+.4f} [{low:+.4f}, {high:+.4f}], p = {c['wilcoxon_p']:.2g}: "
+            f"**{c['verdict']}**")
+
+
+def _pm(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.4f}"
 
 
 def write_results(summary: dict, root: str, write_docs: bool) -> None:
@@ -286,19 +323,31 @@ def write_results(summary: dict, root: str, write_docs: bool) -> None:
     for ax, label in zip(axes[0], labels):
         t = summary["table"][label]
         n = summary["splits"]
-        lines += [f"## {label}", "", f"Scratch run-to-run noise (mean |scratch − scratch seed 2|): "
-                  f"{t['scratch_noise_mean_abs']:.4f}", "",
-                  "| arm | " + " | ".join(f"split {i}" for i in range(n)) + " | Dice mean ± std | paired gain vs "
-                  "scratch | beats scratch (splits) |", "| --- " * (n + 4) + "|"]
+        vanilla = summary.get("vanilla_trainers", {}).get(label)
+        lines += [f"## {label}", "", f"Scratch run-to-run noise (mean |scratch − scratch seed 2| over splits): "
+                  f"{t['scratch_noise_mean_abs']:.4f}" + (f"; `scratch_vanilla` is `{vanilla}` (nnU-Net's own "
+                                                           f"learning rate and schedule)" if vanilla else ""), "",
+                  "| arm | " + " | ".join(f"split {i}" for i in range(n)) + " | Dice mean ± std | gain vs "
+                  "scratch (per split) | beats scratch (splits) |", "| --- " * (n + 4) + "|"]
         for arm, r in t["rows"].items():
             folds = summary["raw"][label][arm]
             wins = sum(d > s for d, s in zip(folds, summary["raw"][label]["scratch"]))
             lines.append(f"| {arm} | " + " | ".join(f"{d:.4f}" for d in folds) + f" | {r['mean']:.4f} ± "
-                         f"{r['std']:.4f} | {r['gain_vs_scratch']:+.4f} ± {r['gain_std']:.4f} | "
+                         f"{_pm(r['std'])} | {r['gain_vs_scratch']:+.4f} ± {_pm(r['gain_std'])} | "
                          + ("—" if arm == "scratch" else f"{wins}/{n}") + " |")
+        if t.get("paired"):
+            first = next(iter(next(iter(t["paired"].values())).values()))
+            lines += ["", f"Paired per-case comparison (mean Dice difference [bootstrap 95 % interval over splits, "
+                      f"then cases], Wilcoxon p, verdict); each rests on {first['n_cases']} case pairs in "
+                      f"{first['n_folds']} split(s). `scratch_seed2` vs `scratch` shows what noise alone gives.", "",
+                      "| arm | vs scratch | vs scratch_vanilla |", "| --- | --- | --- |"]
+            for arm, comps in t["paired"].items():
+                lines.append(f"| {arm} | " + " | ".join(_paired_cell(comps[b]) if b in comps else "—"
+                                                      for b in BASELINES) + " |")
         lines.append("")
         arms = list(t["rows"])
-        ax.bar(arms, [t["rows"][a]["mean"] for a in arms], yerr=[t["rows"][a]["std"] for a in arms], capsize=3)
+        ax.bar(arms, [t["rows"][a]["mean"] for a in arms], yerr=[t["rows"][a]["std"] or 0.0 for a in arms],
+               capsize=3)
         ax.set_title(label)
         ax.set_ylabel("foreground mean Dice")
         ax.tick_params(axis="x", rotation=30)
