@@ -21,7 +21,7 @@ setup(
         "matplotlib",
         "scipy",  # Wilcoxon signed-rank test of the fine-tuning report (already a dependency of nnunetv2)
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "tensorboard"], "tensorboard": ["tensorboard"]},
     entry_points={
         "console_scripts": [
             "ssl_nnunet_make_demo_dataset=ssl_nnunet.data.demo_dataset:main",

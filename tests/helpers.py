@@ -59,3 +59,14 @@ def prepare_planned_dataset(dataset_id: int, name: str, method: str = None, meth
         with open(path, "w") as f:
             json.dump(plans, f)
     return path
+
+
+def tensorboard_scalars(log_dir):
+    """``{tag: [(step, value), ...]}`` of every scalar in the TensorBoard event files under ``log_dir``, read
+    with TensorBoard's own reader; also returns the image tags: ``(scalars, image_tags)``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    scalars = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags["scalars"]}
+    return scalars, list(tags["images"])

@@ -225,6 +225,25 @@ def test_epoch_progress_condenses_nnunet_lines():
                    "  [pretrained fold 0] final validation (nnU-Net, full cases): mean Dice 0.5731"]
 
 
+def test_epoch_progress_writes_tensorboard_scalars(tmp_path):
+    """With a TensorBoard sink, each epoch's nnU-Net values become scalars at step = nnU-Net's epoch."""
+    from helpers import tensorboard_scalars
+    from ssl_nnunet.finetune.finetune import EpochProgress
+    from ssl_nnunet.utilities.tensorboard import TensorBoardLog
+    tb = TensorBoardLog(str(tmp_path / "tb"))
+    p = EpochProgress("scratch fold 1", lambda text: None, tb)
+    for epoch, lr, dice in ((0, 0.01, "[np.float32(0.25), np.float32(0.75)]"), (1, 0.009, "[0.5, 0.7]")):
+        for line in [f"t: Epoch {epoch}", f"t: Current learning rate: {lr}", "t: train_loss -0.5",
+                     "t: val_loss -0.25", f"t: Pseudo dice {dice}", "t: Epoch time: 3.5 s"]:
+            p.feed(line + "\n")
+    tb.close()
+    scalars, _ = tensorboard_scalars(tmp_path / "tb")
+    assert scalars["lr"] == [(0, pytest.approx(0.01)), (1, pytest.approx(0.009))]
+    assert scalars["pseudo_dice/mean"] == [(0, 0.5), (1, pytest.approx(0.6))]
+    assert scalars["pseudo_dice/class_2"][0] == (0, 0.75) and scalars["val_loss"][1] == (1, -0.25)
+    assert scalars["epoch_time_s"] == [(0, 3.5), (1, 3.5)]
+
+
 def test_four_case_target_leave_one_out_fold_all_arms(bundle, new_dataset_id, capsys):
     """A 4-labelled-case target (refused before): 4 leave-one-out folds; fold 0 of 4 trained with the real
     nnUNetv2_train, pretrained and scratch_vanilla (with the smoke trainer the vanilla arm runs the same trainer
@@ -234,7 +253,7 @@ def test_four_case_target_leave_one_out_fold_all_arms(bundle, new_dataset_id, ca
     did, name = new_dataset_id("FourCases")
     write_synthetic_dataset(did, "FourCases", n_cases=4, shape=(44, 48, 52), labeled=True, seed=5)
     report = finetune(did, bundle, folds=[0], scratch=["scratch_vanilla"], trainer=TRAINER, device="cpu",
-                      num_processes=1)
+                      num_processes=1, tensorboard=True)
     out = capsys.readouterr().out
     splits = json.load(open(os.path.join(os.environ["nnUNet_preprocessed"], name, "splits_final.json")))
     assert len(splits) == 4 and all(len(s["val"]) == 1 for s in splits)
@@ -254,6 +273,15 @@ def test_four_case_target_leave_one_out_fold_all_arms(bundle, new_dataset_id, ca
     vanilla_fold = fold_folder(os.path.join(root, "scratch_vanilla"), name, TRAINER, 0)
     log = open(glob.glob(os.path.join(vanilla_fold, "training_log_*.txt"))[0]).read()
     assert "Current learning rate: 0.01" in log and "warmup" not in log
+    # --tensorboard: one run per arm and fold with nnU-Net's epoch values
+    from helpers import tensorboard_scalars
+    for arm in ("pretrained", "scratch_vanilla"):
+        tb_dir = os.path.join(root, "tensorboard", "pretrained_mae" if arm == "pretrained" else arm, "fold_0")
+        scalars, _ = tensorboard_scalars(tb_dir)
+        assert {"lr", "train_loss", "val_loss", "pseudo_dice/mean"} <= set(scalars), (arm, sorted(scalars))
+        assert scalars["lr"][0][0] == 0
+    assert tensorboard_scalars(os.path.join(root, "tensorboard", "scratch_vanilla", "fold_0"))[0]["lr"][0][1] == \
+        pytest.approx(0.01)
     assert "Loading pretrained weights" not in open(os.path.join(vanilla_fold, "ssl_nnunet_finetune_stdout.txt")).read()
     # a -k that contradicts the existing split is refused, naming the file
     from ssl_nnunet.utilities.errors import SSLInputError

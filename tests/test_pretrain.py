@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import write_synthetic_dataset
+from helpers import tensorboard_scalars, write_synthetic_dataset
 from ssl_nnunet.experiment_planning.fingerprint import extract_fingerprint
 from ssl_nnunet.experiment_planning.planner import plan_experiment
 from ssl_nnunet.experiment_planning.preprocess import preprocess
@@ -41,7 +41,7 @@ def smoke_dataset():
 
 
 def test_mae_pretraining_loss_falls_and_outputs_exist(smoke_dataset):
-    trainer = pretrain(940, "mae", device="cpu", iterations=50, num_prefetch=1)
+    trainer = pretrain(940, "mae", device="cpu", iterations=50, num_prefetch=1, tensorboard=True)
     losses = trainer.iteration_losses
     assert len(losses) == 50
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
@@ -56,6 +56,13 @@ def test_mae_pretraining_loss_falls_and_outputs_exist(smoke_dataset):
     assert all(v.device.type == "cpu" for v in ckpt["network_weights"].values())
     assert not any("densify" in k or "mask_token" in k for k in ckpt["network_weights"])
     assert any(f.startswith("preview_epoch_") for f in os.listdir(out))
+    # --tensorboard: every iteration's loss, the loss terms per epoch, lr and data wait, the previews
+    scalars, images = tensorboard_scalars(os.path.join(out, "tensorboard"))
+    assert [v for _, v in scalars["iteration/loss"]] == pytest.approx(losses, rel=1e-5)
+    assert [s for s, _ in scalars["iteration/loss"]] == list(range(1, 51))
+    assert [s for s, _ in scalars["val/rec_loss"]] == [10, 20, 30, 40, 50]
+    assert [v for _, v in scalars["val/rec_loss"]] == pytest.approx(ckpt["logging"]["val_rec_loss"], rel=1e-5)
+    assert {"train/loss", "lr", "data_wait_fraction", "epoch_time_s"} <= set(scalars) and images == ["preview"]
 
 
 def _pretrain_cmd(*extra):

@@ -176,10 +176,32 @@ _VALIDATION_DICE = re.compile(r"Mean Validation Dice:\s+(\S+)")
 class EpochProgress:
     """Turns nnU-Net's training output (``print_to_log_file`` lines) into one progress line per epoch,
     ``[label] epoch 3: lr 0.00946 train_loss -0.41 val_loss -0.38 pseudo Dice [0.61, 0.52] (12.3 s)``, plus
-    the final validation Dice; every other line only goes to the log file."""
+    the final validation Dice; every other line only goes to the log file. With ``tb`` (a
+    :class:`ssl_nnunet.utilities.tensorboard.TensorBoardLog`) each epoch's values also become TensorBoard scalars
+    (step: nnU-Net's epoch)."""
 
-    def __init__(self, label: str, emit=print):
-        self.label, self.emit, self.fields = label, emit, {}
+    def __init__(self, label: str, emit=print, tb=None):
+        self.label, self.emit, self.fields, self.tb = label, emit, {}, tb
+
+    def _to_tensorboard(self, f: Dict[str, str], dice: str) -> None:
+        def number(text):
+            try:
+                return float(text)
+            except (TypeError, ValueError):
+                return None
+        try:
+            per_class = [float(v) for v in dice.strip("[]").split(",") if v.strip()]
+        except ValueError:
+            per_class = []
+        values = {"lr": number(f.get("lr")), "train_loss": number(f.get("train_loss")),
+                  "val_loss": number(f.get("val_loss")), "epoch_time_s": number(f.get("time")),
+                  **{f"pseudo_dice/class_{i + 1}": v for i, v in enumerate(per_class)}}
+        if per_class:
+            values["pseudo_dice/mean"] = sum(per_class) / len(per_class)
+        epoch = number(f.get("epoch"))
+        if epoch is not None:
+            self.tb.scalars(values, int(epoch))
+            self.tb.flush()
 
     def feed(self, line: str) -> None:
         line = line.rstrip()
@@ -195,6 +217,8 @@ class EpochProgress:
                     self.emit(f"  [{self.label}] epoch {f.get('epoch', '?')}: lr {f.get('lr', '?')} train_loss "
                               f"{f.get('train_loss', '?')} val_loss {f.get('val_loss', '?')} pseudo Dice "
                               f"{dice} ({f['time']} s)")
+                    if self.tb is not None:
+                        self._to_tensorboard(f, dice)
                 return
         m = _VALIDATION_DICE.search(line)
         if m:
@@ -214,12 +238,14 @@ def nnunet_training_log(folder: str, since: float = 0.0) -> Optional[str]:
 
 
 def run_fold(results_root: str, target_name: str, fold: int, trainer: str, device: str,
-             weights: Optional[str], num_processes: int, label: Optional[str] = None) -> str:
+             weights: Optional[str], num_processes: int, label: Optional[str] = None,
+             tensorboard_dir: Optional[str] = None) -> str:
     """Train (or resume, or only validate) one fold with ``nnUNetv2_train``; returns the fold folder. The
     training process gets this process's ``nnUNet_raw`` and ``nnUNet_preprocessed`` as they are now and
     ``results_root`` as its ``nnUNet_results``. Its output goes in full to ``ssl_nnunet_finetune_stdout.txt``
     in the fold folder and, condensed to one line per epoch, to this process's stdout (prefix ``label``,
-    default ``<arm folder> fold F``); the path of nnU-Net's own training log is printed too."""
+    default ``<arm folder> fold F``); the path of nnU-Net's own training log is printed too. ``tensorboard_dir``:
+    the epoch values also go to TensorBoard there."""
     from ssl_nnunet.nnunet_trainers import trainer_dir
     folder = fold_folder(results_root, target_name, trainer, fold)
     label = label or f"{os.path.basename(os.path.normpath(results_root))} fold {fold}"
@@ -242,7 +268,9 @@ def run_fold(results_root: str, target_name: str, fold: int, trainer: str, devic
     print(f"  fold {fold}: {' '.join(os.path.basename(c) if i == 0 else c for i, c in enumerate(cmd))}")
     print(f"  [{label}] output: {log_path}", flush=True)
     started = time.time()
-    progress = EpochProgress(label, lambda text: print(text, flush=True))
+    from ssl_nnunet.utilities.tensorboard import open_log
+    tb = open_log(tensorboard_dir)
+    progress = EpochProgress(label, lambda text: print(text, flush=True), tb)
     with open(log_path, "a") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 bufsize=1)
@@ -257,6 +285,8 @@ def run_fold(results_root: str, target_name: str, fold: int, trainer: str, devic
                 announced = True
             progress.feed(line)
         returncode = proc.wait()
+    if tb is not None:
+        tb.close()
     if returncode != 0:
         with open(log_path) as f:
             tail = "".join(f.readlines()[-25:])
@@ -281,14 +311,16 @@ def arm_roots(root: str, tag: str) -> Dict[str, str]:
 
 def finetune(target, weights: str, folds: Optional[Sequence[int]] = None, scratch=False,
              trainer: str = DEFAULT_TRAINER, device: str = "cpu", num_processes: int = 2,
-             encoder_only: bool = False, k: Optional[int] = None, vanilla_trainer: Optional[str] = None) -> dict:
+             encoder_only: bool = False, k: Optional[int] = None, vanilla_trainer: Optional[str] = None,
+             tensorboard: bool = False) -> dict:
     """Run the comparison; returns the report dict (also written as markdown/JSON/PNG).
 
     ``folds``: default all folds of the target's split (``k`` folds, ``k = min(5, cases)`` unless given).
     ``scratch``: ``True`` trains both scratch arms (``scratch``: the same trainer as the pretrained arm;
     ``scratch_vanilla``: ``vanilla_trainer``, default the trainer's vanilla counterpart from
     :data:`ssl_nnunet.nnunet_trainers.VANILLA_TRAINERS`), or a list of the arm names to train; scratch folds
-    finished by an earlier run are compared either way."""
+    finished by an earlier run are compared either way. ``tensorboard``: every fold's epoch curves also go to
+    ``<comparison folder>/tensorboard/<arm>/fold_<F>``."""
     from ssl_nnunet.export.transfer import transfer_and_preprocess
     from ssl_nnunet.finetune.report import write_report
     from ssl_nnunet.finetune.statistics import comparison_sentence
@@ -333,7 +365,10 @@ def finetune(target, weights: str, folds: Optional[Sequence[int]] = None, scratc
         print(f"[{arm}] {trainers[arm]}")
         folders[arm] = {fold: run_fold(roots[arm], target_name, fold, trainers[arm], device,
                                        weights_file if arm == "pretrained" else None, num_processes,
-                                       label=f"{arm} fold {fold}") for fold in folds}
+                                       label=f"{arm} fold {fold}",
+                                       tensorboard_dir=os.path.join(root, "tensorboard", os.path.basename(roots[arm]),
+                                                                    f"fold_{fold}") if tensorboard else None)
+                        for fold in folds}
     for arm in SCRATCH_ARMS:  # scratch folds of an earlier run are compared too
         if arm not in folders and trainers[arm]:
             folders[arm] = {f: fold_folder(roots[arm], target_name, trainers[arm], f) for f in folds}
@@ -373,6 +408,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("-np", type=int, default=2, help="worker processes for preprocessing/augmentation")
     p.add_argument("--encoder-only", action="store_true", help="re-initialise the decoder before fine-tuning")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write each arm's and fold's epoch curves to <comparison folder>/tensorboard "
+                        "(needs the tensorboard extra)")
     a = p.parse_args(argv)
     scratch = False if a.scratch is None else (True if a.scratch == [] else a.scratch)
-    run_cli(lambda: finetune(a.d, a.w, a.f, scratch, a.tr, a.device, a.np, a.encoder_only, a.k, a.tr_vanilla))
+    run_cli(lambda: finetune(a.d, a.w, a.f, scratch, a.tr, a.device, a.np, a.encoder_only, a.k, a.tr_vanilla,
+                                 a.tensorboard))

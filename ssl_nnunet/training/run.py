@@ -24,7 +24,7 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def build_trainer(dataset, method: str, plans_identifier: str = SSL_PLANS, device: str = "cpu",
-                  iterations: Optional[int] = None, seed: int = 0, num_prefetch: int = 2):
+                  iterations: Optional[int] = None, seed: int = 0, num_prefetch: int = 2, tensorboard: bool = False):
     from ssl_nnunet.training.ssl_trainer import SSLTrainer
     try:
         get_method(method)
@@ -35,14 +35,16 @@ def build_trainer(dataset, method: str, plans_identifier: str = SSL_PLANS, devic
     plans = load_plans(os.path.join(folder, plans_identifier + ".json"), dataset)
     dataset_json = load_json(os.path.join(folder, "dataset.json"), "dataset.json")
     trainer = SSLTrainer(plans, CONFIGURATION, 0, dataset_json, _resolve_device(device))
-    return trainer.configure(method, iterations=iterations, seed=seed, num_prefetch=num_prefetch)
+    return trainer.configure(method, iterations=iterations, seed=seed, num_prefetch=num_prefetch,
+                             tensorboard=tensorboard)
 
 
 def pretrain(dataset, method: str, plans_identifier: str = SSL_PLANS, device: str = "cpu",
              continue_training: bool = False, iterations: Optional[int] = None,
-             pretrained_weights: Optional[str] = None, seed: int = 0, num_prefetch: int = 2):
+             pretrained_weights: Optional[str] = None, seed: int = 0, num_prefetch: int = 2,
+             tensorboard: bool = False):
     """Pretrain ``method`` on ``dataset`` in this process; returns the trainer."""
-    trainer = build_trainer(dataset, method, plans_identifier, device, iterations, seed, num_prefetch)
+    trainer = build_trainer(dataset, method, plans_identifier, device, iterations, seed, num_prefetch, tensorboard)
     trainer.initialize()
     final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
     latest = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
@@ -105,10 +107,13 @@ def main() -> None:
     p.add_argument("-pretrained_weights", default=None, help="nnU-Net checkpoint to initialise the network")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefetch", type=int, default=2, help="batches prepared ahead in a background thread")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log loss terms, learning rate, data wait and previews to <run folder>/tensorboard "
+                        "(needs the tensorboard extra); progress.png is written either way")
     a = p.parse_args()
     kwargs = dict(dataset=a.d, method=a.m, plans_identifier=a.p, device=a.device, continue_training=a.c,
                   iterations=a.iterations, pretrained_weights=a.pretrained_weights, seed=a.seed,
-                  num_prefetch=a.prefetch)
+                  num_prefetch=a.prefetch, tensorboard=a.tensorboard)
 
     def go():
         if a.num_gpus > 1:

@@ -58,8 +58,10 @@ class SSLTrainer(nnUNetTrainer):
         self.method = None
         self.model = None  # the module that computes the loss (DDP-wrapped under DDP)
 
-    def configure(self, method: str, iterations: Optional[int] = None, seed: int = 0, num_prefetch: int = 2):
-        """Select the SSL method and run length; sets the output folder ``SSL_<method>__<plans>__<config>``."""
+    def configure(self, method: str, iterations: Optional[int] = None, seed: int = 0, num_prefetch: int = 2,
+                  tensorboard: bool = False):
+        """Select the SSL method and run length; sets the output folder ``SSL_<method>__<plans>__<config>``.
+        ``tensorboard``: also log to ``<output folder>/tensorboard`` (:mod:`ssl_nnunet.utilities.tensorboard`)."""
         plans = self.plans_manager.plans
         if "ssl" not in plans or method not in plans["ssl"].get("methods", {}):
             raise SSLInputError(f"Plans '{self.plans_manager.plans_name}' have no ssl.methods.{method} entry. "
@@ -100,6 +102,8 @@ class SSLTrainer(nnUNetTrainer):
             self.grad_scaler = None
         self.seed = seed
         self.num_prefetch = num_prefetch
+        self.tensorboard = bool(tensorboard)
+        self.tb = None  # the TensorBoard sink of rank 0, opened in on_train_start
         self.logger = SSLLogger()
         self.nonfinite_steps = 0
         self.iteration_losses: List[float] = []  # total loss of every optimizer step (this rank)
@@ -174,6 +178,9 @@ class SSLTrainer(nnUNetTrainer):
             self.initialize()
         self._make_samplers()
         if self.local_rank == 0:
+            if self.tensorboard:
+                from ssl_nnunet.utilities.tensorboard import open_log
+                self.tb = open_log(os.path.join(self.output_folder, "tensorboard"))
             atomic_save_json(self.plans_manager.plans, os.path.join(self.output_folder, "plans.json"))
             atomic_save_json(self.dataset_json, os.path.join(self.output_folder, "dataset.json"))
             fp = os.path.join(self.preprocessed_dataset_folder_base, "dataset_fingerprint.json")
@@ -275,6 +282,8 @@ class SSLTrainer(nnUNetTrainer):
             # torch/numpy at exit aborts the process ("terminate called without an active exception")
             if self.dataloader_train is not None:
                 self.dataloader_train.close()
+            if self.tb is not None:
+                self.tb.close()
 
     def _train_epochs(self):
         from tqdm import tqdm
@@ -295,6 +304,8 @@ class SSLTrainer(nnUNetTrainer):
                 if out is not None:
                     outputs.append(out)
                     self.iteration_losses.append(out["loss"])
+                    if self.tb is not None:
+                        self.tb.scalars({"iteration/loss": out["loss"]}, self._iteration(epoch, step) + 1)
                     bar.set_postfix(loss=f"{out['loss']:.4f}")
             bar.close()
             train = self._reduce_means(outputs) if outputs else {}
@@ -313,6 +324,12 @@ class SSLTrainer(nnUNetTrainer):
                 + ", ".join(f"train_{k} {v:.4f}" for k, v in train.items()) + "; "
                 + ", ".join(f"val_{k} {v:.4f}" for k, v in val.items())
                 + f"; lr {self.optimizer.param_groups[0]['lr']:.2e}; {elapsed:.1f} s")
+            if self.tb is not None:  # x axis: iterations done, so a resumed run continues its curves
+                self.tb.scalars({**{f"train/{k}": v for k, v in train.items()},
+                                 **{f"val/{k}": v for k, v in val.items()},
+                                 "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": elapsed,
+                                 "data_wait_fraction": self.logger.get_value("data_wait_fraction", epoch)},
+                                self._iteration(epoch, n_iter))
             self.current_epoch += 1
             if self.local_rank == 0:
                 self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
@@ -347,8 +364,11 @@ class SSLTrainer(nnUNetTrainer):
         if not rows:
             return
         from ssl_nnunet.training.previews import save_preview_png
-        save_preview_png(rows, os.path.join(self.output_folder, f"preview_epoch_{epoch + 1:04d}.png"),
-                         title=f"{self.method_name}, epoch {epoch + 1}")
+        path = save_preview_png(rows, os.path.join(self.output_folder, f"preview_epoch_{epoch + 1:04d}.png"),
+                                title=f"{self.method_name}, epoch {epoch + 1}")
+        if self.tb is not None:
+            self.tb.image_file("preview", path, self._iteration(epoch, self._iterations_in_epoch(epoch)))
+            self.tb.flush()
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:
