@@ -207,6 +207,27 @@ def test_splits_k_fold_and_leave_one_out():
     for bad_ids, k in ((ids[:1], None), (ids, 5), (ids, 1)):
         with pytest.raises(SSLInputError):
             make_splits(bad_ids, k)
+    # repeated k-fold for very few cases: the first k folds are nnU-Net's split, each case validated once per repeat
+    ids6 = [f"c{i}" for i in range(6)]
+    rep = make_splits(ids6, k=3, repeats=2)
+    assert len(rep) == 6 and rep[:3] == make_splits(ids6, k=3) and rep[3:] != rep[:3]
+    for r in (rep[:3], rep[3:]):
+        assert sorted(c for s in r for c in s["val"]) == ids6
+    assert describe_splits(rep).startswith("3-fold x 2 repeats (6 folds")
+    with pytest.raises(SSLInputError, match="-repeats 0"):
+        make_splits(ids6, k=3, repeats=0)
+
+
+def test_ensure_splits_refuses_contradicting_repeats(tmp_path, monkeypatch):
+    import ssl_nnunet.finetune.finetune as ft
+    from ssl_nnunet.utilities.errors import SSLInputError
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    (tmp_path / "Dataset555_X").mkdir()
+    monkeypatch.setattr(ft, "preprocessed_case_ids", lambda name: [f"c{i}" for i in range(4)])
+    assert len(ft.ensure_splits("Dataset555_X", repeats=2)) == 8  # 4-fold leave-one-out, twice
+    assert len(ft.ensure_splits("Dataset555_X")) == 8 and len(ft.ensure_splits("Dataset555_X", 4, 2)) == 8
+    with pytest.raises(SSLInputError, match=r"8 folds \(4-fold x 2 repeat"):
+        ft.ensure_splits("Dataset555_X", repeats=1)
 
 
 def test_epoch_progress_condenses_nnunet_lines():

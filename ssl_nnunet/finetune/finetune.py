@@ -107,9 +107,12 @@ def preprocessed_case_ids(target_name: str) -> List[str]:
     return sorted({f.split(".")[0] for f in os.listdir(folder) if f.endswith(".pkl")})
 
 
-def make_splits(ids: Sequence[str], k: Optional[int] = None) -> List[dict]:
+def make_splits(ids: Sequence[str], k: Optional[int] = None, repeats: int = 1) -> List[dict]:
     """nnU-Net's k-fold split (its own function and seed) of ``ids``: ``k = min(5, cases)`` by default, so a
-    target with fewer than 5 labelled cases gets leave-one-out."""
+    target with fewer than 5 labelled cases gets leave-one-out. ``repeats`` > 1 appends further k-fold splits
+    drawn with other seeds (folds ``k .. k * repeats - 1``; the first k folds are nnU-Net's own split), so a
+    target with very few cases gets more training runs per arm: each fold is one run, and the verdict's interval
+    resamples runs. With leave-one-out every repeat has the same folds, retrained from a new initialisation."""
     from nnunetv2.utilities.crossval_split import generate_crossval_split
     n = len(ids)
     if n < 2:
@@ -117,20 +120,37 @@ def make_splits(ids: Sequence[str], k: Optional[int] = None) -> List[dict]:
     k = min(5, n) if k is None else int(k)
     if not 2 <= k <= n:
         raise SSLInputError(f"-k {k}: k-fold cross-validation of {n} case(s) needs 2 <= k <= {n}.")
-    return generate_crossval_split(list(ids), seed=12345, n_splits=k)
+    if int(repeats) < 1:
+        raise SSLInputError(f"-repeats {repeats}: needs at least 1.")
+    return [split for r in range(int(repeats)) for split in generate_crossval_split(list(ids), seed=12345 + r,
+                                                                                        n_splits=k)]
 
 
-def ensure_splits(target_name: str, k: Optional[int] = None) -> List[dict]:
+def split_repeats(splits: List[dict]) -> int:
+    """How many times each case is a validation case in ``splits`` (the ``repeats`` of :func:`make_splits`)."""
+    counts = {}
+    for s in splits:
+        for c in s["val"]:
+            counts[c] = counts.get(c, 0) + 1
+    return max(1, min(counts.values())) if counts else 1
+
+
+def ensure_splits(target_name: str, k: Optional[int] = None, repeats: Optional[int] = None) -> List[dict]:
     """Write nnU-Net's ``splits_final.json`` (:func:`make_splits`) if missing, so all arms and every later run
-    use the same folds; an existing file is used as it is (nnU-Net does the same) unless ``k`` contradicts it."""
+    use the same folds; an existing file is used as it is (nnU-Net does the same) unless ``k`` or ``repeats``
+    contradict it."""
     path = os.path.join(nnunet_preprocessed(), target_name, "splits_final.json")
     if os.path.isfile(path):
         splits = load_json(path, "splits")
-        if k is not None and len(splits) != k:
-            raise SSLInputError(f"{path} has {len(splits)} folds but -k {k} was given; delete the file (and the "
-                                f"fold folders trained on it) to re-split, or drop -k.")
+        have_repeats = split_repeats(splits)
+        have_k = len(splits) // have_repeats
+        if (k is not None and k != have_k) or (repeats is not None and repeats != have_repeats):
+            raise SSLInputError(f"{path} has {len(splits)} folds ({have_k}-fold x {have_repeats} repeat(s)) but "
+                                f"-k {k if k is not None else have_k} -repeats {repeats or have_repeats} was given; "
+                                f"delete the file (and the fold folders trained on it) to re-split, or drop "
+                                f"-k/-repeats.")
         return splits
-    splits = make_splits(preprocessed_case_ids(target_name), k)
+    splits = make_splits(preprocessed_case_ids(target_name), k, repeats or 1)
     atomic_save_json(splits, path)
     return splits
 
@@ -138,12 +158,14 @@ def ensure_splits(target_name: str, k: Optional[int] = None) -> List[dict]:
 def describe_splits(splits: List[dict]) -> str:
     """What a verdict over these folds rests on, e.g. '4-fold (leave-one-out) over 4 labelled cases ...'."""
     cases = sorted({c for s in splits for c in s["val"]} | {c for s in splits for c in s["train"]})
-    k = len(splits)
+    repeats = split_repeats(splits)
+    k = len(splits) // repeats
     n_val = sorted({len(s["val"]) for s in splits})
     kind = " (leave-one-out)" if n_val == [1] and k == len(cases) else ""
-    return (f"{k}-fold{kind} over {len(cases)} labelled cases, {'-'.join(map(str, n_val))} validation case(s) "
-            f"and {'-'.join(map(str, sorted({len(s['train']) for s in splits})))} training case(s) per fold "
-            f"(nnU-Net's splits_final.json)")
+    times = f" x {repeats} repeats ({len(splits)} folds, each one training run per arm)" if repeats > 1 else ""
+    return (f"{k}-fold{kind}{times} over {len(cases)} labelled cases, {'-'.join(map(str, n_val))} validation "
+            f"case(s) and {'-'.join(map(str, sorted({len(s['train']) for s in splits})))} training case(s) per "
+            f"fold (nnU-Net's splits_final.json)")
 
 
 def model_folder(results_root: str, target_name: str, trainer: str) -> str:
@@ -312,10 +334,11 @@ def arm_roots(root: str, tag: str) -> Dict[str, str]:
 def finetune(target, weights: str, folds: Optional[Sequence[int]] = None, scratch=False,
              trainer: str = DEFAULT_TRAINER, device: str = "cpu", num_processes: int = 2,
              encoder_only: bool = False, k: Optional[int] = None, vanilla_trainer: Optional[str] = None,
-             tensorboard: bool = False) -> dict:
+             tensorboard: bool = False, repeats: Optional[int] = None) -> dict:
     """Run the comparison; returns the report dict (also written as markdown/JSON/PNG).
 
-    ``folds``: default all folds of the target's split (``k`` folds, ``k = min(5, cases)`` unless given).
+    ``folds``: default all folds of the target's split (``k`` folds, ``k = min(5, cases)`` unless given, times
+    ``repeats`` for repeated k-fold, see :func:`make_splits`).
     ``scratch``: ``True`` trains both scratch arms (``scratch``: the same trainer as the pretrained arm;
     ``scratch_vanilla``: ``vanilla_trainer``, default the trainer's vanilla counterpart from
     :data:`ssl_nnunet.nnunet_trainers.VANILLA_TRAINERS`), or a list of the arm names to train; scratch folds
@@ -344,7 +367,7 @@ def finetune(target, weights: str, folds: Optional[Sequence[int]] = None, scratc
         # bundle from another machine: its plans.json is the source plan
         atomic_save_json(bundle["plans"], source_plans)
     transfer_and_preprocess(source_name, target_name, FINETUNE_PLANS, num_processes, verbose=False, adapt_channels=True)
-    splits = ensure_splits(target_name, k)
+    splits = ensure_splits(target_name, k, repeats)
     folds = list(range(len(splits))) if folds is None else list(folds)
     bad = [f for f in folds if not 0 <= f < len(splits)]
     if bad:
@@ -405,6 +428,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("-tr_vanilla", default=None,
                    help="trainer of the scratch_vanilla arm (default: the -tr trainer's vanilla counterpart, "
                         "e.g. nnUNetTrainer_SSLVanilla_CPU300 for nnUNetTrainer_SSLFinetune_CPU300)")
+    p.add_argument("-repeats", type=int, default=None,
+                   help="repeated k-fold for very few cases: R k-fold splits with different seeds (k x R folds, "
+                        "the first k are nnU-Net's); default 1")
     p.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("-np", type=int, default=2, help="worker processes for preprocessing/augmentation")
     p.add_argument("--encoder-only", action="store_true", help="re-initialise the decoder before fine-tuning")
@@ -414,4 +440,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     a = p.parse_args(argv)
     scratch = False if a.scratch is None else (True if a.scratch == [] else a.scratch)
     run_cli(lambda: finetune(a.d, a.w, a.f, scratch, a.tr, a.device, a.np, a.encoder_only, a.k, a.tr_vanilla,
-                                 a.tensorboard))
+                                 a.tensorboard, a.repeats))
