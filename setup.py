@@ -25,6 +25,7 @@ setup(
     entry_points={
         "console_scripts": [
             "ssl_nnunet_make_demo_dataset=ssl_nnunet.data.demo_dataset:main",
+            "ssl_nnunet_make_dataset=ssl_nnunet.experiment_planning.make_dataset:main",
             "ssl_nnunet_extract_fingerprint=ssl_nnunet.experiment_planning.entrypoints:extract_fingerprint_entry",
             "ssl_nnunet_plan_experiment=ssl_nnunet.experiment_planning.entrypoints:plan_experiment_entry",
             "ssl_nnunet_preprocess=ssl_nnunet.experiment_planning.entrypoints:preprocess_entry",

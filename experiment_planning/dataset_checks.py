@@ -12,23 +12,47 @@ from ssl_nnunet.utilities.errors import SSLInputError
 from ssl_nnunet.utilities.file_io import load_json
 
 
-def load_dataset_json(dataset_name: str) -> dict:
+BACKGROUND_ONLY_LABELS = {"background": 0}
+_NOTIFIED_UNLABELED = set()  # dataset names whose "no labels key" notice was printed (one notice per process)
+
+
+def with_default_labels(dataset_json: dict, dataset_name: str, verbose: bool = True) -> dict:
+    """``dataset_json`` with ``"labels": {"background": 0}`` added when it has no ``labels`` key (an unlabeled
+    dataset for pretraining). nnU-Net's planner, preprocessor and trainer need the key; the raw file is not
+    changed. Prints one notice per dataset and process."""
+    if "labels" in dataset_json:
+        return dataset_json
+    if verbose and dataset_name not in _NOTIFIED_UNLABELED:
+        print(f"{dataset_name}: dataset.json has no 'labels' key; treating it as unlabeled (background only, "
+              f"labels {BACKGROUND_ONLY_LABELS}).")
+    _NOTIFIED_UNLABELED.add(dataset_name)
+    return {**dataset_json, "labels": dict(BACKGROUND_ONLY_LABELS)}
+
+
+def load_dataset_json(dataset_name: str, verbose: bool = True) -> dict:
+    """The raw ``dataset.json`` of ``dataset_name``, checked; without a ``labels`` key it gets background-only
+    labels (:func:`with_default_labels`)."""
     path = os.path.join(nnunet_raw(), dataset_name, "dataset.json")
     if not os.path.isfile(path):
         raise SSLInputError(f"{dataset_name}: dataset.json is missing ({path}). Every nnU-Net raw dataset needs one "
-                            f"with 'channel_names', 'labels' and 'file_ending' (see documentation/dataset_format.md).")
+                            f"with 'channel_names' and 'file_ending' (see documentation/dataset_format.md; "
+                            f"ssl_nnunet_make_dataset writes one for a folder of scans).")
     dataset_json = load_json(path, "dataset.json")
     if not isinstance(dataset_json, dict):
-        raise SSLInputError(f"{path} must hold a JSON object with 'channel_names', 'labels' and 'file_ending'.")
-    for key in ("channel_names", "labels", "file_ending", "numTraining"):
+        raise SSLInputError(f"{path} must hold a JSON object with 'channel_names' and 'file_ending'.")
+    for key in ("channel_names", "file_ending", "numTraining"):
         if key not in dataset_json:
-            hint = ' (for an unlabeled dataset use "labels": {"background": 0})' if key == "labels" else ""
-            raise SSLInputError(f"{path} has no '{key}' key{hint}. Add it and rerun.")
+            raise SSLInputError(f"{path} has no '{key}' key. Add it and rerun.")
     names = dataset_json["channel_names"]
     if not isinstance(names, dict) or not names or not all(str(k).isdigit() for k in names):
         raise SSLInputError(f"{path}: 'channel_names' must map channel numbers to names, like "
                             f"{{\"0\": \"CT\"}} or {{\"0\": \"T1\", \"1\": \"T2\"}}.")
-    return dataset_json
+    labels = dataset_json.get("labels", BACKGROUND_ONLY_LABELS)
+    if not isinstance(labels, dict) or labels.get("background") != 0:
+        raise SSLInputError(f"{path}: 'labels' must map label names to values with \"background\": 0 (got "
+                            f"{labels!r}). For an unlabeled dataset leave the key out or use "
+                            f"{{\"background\": 0}}.")
+    return with_default_labels(dataset_json, dataset_name, verbose)
 
 
 def _cases_from_dataset_key(dataset_name: str, dataset_json: dict) -> Dict[str, dict]:
@@ -42,7 +66,8 @@ def _cases_from_dataset_key(dataset_name: str, dataset_json: dict) -> Dict[str, 
                             f"{type(entries).__name__}. Fix it or remove the key to use imagesTr.")
     n_channels = len(dataset_json["channel_names"])
 
-    def resolve(path):
+    def resolve(path):  # as nnunetv2's get_filenames_of_train_images_and_targets: $VARS expanded, relative to folder
+        path = os.path.expandvars(path)
         return path if os.path.isabs(path) else os.path.abspath(os.path.join(folder, path))
 
     cases = {}

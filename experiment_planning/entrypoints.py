@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from ssl_nnunet.constants import FINETUNE_PLANS, PROFILES, SSL_PLANS
@@ -10,7 +11,8 @@ from ssl_nnunet.utilities.errors import run_cli
 
 def _common_args(parser: argparse.ArgumentParser, planning: bool = True) -> None:
     parser.add_argument("-d", nargs="+", required=True, help="dataset id(s) or name(s), e.g. -d 900")
-    parser.add_argument("-np", type=int, default=2, help="number of worker processes (default 2)")
+    parser.add_argument("-np", type=int, default=None,
+                        help="number of worker processes (default: one per CPU this process may use)")
     if planning:
         parser.add_argument("-profile", default="gpu", choices=PROFILES,
                             help="network/patch profile: cpu_smoke (tests), cpu_bench (CPU benchmarks, demo), "
@@ -27,10 +29,30 @@ def _common_args(parser: argparse.ArgumentParser, planning: bool = True) -> None
     parser.add_argument("--quiet", action="store_true", help="less output")
 
 
+def _part_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-part", type=int, default=0,
+                        help="preprocess only part I (0-based) of -total_parts: every total_parts-th case")
+    parser.add_argument("-total_parts", type=int, default=1,
+                        help="split the cases into this many disjoint parts (run each part as its own job, all "
+                             "into the same folder; default 1 = all cases)")
+
+
+def _num_processes(args) -> int:
+    from ssl_nnunet.experiment_planning.preprocess import available_cpus
+    return available_cpus() if args.np is None else args.np
+
+
 def _fingerprint(args) -> None:
     from ssl_nnunet.experiment_planning.fingerprint import extract_fingerprint
+    from ssl_nnunet.paths import nnunet_preprocessed
+    from ssl_nnunet.utilities.file_io import dataset_name_from_id
     for d in args.d:
-        extract_fingerprint(d, args.np, overwrite=True, verbose=not args.quiet)
+        existing = os.path.join(nnunet_preprocessed(), dataset_name_from_id(d), "dataset_fingerprint.json")
+        if getattr(args, "total_parts", 1) > 1 and os.path.isfile(existing):
+            if not args.quiet:  # every part would read every case; the plan made from it is deterministic
+                print(f"Part {args.part} of {args.total_parts}: using the existing fingerprint {existing}")
+            continue
+        extract_fingerprint(d, _num_processes(args), overwrite=True, verbose=not args.quiet)
 
 
 def _plan(args) -> None:
@@ -43,29 +65,33 @@ def _plan(args) -> None:
 def _preprocess(args) -> None:
     from ssl_nnunet.experiment_planning.preprocess import preprocess
     for d in args.d:
-        preprocess(d, num_processes=args.np, verbose=not args.quiet)
+        preprocess(d, num_processes=_num_processes(args), verbose=not args.quiet, part=args.part,
+                   total_parts=args.total_parts)
 
 
-def extract_fingerprint_entry() -> None:
+def extract_fingerprint_entry(argv=None) -> None:
     p = argparse.ArgumentParser(description="Fingerprint a raw nnU-Net dataset; labels are optional.")
     _common_args(p, planning=False)
-    run_cli(lambda: _fingerprint(p.parse_args()))
+    run_cli(lambda: _fingerprint(p.parse_args(argv)))
 
 
-def plan_experiment_entry() -> None:
+def plan_experiment_entry(argv=None) -> None:
     p = argparse.ArgumentParser(description=f"Write {SSL_PLANS}.json (pretraining) and {FINETUNE_PLANS}.json.")
     _common_args(p)
-    run_cli(lambda: _plan(p.parse_args()))
+    run_cli(lambda: _plan(p.parse_args(argv)))
 
 
-def preprocess_entry() -> None:
+def preprocess_entry(argv=None) -> None:
     p = argparse.ArgumentParser(description=f"Preprocess a dataset with its {SSL_PLANS}.json (nnU-Net blosc2 format).")
     _common_args(p, planning=False)
-    run_cli(lambda: _preprocess(p.parse_args()))
+    _part_args(p)
+    run_cli(lambda: _preprocess(p.parse_args(argv)))
 
 
 def plan_and_preprocess(args) -> None:
     t0 = time.time()
+    from ssl_nnunet.experiment_planning.preprocess import select_part
+    select_part([], args.part, args.total_parts)  # a bad -part fails before the slow steps
     _fingerprint(args)
     _plan(args)
     _preprocess(args)
@@ -73,8 +99,9 @@ def plan_and_preprocess(args) -> None:
         print(f"ssl_nnunet_plan_and_preprocess finished in {time.time() - t0:.1f} s")
 
 
-def plan_and_preprocess_entry() -> None:
+def plan_and_preprocess_entry(argv=None) -> None:
     p = argparse.ArgumentParser(description="Fingerprint, plan and preprocess in one go "
                                             "(like nnUNetv2_plan_and_preprocess).")
     _common_args(p)
-    run_cli(lambda: plan_and_preprocess(p.parse_args()))
+    _part_args(p)
+    run_cli(lambda: plan_and_preprocess(p.parse_args(argv)))

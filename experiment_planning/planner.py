@@ -96,7 +96,7 @@ def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "Res
     if profile not in PROFILES:
         raise SSLInputError(f"Unknown profile -profile {profile}. Choose one of {', '.join(PROFILES)}.")
     dataset_name = dataset_name_from_id(dataset)
-    dataset_json = load_dataset_json(dataset_name)  # readable error before nnU-Net's asserts
+    dataset_json = load_dataset_json(dataset_name, verbose)  # readable error before nnU-Net's asserts
     pp_folder = os.path.join(nnunet_preprocessed(), dataset_name)
     fingerprint_file = os.path.join(pp_folder, "dataset_fingerprint.json")
     if not os.path.isfile(fingerprint_file):
@@ -113,6 +113,7 @@ def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "Res
         kwargs["overwrite_target_spacing"] = [float(s) for s in spacing]
     with _planner_uses_case_list(dataset_name, dataset_json):
         planner = planner_cls(dataset_name, **kwargs)
+    planner.dataset_json = dataset_json  # nnU-Net's planner re-reads the raw file, which may lack 'labels'
     if not verbose:
         import io
         with contextlib.redirect_stdout(io.StringIO()):
@@ -147,7 +148,11 @@ def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "Res
     finetune["ssl_pretraining_source"] = {"dataset_name": dataset_name, "plans_name": SSL_PLANS,
                                           "profile": profile, "planner_preset": preset}
 
-    atomic_copy(os.path.join(nnunet_raw(), dataset_name, "dataset.json"), os.path.join(pp_folder, "dataset.json"))
+    raw_json = os.path.join(nnunet_raw(), dataset_name, "dataset.json")
+    if "labels" in load_json(raw_json, "dataset.json"):
+        atomic_copy(raw_json, os.path.join(pp_folder, "dataset.json"))
+    else:  # unlabeled: the copy nnU-Net's preprocessor and trainer read gets background-only labels
+        atomic_save_json(dataset_json, os.path.join(pp_folder, "dataset.json"))
     atomic_save_json(plans, os.path.join(pp_folder, SSL_PLANS + ".json"))
     atomic_save_json(finetune, os.path.join(pp_folder, FINETUNE_PLANS + ".json"))
     if verbose:

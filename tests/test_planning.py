@@ -145,7 +145,10 @@ def test_missing_and_invalid_dataset_json():
     _expect_error(921, "not valid JSON")
     with open(os.path.join(folder, "dataset.json"), "w") as f:
         json.dump({"channel_names": {"0": "MRI"}, "file_ending": ".nii.gz"}, f)
-    _expect_error(921, "'labels'")
+    _expect_error(921, "'numTraining'")  # 'labels' is optional (unlabeled); the others are required
+    with open(os.path.join(folder, "dataset.json"), "w") as f:
+        json.dump({"channel_names": {"0": "MRI"}, "file_ending": ".nii.gz", "numTraining": 2, "labels": [0]}, f)
+    _expect_error(921, "'labels' must map")
 
 
 def test_corrupt_image_names_file_and_rerun_after_fix_succeeds():
