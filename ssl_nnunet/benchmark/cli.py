@@ -1,8 +1,9 @@
-"""``ssl_nnunet_benchmark``: the one command of every benchmark (throughput, transfer, pretext).
+"""``ssl_nnunet_benchmark``: the one command of every benchmark (throughput, transfer, pretext, data).
 
 Each subcommand parses its arguments and calls one function: :func:`ssl_nnunet.benchmark.throughput.
 benchmark_method` (per method) and :func:`~ssl_nnunet.benchmark.throughput.write_report`,
-:func:`ssl_nnunet.benchmark.transfer.run_transfer_benchmark`, :func:`ssl_nnunet.benchmark.pretext.run`.
+:func:`ssl_nnunet.benchmark.transfer.run_transfer_benchmark`, :func:`ssl_nnunet.benchmark.pretext.run`,
+:func:`ssl_nnunet.benchmark.data_scale.run`.
 ``-m`` takes the registered methods (:func:`ssl_nnunet.methods.method_names`), or ``all``.
 """
 from __future__ import annotations
@@ -57,6 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("-device", default=default_device)
     pt.add_argument("--seed", type=int, default=0, help="the pretraining run's --seed (rebuilds its initial network)")
     pt.add_argument("-o", default=None, help="also write the result as JSON")
+    da = sub.add_parser("data", help="bounded loader state on many tiny cases; loader patches/s vs a GPU step")
+    da.add_argument("--cases", type=int, default=40000, help="tiny (8^3) cases generated (default 40000)")
+    da.add_argument("--draws", type=int, default=2000, help="sampler draws over them (default 2000)")
+    da.add_argument("--patch", type=int, nargs=3, default=[128, 128, 128],
+                    help="patch of the throughput part: the GPU profile's (default 128 128 128)")
+    da.add_argument("--batch", type=int, default=2, help="patches per batch (default 2, nnU-Net's 3d_fullres)")
+    da.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="loader worker counts to time")
+    da.add_argument("--batches", type=int, default=20, help="timed batches per worker count")
+    da.add_argument("--gpu_step_s", type=float, default=None,
+                    help="GPU step time to compare with (default: GPU rows of "
+                         "documentation/benchmarks_throughput.json, if any)")
+    da.add_argument("--root", default=os.path.join("ssl_nnunet_data", "benchmark_data"),
+                    help="folder for the generated data (deleted at the end unless --keep)")
+    da.add_argument("--keep", action="store_true", help="keep the generated data")
+    da.add_argument("-o", default=None, help="also write the result as JSON")
     return p
 
 
@@ -82,10 +98,17 @@ def _pretext(a: argparse.Namespace, argv: Sequence[str]) -> None:
     run(a)
 
 
+def _data(a: argparse.Namespace, argv: Sequence[str]) -> None:
+    from ssl_nnunet.benchmark.data_scale import run
+    result = run(a.root, a.cases, a.draws, a.patch, a.batch, a.workers, a.batches, a.gpu_step_s, a.keep, a.o,
+                 "ssl_nnunet_benchmark " + " ".join(argv))
+    print(json.dumps({k: v for k, v in result.items() if k != "bounded_state"}, indent=1))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
-    command = {"throughput": _throughput, "transfer": _transfer, "pretext": _pretext}[a.what]
+    command = {"throughput": _throughput, "transfer": _transfer, "pretext": _pretext, "data": _data}[a.what]
     run_cli(lambda: command(a, argv))
 
 

@@ -18,12 +18,14 @@ case B around corresponding points: ``next_batch() -> (B, 2, C, a0, a1, a2)``, `
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ssl_nnunet.data.body_geometry import DatasetGeometry
+from ssl_nnunet.data.case_cache import (DEFAULT_MAX_BAD_CASE_FRACTION, DEFAULT_MAX_OPEN_CASES, CaseCache,
+                                        UnreadableCaseError)
 from ssl_nnunet.data.samplers import crop_with_padding
 from ssl_nnunet.utilities.errors import SSLInputError
 
@@ -123,7 +125,8 @@ class CrossVolumePairSampler:
 
     def __init__(self, dataset, identifiers: List[str], patch_size: Sequence[int], batch_size: int,
                  matcher: CrossVolumeMatcher, seed: int = 0, max_tries: int = 100,
-                 key_identifiers: Optional[List[str]] = None):
+                 key_identifiers: Optional[List[str]] = None, max_open_cases: int = DEFAULT_MAX_OPEN_CASES,
+                 max_bad_case_fraction: float = DEFAULT_MAX_BAD_CASE_FRACTION):
         keys = sorted(set(key_identifiers if key_identifiers is not None else identifiers))
         if not identifiers or any(all(k == q for k in keys) for q in identifiers):
             raise ValueError(f"every query case needs a different key case; got queries {list(identifiers)} and "
@@ -141,16 +144,12 @@ class CrossVolumePairSampler:
         self.max_tries = max(1, int(max_tries))
         self.rng = np.random.RandomState(seed)
         self.last_pairs: List[tuple] = []
-        self._cache: Dict[str, object] = {}
-
-    def _data(self, identifier: str):
-        if identifier not in self._cache:
-            self._cache[identifier] = self.dataset.load_case(identifier)[0]
-        return self._cache[identifier]
+        self.cases = CaseCache(dataset, sorted(set(self.identifiers) | set(keys)), max_open_cases,
+                               max_bad_case_fraction, min_good_cases=2)
 
     def _crop(self, identifier: str, centre: Sequence[int]) -> np.ndarray:
         start = [c - p // 2 for c, p in zip(centre, self.patch_size)]
-        return crop_with_padding(self._data(identifier), start, self.patch_size)
+        return self.cases.read(identifier, lambda data: crop_with_padding(data, start, self.patch_size))
 
     def draw_pair(self, source: str, target: str) -> Tuple[List[int], List[int], bool]:
         """Centres ``(c_A, c_B, matched)`` of a query crop in ``source`` and its key crop in ``target``."""
@@ -165,13 +164,27 @@ class CrossVolumePairSampler:
         c_b = [int(min(max(int(round(v)), lo), hi)) for v, (lo, hi) in zip(mapped, range_b)]
         return c_a, c_b, valid
 
+    def _draw_case(self, identifiers: List[str]) -> str:
+        while True:  # a known unreadable case is drawn again (see CaseCache)
+            case = identifiers[self.rng.randint(len(identifiers))]
+            if not self.cases.is_bad(case):
+                return case
+
+    def _pair_item(self) -> np.ndarray:
+        source = self._draw_case(self.identifiers)
+        target = self._draw_case([k for k in self.key_identifiers if k != source])
+        c_a, c_b, matched = self.draw_pair(source, target)
+        item = np.stack([self._crop(source, c_a), self._crop(target, c_b)])
+        self.last_pairs.append((source, target, c_a, c_b, matched))
+        return item
+
     def next_batch(self) -> torch.Tensor:
         items, self.last_pairs = [], []
         for _ in range(self.batch_size):
-            source = self.identifiers[self.rng.randint(len(self.identifiers))]
-            candidates = [k for k in self.key_identifiers if k != source]
-            target = candidates[self.rng.randint(len(candidates))]
-            c_a, c_b, matched = self.draw_pair(source, target)
-            items.append(np.stack([self._crop(source, c_a), self._crop(target, c_b)]))
-            self.last_pairs.append((source, target, c_a, c_b, matched))
+            while True:
+                try:
+                    items.append(self._pair_item())
+                    break
+                except UnreadableCaseError as e:
+                    self.cases.mark_bad(e)  # raises once too many cases are bad
         return torch.from_numpy(np.stack(items))

@@ -8,10 +8,13 @@ device by the method itself. :class:`SamplerSpec` is what the trainer hands to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import Callable, List, Sequence
 
 import numpy as np
 import torch
+
+from ssl_nnunet.data.case_cache import (DEFAULT_MAX_BAD_CASE_FRACTION, DEFAULT_MAX_OPEN_CASES, CaseCache,
+                                        UnreadableCaseError, choose_cases)
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,8 @@ class SamplerSpec:
         method_plan: ``plans["ssl"]["methods"][name]``.
         ssl_plan: the whole ``plans["ssl"]`` block (``out_of_plane_axis``, ...).
         preprocessed_folder: the preprocessed data folder (where per-dataset caches are placed beside).
+        max_open_cases: case arrays a sampler keeps open (:class:`~ssl_nnunet.data.case_cache.CaseCache`).
+        max_bad_case_fraction: share of unreadable cases a sampler skips before it stops with an error.
     """
 
     dataset: object
@@ -37,6 +42,13 @@ class SamplerSpec:
     method_plan: dict
     ssl_plan: dict
     preprocessed_folder: str
+    max_open_cases: int = DEFAULT_MAX_OPEN_CASES
+    max_bad_case_fraction: float = DEFAULT_MAX_BAD_CASE_FRACTION
+
+    @property
+    def case_options(self) -> dict:
+        """The keyword arguments of every sampler's :class:`~ssl_nnunet.data.case_cache.CaseCache`."""
+        return {"max_open_cases": self.max_open_cases, "max_bad_case_fraction": self.max_bad_case_fraction}
 
 
 def crop_with_padding(data, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -61,10 +73,15 @@ class UnlabeledPatchSampler:
 
     ``cases_per_sample`` > 1 returns, per batch element, patches of that many *different* cases.
     Output of :meth:`next_batch`: float32 tensor (B, C, *P) or (B, cases_per_sample, C, *P).
+
+    Cases are opened through a :class:`~ssl_nnunet.data.case_cache.CaseCache` (at most ``max_open_cases`` open
+    at a time); an unreadable case is logged, skipped and replaced by another draw, and the sampler stops with
+    a clear error once more than ``max_bad_case_fraction`` of its cases are unreadable.
     """
 
     def __init__(self, dataset, identifiers: List[str], patch_size: Sequence[int], batch_size: int,
-                 cases_per_sample: int = 1, seed: int = 0):
+                 cases_per_sample: int = 1, seed: int = 0, max_open_cases: int = DEFAULT_MAX_OPEN_CASES,
+                 max_bad_case_fraction: float = DEFAULT_MAX_BAD_CASE_FRACTION):
         if cases_per_sample > len(identifiers):
             raise ValueError(f"need at least {cases_per_sample} cases, got {len(identifiers)}")
         self.dataset = dataset
@@ -73,35 +90,37 @@ class UnlabeledPatchSampler:
         self.batch_size = batch_size
         self.cases_per_sample = cases_per_sample
         self.rng = np.random.RandomState(seed)
-        self._cache = {}
-
-    def _case(self, identifier):
-        if identifier not in self._cache:
-            data, _, _, props = self.dataset.load_case(identifier)
-            bbox = props.get("ssl_body_bbox") or [[0, s] for s in data.shape[1:]]
-            self._cache[identifier] = (data, bbox)
-        return self._cache[identifier]
+        self.cases = CaseCache(dataset, self.identifiers, max_open_cases, max_bad_case_fraction,
+                               min_good_cases=cases_per_sample)
 
     def sample_patch(self, identifier: str) -> np.ndarray:
-        _, bbox = self._case(identifier)
+        bbox = self.cases.info(identifier).bbox
         return self.patch_around(identifier, [self.rng.randint(lo, max(lo + 1, hi)) for lo, hi in bbox])
 
     def patch_around(self, identifier: str, centre) -> np.ndarray:
         """The patch of ``identifier`` centred at ``centre`` (moved inside the image where it fits)."""
-        data, _ = self._case(identifier)
+        shape = self.cases.info(identifier).shape
         start = [c - p // 2 for c, p in zip(centre, self.patch_size)]
         # keep the patch inside the image where the image is large enough
         start = [min(max(s, 0), d - p) if d >= p else (d - p) // 2
-                 for s, d, p in zip(start, data.shape[1:], self.patch_size)]
-        return crop_with_padding(data, start, self.patch_size)
+                 for s, d, p in zip(start, shape, self.patch_size)]
+        return self.cases.read(identifier, lambda data: crop_with_padding(data, start, self.patch_size))
+
+    def _retrying(self, make_item: Callable[[], np.ndarray]) -> np.ndarray:
+        """``make_item()``, drawn again (with new cases) while it hits an unreadable case."""
+        while True:
+            try:
+                return make_item()
+            except UnreadableCaseError as e:
+                self.cases.mark_bad(e)  # raises once too many cases are bad
+
+    def _random_item(self) -> np.ndarray:
+        cases = choose_cases(self.rng, self.identifiers, self.cases_per_sample, self.cases)
+        patches = [self.sample_patch(c) for c in cases]
+        return patches[0] if self.cases_per_sample == 1 else np.stack(patches)
 
     def next_batch(self) -> torch.Tensor:
-        items = []
-        for _ in range(self.batch_size):
-            cases = self.rng.choice(len(self.identifiers), self.cases_per_sample, replace=False)
-            patches = [self.sample_patch(self.identifiers[c]) for c in cases]
-            items.append(patches[0] if self.cases_per_sample == 1 else np.stack(patches))
-        return torch.from_numpy(np.stack(items))
+        return torch.from_numpy(np.stack([self._retrying(self._random_item) for _ in range(self.batch_size)]))
 
 
 class RelativePositionPairSampler(UnlabeledPatchSampler):
@@ -111,17 +130,14 @@ class RelativePositionPairSampler(UnlabeledPatchSampler):
     whole-volume pairs do (GVSL layout ``pair_sampling = "matched"``, the default).
     Output of :meth:`next_batch`: float32 ``(B, 2, C, a0, a1, a2)``."""
 
-    def __init__(self, dataset, identifiers, patch_size, batch_size, seed=0):
-        super().__init__(dataset, identifiers, patch_size, batch_size, cases_per_sample=2, seed=seed)
+    def __init__(self, dataset, identifiers, patch_size, batch_size, seed=0, **case_options):
+        super().__init__(dataset, identifiers, patch_size, batch_size, cases_per_sample=2, seed=seed, **case_options)
 
     def patch_at(self, identifier: str, rel: Sequence[float]) -> np.ndarray:
-        _, bbox = self._case(identifier)
+        bbox = self.cases.info(identifier).bbox
         return self.patch_around(identifier, [int(lo + r * max(0, hi - lo - 1)) for (lo, hi), r in zip(bbox, rel)])
 
-    def next_batch(self) -> torch.Tensor:
-        items = []
-        for _ in range(self.batch_size):
-            cases = self.rng.choice(len(self.identifiers), 2, replace=False)
-            rel = self.rng.uniform(0.0, 1.0, len(self.patch_size))
-            items.append(np.stack([self.patch_at(self.identifiers[i], rel) for i in cases]))
-        return torch.from_numpy(np.stack(items))
+    def _random_item(self) -> np.ndarray:
+        cases = choose_cases(self.rng, self.identifiers, 2, self.cases)
+        rel = self.rng.uniform(0.0, 1.0, len(self.patch_size))
+        return np.stack([self.patch_at(c, rel) for c in cases])

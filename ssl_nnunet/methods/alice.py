@@ -360,7 +360,8 @@ class Alice(SSLMethod):
                                                    spec.preprocessed_folder)
         keys = spec.identifiers if len(spec.identifiers) >= 2 else sorted(spec.dataset.identifiers)
         return CrossVolumePairSampler(spec.dataset, spec.identifiers, spec.patch_size, spec.batch_size,
-                                      CrossVolumeMatcher(geometry), seed=spec.seed, key_identifiers=keys)
+                                      CrossVolumeMatcher(geometry), seed=spec.seed, key_identifiers=keys,
+                                      **spec.case_options)
 
     def train(self, mode: bool = True):
         super().train(mode)

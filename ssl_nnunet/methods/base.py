@@ -165,7 +165,7 @@ class SSLMethod(nn.Module):
         patches of ``cases_per_sample`` different cases (:class:`ssl_nnunet.data.samplers.UnlabeledPatchSampler`).
         Methods that must choose *where* to cut (e.g. Alice's matched crops) override this."""
         return UnlabeledPatchSampler(spec.dataset, spec.identifiers, spec.patch_size, spec.batch_size,
-                                     cls.cases_per_sample, seed=spec.seed)
+                                     cls.cases_per_sample, seed=spec.seed, **spec.case_options)
 
     def forward(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """Build the views from ``batch`` and return ``{"loss": total, "<term>": value, ...}``.

@@ -370,7 +370,7 @@ class GVSL(SSLMethod):
         if cls.resolved_layout(spec.method_plan)["pair_sampling"] == "independent":
             return super().make_sampler(spec)
         return RelativePositionPairSampler(spec.dataset, spec.identifiers, spec.patch_size, spec.batch_size,
-                                           seed=spec.seed)
+                                           seed=spec.seed, **spec.case_options)
 
     # ------------------------------------------------------------------------------------------------ views
     def appearance_transform(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:

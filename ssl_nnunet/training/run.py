@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from ssl_nnunet.constants import CONFIGURATION, SSL_PLANS
+from ssl_nnunet.data.case_cache import DEFAULT_MAX_OPEN_CASES
 from ssl_nnunet.methods import get_method, method_names
 from ssl_nnunet.paths import nnunet_preprocessed
 from ssl_nnunet.utilities.errors import SSLInputError, run_cli
@@ -23,8 +24,20 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def default_num_loader_workers(device: str) -> int:
+    """Default of ``-np_loader``: nnU-Net's ``get_allowed_n_proc_DA()`` (``nnUNet_n_proc_DA`` when set, capped at
+    the CPU count) on CUDA; on CPU/MPS ``nnUNet_n_proc_DA`` when set, else 0 (the workers would compete with the
+    training step for the same cores; the prefetch thread keeps up there)."""
+    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+    if device == "cuda" or "nnUNet_n_proc_DA" in os.environ:
+        return get_allowed_n_proc_DA()
+    return 0
+
+
 def build_trainer(dataset, method: str, plans_identifier: str = SSL_PLANS, device: str = "cpu",
-                  iterations: Optional[int] = None, seed: int = 0, num_prefetch: int = 2, tensorboard: bool = False):
+                  iterations: Optional[int] = None, seed: int = 0, num_prefetch: int = 2,
+                  num_loader_workers: int = 0, max_open_cases: int = DEFAULT_MAX_OPEN_CASES,
+                  tensorboard: bool = False):
     from ssl_nnunet.training.ssl_trainer import SSLTrainer
     try:
         get_method(method)
@@ -36,15 +49,18 @@ def build_trainer(dataset, method: str, plans_identifier: str = SSL_PLANS, devic
     dataset_json = load_json(os.path.join(folder, "dataset.json"), "dataset.json")
     trainer = SSLTrainer(plans, CONFIGURATION, 0, dataset_json, _resolve_device(device))
     return trainer.configure(method, iterations=iterations, seed=seed, num_prefetch=num_prefetch,
+                             num_loader_workers=num_loader_workers, max_open_cases=max_open_cases,
                              tensorboard=tensorboard)
 
 
 def pretrain(dataset, method: str, plans_identifier: str = SSL_PLANS, device: str = "cpu",
              continue_training: bool = False, iterations: Optional[int] = None,
              pretrained_weights: Optional[str] = None, seed: int = 0, num_prefetch: int = 2,
+             num_loader_workers: int = 0, max_open_cases: int = DEFAULT_MAX_OPEN_CASES,
              tensorboard: bool = False):
     """Pretrain ``method`` on ``dataset`` in this process; returns the trainer."""
-    trainer = build_trainer(dataset, method, plans_identifier, device, iterations, seed, num_prefetch, tensorboard)
+    trainer = build_trainer(dataset, method, plans_identifier, device, iterations, seed, num_prefetch,
+                            num_loader_workers, max_open_cases, tensorboard)
     trainer.initialize()
     final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
     latest = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
@@ -106,14 +122,22 @@ def main() -> None:
                    help="total training iterations (overrides the plan; the LR schedule follows it)")
     p.add_argument("-pretrained_weights", default=None, help="nnU-Net checkpoint to initialise the network")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefetch", type=int, default=2, help="batches prepared ahead in a background thread")
+    p.add_argument("--prefetch", type=int, default=2,
+                   help="batches prepared ahead (in a background thread, or per loader worker)")
+    p.add_argument("-np_loader", type=int, default=None,
+                   help="loader worker processes per GPU/process that cut the patches (0: a thread of the "
+                        "trainer). Default: nnU-Net's nnUNet_n_proc_DA convention on CUDA, 0 on CPU unless "
+                        "nnUNet_n_proc_DA is set")
+    p.add_argument("--max_open_cases", type=int, default=DEFAULT_MAX_OPEN_CASES,
+                   help=f"case files each sampler keeps open (LRU; default {DEFAULT_MAX_OPEN_CASES})")
     p.add_argument("--tensorboard", action="store_true",
                    help="also log loss terms, learning rate, data wait and previews to <run folder>/tensorboard "
                         "(needs the tensorboard extra); progress.png is written either way")
     a = p.parse_args()
     kwargs = dict(dataset=a.d, method=a.m, plans_identifier=a.p, device=a.device, continue_training=a.c,
                   iterations=a.iterations, pretrained_weights=a.pretrained_weights, seed=a.seed,
-                  num_prefetch=a.prefetch, tensorboard=a.tensorboard)
+                  num_prefetch=a.prefetch, max_open_cases=a.max_open_cases, tensorboard=a.tensorboard,
+                  num_loader_workers=default_num_loader_workers(a.device) if a.np_loader is None else a.np_loader)
 
     def go():
         if a.num_gpus > 1:

@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
-from ssl_nnunet.data.loader import PrefetchLoader
+from ssl_nnunet.data.case_cache import DEFAULT_MAX_OPEN_CASES
+from ssl_nnunet.data.loader import PrefetchLoader, SamplerFactory
 from ssl_nnunet.data.samplers import SamplerSpec
 from ssl_nnunet.methods import get_method
 from ssl_nnunet.training.logger import SSLLogger
@@ -59,9 +60,14 @@ class SSLTrainer(nnUNetTrainer):
         self.model = None  # the module that computes the loss (DDP-wrapped under DDP)
 
     def configure(self, method: str, iterations: Optional[int] = None, seed: int = 0, num_prefetch: int = 2,
+                  num_loader_workers: int = 0, max_open_cases: int = DEFAULT_MAX_OPEN_CASES,
                   tensorboard: bool = False):
         """Select the SSL method and run length; sets the output folder ``SSL_<method>__<plans>__<config>``.
-        ``tensorboard``: also log to ``<output folder>/tensorboard`` (:mod:`ssl_nnunet.utilities.tensorboard`)."""
+
+        ``num_loader_workers`` > 0 cuts the training patches in that many worker processes
+        (:class:`~ssl_nnunet.data.loader.PrefetchLoader`), 0 in a thread; ``max_open_cases`` bounds the case
+        files each sampler keeps open (:class:`~ssl_nnunet.data.case_cache.CaseCache`). ``tensorboard``: also log
+        to ``<output folder>/tensorboard`` (:mod:`ssl_nnunet.utilities.tensorboard`)."""
         plans = self.plans_manager.plans
         if "ssl" not in plans or method not in plans["ssl"].get("methods", {}):
             raise SSLInputError(f"Plans '{self.plans_manager.plans_name}' have no ssl.methods.{method} entry. "
@@ -104,6 +110,11 @@ class SSLTrainer(nnUNetTrainer):
         self.num_prefetch = num_prefetch
         self.tensorboard = bool(tensorboard)
         self.tb = None  # the TensorBoard sink of rank 0, opened in on_train_start
+        if num_loader_workers < 0 or max_open_cases < 0:
+            raise SSLInputError(f"-np_loader and --max_open_cases must be >= 0, got {num_loader_workers}, "
+                                f"{max_open_cases}")
+        self.num_loader_workers = int(num_loader_workers)
+        self.max_open_cases = int(max_open_cases)
         self.logger = SSLLogger()
         self.nonfinite_steps = 0
         self.iteration_losses: List[float] = []  # total loss of every optimizer step (this rank)
@@ -165,13 +176,23 @@ class SSLTrainer(nnUNetTrainer):
         patch = method_cls.required_patch_size(self.method_plan)
         train_spec = SamplerSpec(dataset, train_ids, patch, self.batch_size,
                                  self.seed + 1000 * self.local_rank + self.current_epoch, self.method_plan,
-                                 self.ssl_plan, folder)
-        self.dataloader_train = PrefetchLoader(method_cls.make_sampler(train_spec), self.num_prefetch)
+                                 self.ssl_plan, folder, max_open_cases=self.max_open_cases)
+        # built here also with workers: it checks the spec and writes per-dataset caches (Alice's geometry) once
+        sampler = method_cls.make_sampler(train_spec)
+        pin = self.device.type == "cuda"
+        if self.num_loader_workers > 0:
+            # worker w of rank r draws with worker_seed(seed + epoch, r, w): reproducible for a given -np_loader
+            self.dataloader_train = PrefetchLoader(
+                None, max(1, self.num_prefetch), self.num_loader_workers, SamplerFactory(method_cls, train_spec),
+                seed=self.seed + self.current_epoch, rank=self.local_rank, pin_memory=pin)
+        else:
+            self.dataloader_train = PrefetchLoader(sampler, self.num_prefetch, pin_memory=pin)
         self._val_spec = replace(train_spec, identifiers=self.val_identifiers, seed=VALIDATION_SEED)
         self.print_to_log_file(f"SSL method {self.method_name}: {len(train_ids)} training / "
                                f"{len(self.val_identifiers)} validation cases, data patch {patch}, batch "
                                f"{self.batch_size} per process x {self.world_size}, {self.total_iterations} "
-                               f"iterations ({self.num_epochs} epochs x {self.iterations_per_epoch})")
+                               f"iterations ({self.num_epochs} epochs x {self.iterations_per_epoch}), "
+                               f"{self.num_loader_workers} loader worker processes")
 
     def on_train_start(self):
         if not self.was_initialized:
