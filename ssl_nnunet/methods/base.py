@@ -104,6 +104,9 @@ class SSLMethod(nn.Module):
     layout_defaults: dict = {}
     #: layout keys the plan must give (derived by :meth:`default_layout`; no context-free default exists)
     required_layout_keys: Tuple[str, ...] = ()
+    #: True when every training step runs the same autograd graph over the same parameters (DDP's
+    #: ``static_graph=True``); a method whose graph changes from step to step sets False
+    static_graph: bool = True
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__()
@@ -201,6 +204,19 @@ class SSLMethod(nn.Module):
         when :meth:`ema_pairs` is empty). Methods with other per-step schedules extend it."""
         if self.ema_pairs():
             self.ema_update(self.ema_momentum_at(step, total_steps))
+
+    def untrained_parameters(self) -> List[str]:
+        """Names (as in ``named_parameters()``) of the parameters this objective never gives a gradient. The
+        trainer freezes them (``requires_grad = False``: no optimizer entry, no DDP bucket), so DDP runs with
+        ``find_unused_parameters=False``; they are exported at their initial values. Default: the decoder's
+        deep-supervision heads ``seg_layers[:-1]`` — the network is built without deep supervision, so only
+        ``seg_layers[-1]`` runs. Methods whose objective skips more (e.g. a head only used in validation) extend
+        it; parameters a method already froze itself (VoCo's decoder) need not be listed."""
+        seg_layers = getattr(getattr(self.network, "decoder", None), "seg_layers", None)
+        if seg_layers is None:
+            return []
+        return [f"network.decoder.seg_layers.{i}.{name}" for i in range(len(seg_layers) - 1)
+                for name, _ in seg_layers[i].named_parameters()]
 
     def previews(self, batch: torch.Tensor) -> Dict[str, Sequence[torch.Tensor]]:
         """Optional images for a preview PNG: ``{row_title: [3D tensors (a0, a1, a2)]}``. Default: none."""

@@ -312,6 +312,11 @@ class GVSL(SSLMethod):
             raise cls.layout_error(ssl_plan, "ncc_window", "window sizes must be odd (centred box)")
         return []
 
+    def untrained_parameters(self):
+        """GVSL reads the last decoder stage d_{K-2}, never the 1x1 output head: every ``seg_layers`` entry is
+        untrained (frozen, exported at initialisation)."""
+        return [f"network.decoder.seg_layers.{name}" for name, _ in self.network.decoder.seg_layers.named_parameters()]
+
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__(network, method_plan, ssl_plan, num_input_channels)
         check_unet(network)

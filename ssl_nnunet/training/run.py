@@ -4,14 +4,18 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from typing import Optional
+import sys
+from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from ssl_nnunet.constants import CONFIGURATION, SSL_PLANS
 from ssl_nnunet.data.case_cache import DEFAULT_MAX_OPEN_CASES
 from ssl_nnunet.methods import get_method, method_names
 from ssl_nnunet.paths import nnunet_preprocessed
+from ssl_nnunet.training.distributed import (REQUEUE_EXIT_CODE, elastic_restart_count, init_process_group_from_env,
+                                             launched_distributed, map_slurm_environment)
 from ssl_nnunet.utilities.errors import SSLInputError, run_cli
 from ssl_nnunet.utilities.file_io import dataset_name_from_id, load_json, load_plans
 
@@ -58,12 +62,18 @@ def pretrain(dataset, method: str, plans_identifier: str = SSL_PLANS, device: st
              pretrained_weights: Optional[str] = None, seed: int = 0, num_prefetch: int = 2,
              num_loader_workers: int = 0, max_open_cases: int = DEFAULT_MAX_OPEN_CASES,
              tensorboard: bool = False):
-    """Pretrain ``method`` on ``dataset`` in this process; returns the trainer."""
+    """Pretrain ``method`` on ``dataset`` in this process (one rank when a process group is initialised); returns
+    the trainer. ``trainer.stop_signal`` is set when SIGUSR1 / SIGTERM stopped it (exit with
+    :data:`~ssl_nnunet.training.distributed.REQUEUE_EXIT_CODE`)."""
     trainer = build_trainer(dataset, method, plans_identifier, device, iterations, seed, num_prefetch,
                             num_loader_workers, max_open_cases, tensorboard)
     trainer.initialize()
     final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
     latest = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
+    restarts = elastic_restart_count()
+    if restarts and not continue_training:
+        trainer.print_to_log_file(f"torchrun restart {restarts}: continuing from the latest checkpoint.")
+        continue_training = True
     if continue_training:
         for path in (latest, final):
             if os.path.isfile(path):
@@ -83,40 +93,62 @@ def pretrain(dataset, method: str, plans_identifier: str = SSL_PLANS, device: st
     return trainer
 
 
+def pretrain_distributed(**kwargs) -> int:
+    """One rank of a torchrun / srun / ``-num_gpus`` job: the process group from ``env://``, :func:`pretrain`,
+    then the group is destroyed. Returns the exit status (0, or the requeue code after a stop signal)."""
+    init_process_group_from_env(kwargs.get("device", "cpu"))
+    try:
+        trainer = pretrain(**kwargs)
+    finally:
+        dist.destroy_process_group()
+    return REQUEUE_EXIT_CODE if trainer.stop_signal else 0
+
+
+def _elastic_worker(kwargs: dict) -> None:
+    status = pretrain_distributed(**kwargs)
+    if status:
+        sys.exit(status)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, kwargs: dict):
-    import torch.distributed as dist
-    backend = "nccl" if kwargs["device"] == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    if kwargs["device"] == "cuda":
-        torch.cuda.set_device(rank)
-    try:
-        torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
-        pretrain(**kwargs)
-    finally:
-        dist.destroy_process_group()
-
-
-def pretrain_ddp(num_processes: int, **kwargs):
-    """Spawn ``num_processes`` ranks (NCCL on CUDA, gloo on CPU), as nnU-Net's ``-num_gpus``."""
-    import torch.multiprocessing as mp
+def pretrain_ddp(num_processes: int, **kwargs) -> int:
+    """``-num_gpus K``: K ranks on this machine (NCCL on CUDA, gloo on CPU) started by torch's own elastic launcher
+    (``torch.distributed.launcher.elastic_launch``, what torchrun runs), so every rank sees the torchrun
+    environment and takes the same code path as under torchrun. Returns the exit status."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
     if kwargs.get("device") == "cuda" and torch.cuda.device_count() < num_processes:
         raise SSLInputError(f"-num_gpus {num_processes} but only {torch.cuda.device_count()} CUDA devices found.")
-    mp.spawn(_ddp_worker, args=(num_processes, _free_port(), kwargs), nprocs=num_processes, join=True)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=num_processes, run_id=f"ssl_nnunet_{os.getpid()}",
+                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
+                          monitor_interval=0.2, start_method="spawn")
+    try:
+        elastic_launch(config, _elastic_worker)(kwargs)
+    except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        if codes == {REQUEUE_EXIT_CODE}:
+            return REQUEUE_EXIT_CODE
+        raise
+    return 0
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=f"Self-supervised pretraining of the nnU-Net network of {SSL_PLANS}.json.")
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=f"Self-supervised pretraining of the nnU-Net network of {SSL_PLANS}.json. "
+                                f"Multi-GPU / multi-node: launch with torchrun (or srun); see "
+                                f"documentation/pretraining.md. Exits {REQUEUE_EXIT_CODE} after a SIGUSR1/SIGTERM "
+                                f"stop (checkpoint written; requeue and resume with --c).")
     p.add_argument("-d", required=True, help="dataset id or name")
     p.add_argument("-m", required=True, choices=method_names(), help="SSL method")
     p.add_argument("-p", default=SSL_PLANS, help=f"plans identifier (default {SSL_PLANS})")
     p.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu", "mps"])
-    p.add_argument("-num_gpus", type=int, default=1, help="number of DDP processes (gloo on CPU, NCCL on CUDA)")
+    p.add_argument("-num_gpus", type=int, default=1,
+                   help="single-machine shortcut: number of DDP processes (gloo on CPU, NCCL on CUDA); do not combine "
+                        "with torchrun")
     p.add_argument("--c", action="store_true", help="continue from checkpoint_latest.pth")
     p.add_argument("--iterations", type=int, default=None,
                    help="total training iterations (overrides the plan; the LR schedule follows it)")
@@ -133,15 +165,25 @@ def main() -> None:
     p.add_argument("--tensorboard", action="store_true",
                    help="also log loss terms, learning rate, data wait and previews to <run folder>/tensorboard "
                         "(needs the tensorboard extra); progress.png is written either way")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     kwargs = dict(dataset=a.d, method=a.m, plans_identifier=a.p, device=a.device, continue_training=a.c,
                   iterations=a.iterations, pretrained_weights=a.pretrained_weights, seed=a.seed,
                   num_prefetch=a.prefetch, max_open_cases=a.max_open_cases, tensorboard=a.tensorboard,
                   num_loader_workers=default_num_loader_workers(a.device) if a.np_loader is None else a.np_loader)
 
-    def go():
+    def go() -> int:
+        if map_slurm_environment() or launched_distributed():
+            if a.num_gpus > 1:
+                raise SSLInputError("-num_gpus given inside a torchrun/srun job (WORLD_SIZE is set): the launcher "
+                                    "starts the processes; drop -num_gpus.")
+            return pretrain_distributed(**kwargs)
         if a.num_gpus > 1:
-            pretrain_ddp(a.num_gpus, **kwargs)
-        else:
-            pretrain(**kwargs)
-    run_cli(go)
+            return pretrain_ddp(a.num_gpus, **kwargs)
+        return REQUEUE_EXIT_CODE if pretrain(**kwargs).stop_signal else 0
+    status = run_cli(go)
+    if status:
+        sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

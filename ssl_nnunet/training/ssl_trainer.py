@@ -7,14 +7,22 @@ from ``sslPlans.json`` with ``num_classes = C_in`` and no deep supervision, wrap
 blosc2 folder; there is no Dice validation — validation reports the SSL loss on held-out cases with fixed
 patches and masks; the schedule is per iteration (``--iterations`` overrides the plan's length).
 
+Multi-process runs (torchrun, SLURM, ``-num_gpus``; :mod:`ssl_nnunet.training.distributed`): the plan's batch
+size is the global batch, split over the ranks as nnU-Net splits it; parameters the objective never trains are
+frozen so DDP needs no unused-parameter search; SIGUSR1 / SIGTERM stop every rank after its current iteration
+with a mid-epoch checkpoint that ``--c`` continues at exactly that iteration. As in nnU-Net, ``self.local_rank``
+is the rank in the whole job (rank 0 alone writes checkpoints and logs); the GPU index is ``LOCAL_RANK``.
+
 Outputs: ``nnUNet_results/DatasetXXX_Name/SSL_<method>__<plans>__3d_fullres/``: ``checkpoint_latest.pth``
-(every epoch, atomic), ``checkpoint_final.pth``, ``progress.png``, ``training_log_*.txt``, previews,
+(every epoch and on a stop signal, atomic), ``checkpoint_final.pth``, ``progress.png``, ``training_log_*.txt``, previews,
 ``plans.json``, ``dataset.json``, ``dataset_fingerprint.json``.
 """
 from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import replace
 from datetime import datetime
@@ -32,6 +40,7 @@ from ssl_nnunet.data.case_cache import DEFAULT_MAX_OPEN_CASES
 from ssl_nnunet.data.loader import PrefetchLoader, SamplerFactory
 from ssl_nnunet.data.samplers import SamplerSpec
 from ssl_nnunet.methods import get_method
+from ssl_nnunet.training.distributed import local_device, split_global_batch
 from ssl_nnunet.training.logger import SSLLogger
 from ssl_nnunet.training.schedule import build_optimizer, learning_rate
 from ssl_nnunet.utilities.errors import SSLInputError
@@ -55,6 +64,8 @@ class SSLTrainer(nnUNetTrainer):
         if device.type != "cuda":
             self.device = device  # nnU-Net assumes CUDA under DDP; CPU (gloo) DDP is allowed here
             self.grad_scaler = None
+        elif self.is_ddp:
+            self.device = local_device(device)  # nnU-Net takes cuda:<global rank>: wrong beyond one node
         self._stray_folder = self.output_folder
         self.method = None
         self.model = None  # the module that computes the loss (DDP-wrapped under DDP)
@@ -118,6 +129,11 @@ class SSLTrainer(nnUNetTrainer):
         self.logger = SSLLogger()
         self.nonfinite_steps = 0
         self.iteration_losses: List[float] = []  # total loss of every optimizer step (this rank)
+        self.stop_signal: Optional[str] = None  # name of the signal that stopped the run (SIGUSR1 / SIGTERM)
+        self._stop_requested: Optional[str] = None
+        self._stop_agreed = False
+        self._resume_step = 0  # first step of current_epoch to run (> 0 after a mid-epoch checkpoint)
+        self._partial_epoch: Optional[dict] = None  # reduced means of the steps of current_epoch done before it
         self.preview_every = max(1, self.num_epochs // 5)
         return self
 
@@ -138,22 +154,48 @@ class SSLTrainer(nnUNetTrainer):
         torch.manual_seed(self.seed + 1000 * self.local_rank)
         self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
                                                                self.dataset_json)
+        self._set_batch_size()
         network = build_network_from_plans(self.plans_manager.plans, self.num_input_channels, self.num_input_channels,
                                            deep_supervision=False, configuration=self.configuration_name)
         method_cls = get_method(self.method_name)
         self.method = method_cls(network, self.method_plan, self.ssl_plan, self.num_input_channels).to(self.device)
         self.network = self.method.network
+        self._freeze_untrained_parameters()
         self.optimizer = build_optimizer([p for p in self.method.parameters() if p.requires_grad],
                                          self.method_plan["optimizer"])
         self.lr_scheduler = None
         if self.is_ddp:
-            # the decoder's intermediate seg_layers get no gradient: find_unused_parameters is required
-            self.model = DDP(self.method, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
-                             find_unused_parameters=True)
+            # every trainable parameter gets a gradient every step (untrained ones are frozen above), so DDP skips
+            # the per-step search of the graph for unused parameters
+            self.model = DDP(self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                             find_unused_parameters=False, static_graph=method_cls.static_graph)
         else:
             self.model = self.method
-        self.batch_size = max(1, round(int(self.method_plan["batch_size"]) / self.world_size))
         self.was_initialized = True
+
+    def _set_batch_size(self):
+        """The plan's ``batch_size`` is the global batch: split over the ranks as nnU-Net does (remainder on the
+        first ranks; a world larger than the batch is refused). The learning rate is the plan's whatever the world
+        size (the global batch does not change with it). With an uneven split every rank's loss is weighted by
+        ``b_rank · world / B`` so that DDP's gradient average equals the mean over the global batch."""
+        self.global_batch_size = int(self.method_plan["batch_size"])
+        self.batch_sizes_per_rank = split_global_batch(
+            self.global_batch_size, self.world_size,
+            f"ssl.methods.{self.method_name}.batch_size of {self.plans_manager.plans_name}")
+        self.batch_size = self.batch_sizes_per_rank[self.local_rank]
+        self.loss_weight = self.batch_size * self.world_size / self.global_batch_size
+        self.lr_scaling = "none: the plan's learning rate for the plan's global batch, any number of processes"
+
+    def _freeze_untrained_parameters(self):
+        names = set(self.method.untrained_parameters())
+        frozen = [n for n, p in self.method.named_parameters() if n in names and p.requires_grad]
+        for n, p in self.method.named_parameters():
+            if n in names:
+                p.requires_grad_(False)
+        self.frozen_parameters = frozen
+        if frozen:
+            self.print_to_log_file(f"Not trained by {self.method_name} (frozen, exported at initialisation): "
+                                   f"{', '.join(frozen)}", also_print_to_console=False)
 
     def _make_samplers(self):
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -174,25 +216,39 @@ class SSLTrainer(nnUNetTrainer):
         self.val_identifiers = identifiers[len(identifiers) - n_val:] if n_val else train_ids
         dataset = dataset_class(folder)
         patch = method_cls.required_patch_size(self.method_plan)
-        train_spec = SamplerSpec(dataset, train_ids, patch, self.batch_size,
-                                 self.seed + 1000 * self.local_rank + self.current_epoch, self.method_plan,
+        sampler_seed = self._sampler_seed()
+        train_spec = SamplerSpec(dataset, train_ids, patch, self.batch_size, sampler_seed, self.method_plan,
                                  self.ssl_plan, folder, max_open_cases=self.max_open_cases)
         # built here also with workers: it checks the spec and writes per-dataset caches (Alice's geometry) once
         sampler = method_cls.make_sampler(train_spec)
         pin = self.device.type == "cuda"
         if self.num_loader_workers > 0:
-            # worker w of rank r draws with worker_seed(seed + epoch, r, w): reproducible for a given -np_loader
+            # worker w of rank r draws with worker_seed(sampler seed, r, w): reproducible for a given -np_loader
             self.dataloader_train = PrefetchLoader(
                 None, max(1, self.num_prefetch), self.num_loader_workers, SamplerFactory(method_cls, train_spec),
-                seed=self.seed + self.current_epoch, rank=self.local_rank, pin_memory=pin)
+                seed=sampler_seed, rank=self.local_rank, pin_memory=pin)
         else:
             self.dataloader_train = PrefetchLoader(sampler, self.num_prefetch, pin_memory=pin)
         self._val_spec = replace(train_spec, identifiers=self.val_identifiers, seed=VALIDATION_SEED)
         self.print_to_log_file(f"SSL method {self.method_name}: {len(train_ids)} training / "
-                               f"{len(self.val_identifiers)} validation cases, data patch {patch}, batch "
-                               f"{self.batch_size} per process x {self.world_size}, {self.total_iterations} "
+                               f"{len(self.val_identifiers)} validation cases, data patch {patch}, global batch "
+                               f"{self.global_batch_size} = {'+'.join(map(str, self.batch_sizes_per_rank))} over "
+                               f"{self.world_size} process(es) (this rank: {self.batch_size}, loss weight "
+                               f"{self.loss_weight:.3g}), LR scaling {self.lr_scaling}; {self.total_iterations} "
                                f"iterations ({self.num_epochs} epochs x {self.iterations_per_epoch}), "
                                f"{self.num_loader_workers} loader worker processes")
+
+    def _sampler_seed(self) -> int:
+        """Seed of this rank's training sampler at the position the run starts from: ``seed + 1000·rank + epoch``
+        at an epoch start (as before); after a mid-epoch checkpoint a seed drawn from (seed, rank, iteration) —
+        torch's generator (the methods' masks and views) is re-seeded from the same triple — so a resumed run
+        neither replays the batches of the run's first iterations nor depends on how far a loader had prefetched."""
+        if self._resume_step == 0:
+            return self.seed + 1000 * self.local_rank + self.current_epoch
+        position = [self.seed, self.local_rank, self._iteration(self.current_epoch, self._resume_step)]
+        seed = int(np.random.SeedSequence(position).generate_state(1)[0])
+        torch.manual_seed(seed)
+        return seed
 
     def on_train_start(self):
         if not self.was_initialized:
@@ -221,11 +277,15 @@ class SSLTrainer(nnUNetTrainer):
         import contextlib
         return contextlib.nullcontext()
 
-    def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
-        finite = torch.isfinite(loss.detach()).float().reshape(1)
+    def _all_ranks_agree(self, loss: torch.Tensor):
+        """``(finite, stop)``: the loss is finite on every rank; some rank received a stop signal. One all-reduce
+        (MIN of ``[finite, not stop]``) and one host sync per step, the one the non-finite check needs anyway."""
+        flags = torch.stack([torch.isfinite(loss.detach()).float().reshape(()),
+                             torch.tensor(0.0 if self._stop_requested else 1.0, device=loss.device)])
         if self.is_ddp:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite.item() > 0)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        finite, go_on = flags.tolist()
+        return finite > 0, go_on == 0
 
     def train_step(self, batch: torch.Tensor, iteration: int) -> Optional[Dict[str, float]]:
         lr = learning_rate(self.method_plan["lr_schedule"], self.method_plan["optimizer"]["lr"], iteration,
@@ -237,7 +297,8 @@ class SSLTrainer(nnUNetTrainer):
         with self._autocast():
             terms = self.model(batch)
         loss = terms["loss"]
-        if not self._all_ranks_finite(loss):
+        finite, self._stop_agreed = self._all_ranks_agree(loss)
+        if not finite:
             self.nonfinite_steps += 1
             self._consecutive_nonfinite += 1
             self.print_to_log_file(f"WARNING: non-finite loss at iteration {iteration}; step skipped "
@@ -249,6 +310,8 @@ class SSLTrainer(nnUNetTrainer):
                     f"(resume with --c after lowering the learning rate in the plan, or check the data).")
             return None
         self._consecutive_nonfinite = 0
+        if self.loss_weight != 1.0:
+            loss = loss * self.loss_weight
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
@@ -296,15 +359,31 @@ class SSLTrainer(nnUNetTrainer):
     # ------------------------------------------------------------------ loop
     def run_training(self):
         self.on_train_start()
+        handlers = self._install_stop_handlers()
         try:
             self._train_epochs()
         finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
             # join the prefetch thread before the interpreter shuts down: a daemon thread still inside
             # torch/numpy at exit aborts the process ("terminate called without an active exception")
             if self.dataloader_train is not None:
                 self.dataloader_train.close()
             if self.tb is not None:
                 self.tb.close()
+
+    def _install_stop_handlers(self) -> dict:
+        """SIGUSR1 (SLURM's warning before the wall time) and SIGTERM (scancel, preemption, torchrun shutting its
+        workers down) only set a flag; the step loop stops all ranks together after the current iteration."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, self._request_stop)
+        return previous
+
+    def _request_stop(self, signum, frame):
+        self._stop_requested = signal.Signals(signum).name
 
     def _train_epochs(self):
         from tqdm import tqdm
@@ -318,7 +397,8 @@ class SSLTrainer(nnUNetTrainer):
             self.method.train()
             outputs = []
             n_iter = self._iterations_in_epoch(epoch)
-            bar = tqdm(range(n_iter), desc=f"Epoch {epoch + 1}/{self.num_epochs}", leave=False,
+            first_step, self._resume_step = self._resume_step, 0
+            bar = tqdm(range(first_step, n_iter), desc=f"Epoch {epoch + 1}/{self.num_epochs}", leave=False,
                        disable=self.local_rank != 0)
             for step in bar:
                 out = self.train_step(next(self.dataloader_train), self._iteration(epoch, step))
@@ -328,8 +408,12 @@ class SSLTrainer(nnUNetTrainer):
                     if self.tb is not None:
                         self.tb.scalars({"iteration/loss": out["loss"]}, self._iteration(epoch, step) + 1)
                     bar.set_postfix(loss=f"{out['loss']:.4f}")
+                if self._stop_agreed and step + 1 < n_iter:
+                    bar.close()
+                    self._stop_mid_epoch(epoch, step + 1, outputs)
+                    return
             bar.close()
-            train = self._reduce_means(outputs) if outputs else {}
+            train = self._merge_partial_epoch(outputs)
             val = self.validate()
             elapsed = time.time() - t0
             for k, v in train.items():
@@ -357,7 +441,44 @@ class SSLTrainer(nnUNetTrainer):
                 self.logger.plot_progress_png(self.output_folder)
                 if epoch % self.preview_every == 0 or self.current_epoch == self.num_epochs:
                     self._save_preview(epoch)
+            if self._stop_agreed and self.current_epoch < self.num_epochs:
+                self.stop_signal = self._stop_requested or "signal on another rank"
+                self.print_to_log_file(f"Stopped by {self.stop_signal} at the end of epoch {self.current_epoch}; "
+                                       f"resume with --c.")
+                return
         self.on_train_end()
+
+    def _stop_mid_epoch(self, epoch: int, steps_done: int, outputs: List[Dict[str, float]]):
+        """All ranks agreed to stop after step ``steps_done - 1`` of ``epoch``: rank 0 writes
+        ``checkpoint_latest.pth`` at that position, with the reduced means of the epoch's steps so far."""
+        self._partial_epoch = self._partial_means(outputs)
+        self._resume_step = steps_done
+        self.stop_signal = self._stop_requested or "signal on another rank"
+        if self.local_rank == 0:
+            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+        if self.is_ddp:
+            dist.barrier()  # no rank exits (and lets a launcher tear the job down) before the checkpoint exists
+        self.print_to_log_file(f"Stopped by {self.stop_signal} after iteration "
+                               f"{self._iteration(epoch, steps_done)}/{self.total_iterations} (epoch {epoch + 1}, "
+                               f"step {steps_done}/{self._iterations_in_epoch(epoch)}); checkpoint_latest.pth "
+                               f"written, resume with --c.")
+
+    def _partial_means(self, outputs: List[Dict[str, float]]) -> dict:
+        """Means over all ranks of ``outputs`` merged with the steps done before a mid-epoch resume, and their
+        count (the non-finite skip is taken by all ranks together, so every rank has the same count)."""
+        count = len(outputs)
+        means = self._reduce_means(outputs) if outputs else {}
+        before = self._partial_epoch
+        self._partial_epoch = None
+        if before and before["count"]:
+            total = count + before["count"]
+            means = {k: (before["means"][k] * before["count"] + means.get(k, 0.0) * count) / total
+                     for k in before["means"]}
+            count = total
+        return {"means": means, "count": count}
+
+    def _merge_partial_epoch(self, outputs: List[Dict[str, float]]) -> Dict[str, float]:
+        return self._partial_means(outputs)["means"]
 
     def on_train_end(self):
         if self.is_ddp:
@@ -403,8 +524,19 @@ class SSLTrainer(nnUNetTrainer):
             "logging": self.logger.get_checkpoint(),
             "_best_ema": None,
             "current_epoch": self.current_epoch,
-            "iterations_done": min(self.total_iterations, self.current_epoch * self.iterations_per_epoch),
+            "iterations_done": min(self.total_iterations, self._iteration(self.current_epoch, self._resume_step)),
+            "iteration_in_epoch": self._resume_step,
+            "partial_epoch": self._partial_epoch,
+            "stop_signal": self.stop_signal,
+            "sampler_seed_rule": "epoch start: seed + 1000*rank + epoch; mid-epoch: "
+                                 "SeedSequence([seed, rank, iterations_done]) (sampler and torch)",
+            "seed": self.seed,
             "total_iterations": self.total_iterations,
+            "world_size": self.world_size,
+            "global_batch_size": self.global_batch_size,
+            "batch_size_per_rank": list(self.batch_sizes_per_rank),
+            "lr_scaling": self.lr_scaling,
+            "frozen_parameters": list(self.frozen_parameters),
             "nonfinite_steps": self.nonfinite_steps,
             "iteration_losses": list(self.iteration_losses),
             "init_args": {"plans": self.plans_manager.plans, "configuration": self.configuration_name,
@@ -431,8 +563,15 @@ class SSLTrainer(nnUNetTrainer):
         if self.grad_scaler is not None and ckpt.get("grad_scaler_state") is not None:
             self.grad_scaler.load_state_dict(ckpt["grad_scaler_state"])
         self.current_epoch = int(ckpt["current_epoch"])
+        self._resume_step = int(ckpt.get("iteration_in_epoch", 0))
+        self._partial_epoch = ckpt.get("partial_epoch") if self._resume_step else None
         self.nonfinite_steps = int(ckpt.get("nonfinite_steps", 0))
-        self.iteration_losses = list(ckpt.get("iteration_losses", []))[:self.current_epoch * self.iterations_per_epoch]
+        done = self._iteration(self.current_epoch, self._resume_step)
+        self.iteration_losses = list(ckpt.get("iteration_losses", []))[:done]
         self.logger.load_checkpoint(ckpt["logging"])
         self.logger.truncate(self.current_epoch)
-        self.print_to_log_file(f"Resumed from epoch {self.current_epoch}/{self.num_epochs}")
+        if ckpt.get("global_batch_size", self.global_batch_size) != self.global_batch_size:
+            self.print_to_log_file(f"WARNING: the checkpoint was trained with global batch "
+                                   f"{ckpt['global_batch_size']}, this run uses {self.global_batch_size}.")
+        where = f", iteration {done}/{self.total_iterations} (mid-epoch)" if self._resume_step else ""
+        self.print_to_log_file(f"Resumed from epoch {self.current_epoch}/{self.num_epochs}{where}")
