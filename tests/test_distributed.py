@@ -141,6 +141,10 @@ def test_sigusr1_mid_epoch_then_resume_continues_at_that_iteration(dist_dataset,
         return out
 
     monkeypatch.setattr(SSLTrainer, "train_step", recording_step)
+    out = ssl_output_folder(name, "mae", "sslPlans")
+    for f in ("checkpoint_final.pth", "checkpoint_latest.pth"):  # the torchrun test's run shares this folder
+        if os.path.exists(os.path.join(out, f)):
+            os.remove(os.path.join(out, f))
     argv = ["-d", str(did), "-m", "mae", "-device", "cpu", "--iterations", "25", "--prefetch", "1"]
     with pytest.raises(SystemExit) as stop:
         main(argv)
