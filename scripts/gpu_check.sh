@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check of a GPU machine (documentation/benchmarks.md, "GPU check"): build a small synthetic dataset,
 # plan + preprocess it with the `gpu` profile, run the throughput benchmark of every method (the trainer's AMP:
-# fp16 autocast + grad scaler; bf16 support is recorded) — step time, the network's own fwd+bwd, data wait with the loader,
+# bf16 autocast where the GPU supports it, else fp16 + grad scaler; plan key amp_dtype) — step time, the network's own fwd+bwd, data wait with the loader,
 # peak memory — then pretrain `mae` for 50 iterations and export the bundle. Writes OUT.md and OUT.json.
 # Target: under 8 minutes on one H100/H200-class GPU. The test suite runs the same path with
 # `-device cpu` (profile cpu_smoke) and a few iterations.
@@ -84,7 +84,8 @@ cuda = device == "cuda"
 report = {
     "command": f"scripts/gpu_check.sh {args}".strip(), "device": device, "profile": profile,
     "gpu": torch.cuda.get_device_name(0) if cuda else None,
-    "amp": ("fp16 autocast + grad scaler (the trainer's AMP)" if cuda else "off (CPU)"),
+    "amp": ({"bfloat16": "bf16 autocast", "float16": "fp16 autocast + grad scaler"}.get(rows[0].get("amp"), "off")
+            if cuda else "off (CPU)"),
     "bf16_supported": bool(cuda and torch.cuda.is_bf16_supported()),
     "torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
     "throughput": rows,

@@ -173,8 +173,6 @@ def _children(pid):
         return [int(c) for c in f.read().split()]
 
 
-@pytest.mark.xfail(reason="restarted group failed in gloo connectFullMesh (connection refused) in the one "
-                          "run so far; not yet diagnosed", strict=False)
 def test_elastic_restart_after_a_killed_worker_completes(dist_dataset):
     did, name = dist_dataset
     _set_mae_plan(name, batch_size=2, iterations_per_epoch=4, num_val_iterations=1)

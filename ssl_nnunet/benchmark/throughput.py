@@ -13,6 +13,7 @@ For each method, in one process and after warm-up, on the plan of the given data
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
@@ -105,12 +106,14 @@ def record_network_passes(trainer, step_fn) -> Tuple[List[Tuple[torch.Tensor, bo
     return [tuple(c) for c in calls], [tuple(c) for c in teacher_calls]
 
 
-def make_floor_step(net: torch.nn.Module, calls, optimizer_plan: dict, grad_clip: float, teacher_calls=()):
+def make_floor_step(net: torch.nn.Module, calls, optimizer_plan: dict, grad_clip: float, teacher_calls=(),
+                    autocast=contextlib.nullcontext):
     """A plain step over the recorded passes: dense forward of the full U-Net or the encoder on each recorded
     input (without autograd where the method had none), one backward of the summed output means, gradient
     clipping and a step of the method's own optimizer type (so the ratio isolates the method's extra work).
     ``teacher_calls`` (see :func:`record_network_passes`) are replayed without autograd through the same teacher
-    modules and stages."""
+    modules and stages. ``autocast``: the trainer's autocast context factory, so on CUDA both steps run in the
+    same precision."""
     from ssl_nnunet.methods.features import encoder_forward, run_encoder
     from ssl_nnunet.training.schedule import build_optimizer
     params = [p for p in net.parameters() if p.requires_grad]
@@ -118,12 +121,12 @@ def make_floor_step(net: torch.nn.Module, calls, optimizer_plan: dict, grad_clip
 
     def plain_step():
         opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             for teacher, x, n_stages in teacher_calls:
                 run_encoder(teacher, x, n_stages)
         loss = None
         for x, full, grad in calls:
-            with torch.set_grad_enabled(grad):
+            with torch.set_grad_enabled(grad), autocast():
                 outs = [net(x)] if full else encoder_forward(net, x)
             if grad:
                 term = sum(o.float().mean() for o in outs)
@@ -187,9 +190,10 @@ def benchmark_method(dataset, method: str, device: str = "cpu", warmup: int = 3,
     # the floor: the same network's passes on the same tensors the method fed it in one SSL step
     calls, teacher_calls = record_network_passes(trainer, ssl_step)
     opt_plan = trainer.method_plan["optimizer"]
-    plain_step = make_floor_step(trainer.network, calls, opt_plan, trainer.grad_clip)
+    plain_step = make_floor_step(trainer.network, calls, opt_plan, trainer.grad_clip, autocast=trainer._autocast)
     # second floor: the same plus the method's teacher-encoder passes (no autograd), where it has a teacher
-    full_step = make_floor_step(trainer.network, calls, opt_plan, trainer.grad_clip, teacher_calls) \
+    full_step = make_floor_step(trainer.network, calls, opt_plan, trainer.grad_clip, teacher_calls,
+                                autocast=trainer._autocast) \
         if teacher_calls else None
     steps = [ssl_step, plain_step] + ([full_step] if full_step else [])
     for fn in steps:
@@ -210,7 +214,8 @@ def benchmark_method(dataset, method: str, device: str = "cpu", warmup: int = 3,
     teacher_s = statistics.median(times[2]) if full_step else None
     passes = [f"{'net' if full else 'enc'}{'' if grad else '(no grad)'} {list(x.shape)}" for x, full, grad in calls]
     passes += [f"teacher enc[:{k}](no grad) {list(x.shape)}" for _t, x, k in teacher_calls]
-    return {"method": method, "device": str(dev), "network_passes": passes,
+    amp = str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype is not None else "off"
+    return {"method": method, "device": str(dev), "amp": amp, "network_passes": passes,
             "ssl_step_s": ssl_s, "plain_step_s": plain_s, "ratio": ssl_s / plain_s,
             "floor_with_teacher_s": teacher_s, "ratio_with_teacher": ssl_s / teacher_s if teacher_s else None,
             "supervised_nnunet_step_s": supervised_s,

@@ -63,7 +63,17 @@ def init_process_group_from_env(device_type: str) -> None:
     else:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, torch.get_num_threads() // max(1, local_world)))
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method="env://")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    restarts = elastic_restart_count()
+    if not restarts:
+        dist.init_process_group(backend, init_method="env://")
+        return
+    # After a torchrun restart the agent's store still holds the first group's keys (each rank's gloo address),
+    # so the new ranks would dial the dead ones ("connectFullMesh ... Connection refused"): give every restart
+    # its own key namespace in the same store.
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"ssl_nnunet/restart_{restarts}", store), rank=rank,
+                            world_size=world_size)
 
 
 def local_device(device: torch.device) -> torch.device:

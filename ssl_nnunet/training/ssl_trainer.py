@@ -51,6 +51,26 @@ MAX_CONSECUTIVE_NONFINITE = 5
 VALIDATION_SEED = 12345
 
 
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_amp_dtype(requested: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of the plan's ``amp_dtype``: ``auto`` (default) takes bfloat16 where the device supports
+    it (CUDA compute capability >= 8, no grad scaler needed) and float16 (with nnU-Net's grad scaler) otherwise;
+    ``bfloat16`` / ``float16`` force one. None off CUDA (the trainer runs fp32 there)."""
+    if device.type != "cuda":
+        return None
+    if requested == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if requested not in AMP_DTYPES:
+        raise SSLInputError(f"plan key 'amp_dtype' is '{requested}': use auto, bfloat16 or float16.")
+    if requested == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise SSLInputError(f"plan key 'amp_dtype' asks for bfloat16 but {torch.cuda.get_device_name(device)} does "
+                            f"not support it: set amp_dtype to auto or float16.")
+    return AMP_DTYPES[requested]
+
+
 class SSLTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -115,8 +135,9 @@ class SSLTrainer(nnUNetTrainer):
         self.num_val_iterations_per_epoch = int(mp.get("num_val_iterations", 2))
         self.grad_clip = float(mp.get("grad_clip", 12.0))
         self.use_amp = bool(mp.get("use_amp", True)) and self.device.type == "cuda"
-        if not self.use_amp:
-            self.grad_scaler = None
+        self.amp_dtype = resolve_amp_dtype(mp.get("amp_dtype", "auto"), self.device) if self.use_amp else None
+        if self.amp_dtype != torch.float16:
+            self.grad_scaler = None  # bf16 keeps fp32's exponent range: nothing to scale
         self.seed = seed
         self.num_prefetch = num_prefetch
         self.tensorboard = bool(tensorboard)
@@ -273,7 +294,7 @@ class SSLTrainer(nnUNetTrainer):
 
     def _autocast(self):
         if self.use_amp:
-            return torch.autocast(self.device.type, enabled=True)
+            return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=True)
         import contextlib
         return contextlib.nullcontext()
 
@@ -521,6 +542,7 @@ class SSLTrainer(nnUNetTrainer):
             "ssl_method_state": {k: v.detach().cpu() for k, v in self.method.state_dict().items()},
             "optimizer_state": self.optimizer.state_dict(),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype is not None else None,
             "logging": self.logger.get_checkpoint(),
             "_best_ema": None,
             "current_epoch": self.current_epoch,
