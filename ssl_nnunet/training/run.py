@@ -75,6 +75,9 @@ def build_trainer(dataset, method: str, plans_identifier: str = SSL_PLANS, devic
     if names is None and dataset_weights is not None and dataset_weights not in ("cases", ["cases"], "equal",
                                                                                  ["equal"]):
         raise SSLInputError("--dataset_weights with numbers needs several datasets (-d 901 902 ...).")
+    if names is not None:  # a malformed --dataset_weights fails before the network is built
+        from ssl_nnunet.data.multi_dataset import resolve_dataset_weights
+        resolve_dataset_weights(dataset_weights, {n: 1 for n in names})
     dataset_name = dataset_name_from_id(datasets[0])
     folder = os.path.join(nnunet_preprocessed(), dataset_name)
     plans = load_plans(os.path.join(folder, plans_identifier + ".json"), datasets[0])
