@@ -10,7 +10,9 @@ from ssl_nnunet.utilities.errors import run_cli
 
 
 def _common_args(parser: argparse.ArgumentParser, planning: bool = True) -> None:
-    parser.add_argument("-d", nargs="+", required=True, help="dataset id(s) or name(s), e.g. -d 900")
+    parser.add_argument("-d", nargs="+", required=True,
+                        help="dataset id(s) or name(s), e.g. -d 900. Planning several (-d 901 902) makes ONE shared "
+                             "pretraining plan: the first is planned, its plan is transferred to the others")
     parser.add_argument("-np", type=int, default=None,
                         help="number of worker processes (default: one per CPU this process may use)")
     if planning:
@@ -42,11 +44,11 @@ def _num_processes(args) -> int:
     return available_cpus() if args.np is None else args.np
 
 
-def _fingerprint(args) -> None:
+def _fingerprint(args, datasets=None) -> None:
     from ssl_nnunet.experiment_planning.fingerprint import extract_fingerprint
     from ssl_nnunet.paths import nnunet_preprocessed
     from ssl_nnunet.utilities.file_io import dataset_name_from_id
-    for d in args.d:
+    for d in args.d if datasets is None else datasets:
         existing = os.path.join(nnunet_preprocessed(), dataset_name_from_id(d), "dataset_fingerprint.json")
         if getattr(args, "total_parts", 1) > 1 and os.path.isfile(existing):
             if not args.quiet:  # every part would read every case; the plan made from it is deterministic
@@ -56,10 +58,12 @@ def _fingerprint(args) -> None:
 
 
 def _plan(args) -> None:
-    from ssl_nnunet.experiment_planning.planner import plan_experiment
-    for d in args.d:
-        plan_experiment(d, args.profile, args.pl, args.gpu_memory_target, args.spacing, args.isotropic,
-                        verbose=not args.quiet)
+    from ssl_nnunet.experiment_planning.planner import plan_experiment, transfer_shared_plan
+    # several datasets: one shared plan, the first -d's, transferred to the others (documentation/planning.md)
+    plan_experiment(args.d[0], args.profile, args.pl, args.gpu_memory_target, args.spacing, args.isotropic,
+                    verbose=not args.quiet)
+    if len(args.d) > 1:
+        transfer_shared_plan(args.d[0], args.d[1:], verbose=not args.quiet)
 
 
 def _preprocess(args) -> None:
@@ -92,7 +96,14 @@ def plan_and_preprocess(args) -> None:
     t0 = time.time()
     from ssl_nnunet.experiment_planning.preprocess import select_part
     select_part([], args.part, args.total_parts)  # a bad -part fails before the slow steps
-    _fingerprint(args)
+    if len(args.d) > 1:  # incompatible datasets fail before the slow steps
+        from ssl_nnunet.data.multi_dataset import check_compatible
+        from ssl_nnunet.experiment_planning.dataset_checks import load_dataset_json
+        from ssl_nnunet.utilities.file_io import dataset_name_from_id
+        names = [dataset_name_from_id(d) for d in args.d]
+        for name in names[1:]:
+            check_compatible(names[0], load_dataset_json(names[0], False), name, load_dataset_json(name, False))
+    _fingerprint(args, args.d[:1])  # the shared plan comes from the first dataset's fingerprint alone
     _plan(args)
     _preprocess(args)
     if not args.quiet:

@@ -160,3 +160,55 @@ def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "Res
               f"(profile {profile}, patch {config['patch_size']}, spacing {config['spacing']}); "
               f"fine-tuning plans to {os.path.join(pp_folder, FINETUNE_PLANS + '.json')}")
     return plans
+
+
+def _write_preprocessed_dataset_json(dataset_name: str, dataset_json: dict, pp_folder: str) -> None:
+    """The dataset.json that nnU-Net's preprocessor and trainer read (background-only labels when unlabeled)."""
+    raw_json = os.path.join(nnunet_raw(), dataset_name, "dataset.json")
+    if "labels" in load_json(raw_json, "dataset.json"):
+        atomic_copy(raw_json, os.path.join(pp_folder, "dataset.json"))
+    else:
+        atomic_save_json(dataset_json, os.path.join(pp_folder, "dataset.json"))
+
+
+def transfer_shared_plan(reference: str | int, targets: Sequence[str | int], verbose: bool = True) -> list:
+    """Several datasets, one pretraining plan: the plan of ``reference`` (planned before, the first ``-d``) is
+    transferred to every target as nnU-Net's ``nnUNetv2_move_plans_between_datasets`` does (same spacing,
+    normalisation, intensity properties, network and ``ssl`` block; the target's name and image reader), and
+    ``ssl.shared_plan`` of every plan records the group. Targets with other input channels or modalities raise
+    :class:`SSLInputError`. Writes ``sslPlans.json``, ``sslFinetunePlans.json`` and ``dataset.json`` into each
+    target's ``nnUNet_preprocessed`` folder; returns all dataset names (reference first)."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    from ssl_nnunet.data.multi_dataset import check_compatible
+    ref_name = dataset_name_from_id(reference)
+    ref_folder = os.path.join(nnunet_preprocessed(), ref_name)
+    ref_plans = load_json(os.path.join(ref_folder, SSL_PLANS + ".json"), "plans")
+    ref_finetune = load_json(os.path.join(ref_folder, FINETUNE_PLANS + ".json"), "plans")
+    ref_json = load_dataset_json(ref_name, verbose=False)
+    names = [ref_name] + [dataset_name_from_id(t) for t in targets]
+    if len(set(names)) != len(names):
+        raise SSLInputError(f"-d lists a dataset twice ({', '.join(names)}).")
+    shared = {"reference": ref_name, "datasets": names,
+              "rule": "the reference (first -d) is planned; its plan is transferred to the others"}
+    for name in names[1:]:
+        dataset_json = load_dataset_json(name, verbose)
+        check_compatible(ref_name, ref_json, name, dataset_json)
+        cases = list_cases(name, dataset_json)
+        example = cases[next(iter(cases))]["images"][0]
+        reader = determine_reader_writer_from_dataset_json(dataset_json, example, allow_nonmatching_filename=True,
+                                                           verbose=False).__name__
+        folder = os.path.join(nnunet_preprocessed(), name)
+        os.makedirs(folder, exist_ok=True)
+        for source, plans_name in ((ref_plans, SSL_PLANS), (ref_finetune, FINETUNE_PLANS)):
+            plans = copy.deepcopy(source)
+            plans["dataset_name"] = name
+            plans["image_reader_writer"] = reader
+            if "ssl" in plans:
+                plans["ssl"]["shared_plan"] = shared
+            atomic_save_json(plans, os.path.join(folder, plans_name + ".json"))
+        _write_preprocessed_dataset_json(name, dataset_json, folder)
+        if verbose:
+            print(f"{name}: pretraining plan of {ref_name} transferred ({len(cases)} case(s), reader {reader})")
+    ref_plans["ssl"]["shared_plan"] = shared  # ssl is not part of the preprocessing hash: no re-preprocessing
+    atomic_save_json(ref_plans, os.path.join(ref_folder, SSL_PLANS + ".json"))
+    return names

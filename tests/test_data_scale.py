@@ -129,3 +129,60 @@ def test_default_num_loader_workers(monkeypatch):
     assert default_num_loader_workers("cpu") == 0
     monkeypatch.setenv("nnUNet_n_proc_DA", "1")
     assert default_num_loader_workers("cpu") == 1 and default_num_loader_workers("cuda") == 1
+
+
+_PARENT_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from ssl_nnunet.benchmark.data_scale import _PatchSamplerFactory, write_tiny_dataset
+    from ssl_nnunet.data.loader import PrefetchLoader
+    folder, mode = sys.argv[1], sys.argv[2]
+    ids = write_tiny_dataset(folder, 6)
+    loader = PrefetchLoader(None, 2, num_workers=2, sampler_factory=_PatchSamplerFactory(folder, ids, (8, 8, 8), 2))
+    next(loader)
+    print("PIDS", *loader.worker_pids, flush=True)
+    if mode == "raise":  # an exception in the training process that nobody catches (no close() called)
+        raise RuntimeError("failure in the training step")
+    while True:  # 'interrupt' / 'kill': the parent keeps consuming until the test signals it
+        next(loader)
+        time.sleep(0.01)
+""")
+
+
+def _gone(pid: int) -> bool:
+    """No process ``pid`` (or only a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.parametrize("mode", ["raise", "interrupt", "kill"])
+def test_no_orphaned_workers_after_parent_error_interrupt_or_kill(tmp_path, mode):
+    import signal
+    import time
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _PARENT_SCRIPT, str(tmp_path), mode], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("PIDS"), (line, proc.stderr.read() if proc.poll() is not None else "")
+        pids = [int(p) for p in line.split()[1:]]
+        assert len(pids) == 2 and not any(_gone(p) for p in pids)
+        if mode == "interrupt":
+            proc.send_signal(signal.SIGINT)  # Ctrl-C: KeyboardInterrupt in the parent; workers ignore SIGINT
+        elif mode == "kill":
+            proc.kill()  # SIGKILL: no cleanup in the parent at all; the workers notice it is gone
+        proc.wait(timeout=60)
+        err = proc.stderr.read()
+        if mode == "raise":
+            assert proc.returncode == 1 and "failure in the training step" in err
+        elif mode == "interrupt":
+            assert "KeyboardInterrupt" in err
+        deadline = time.time() + 15
+        while time.time() < deadline and not all(_gone(p) for p in pids):
+            time.sleep(0.1)
+        assert all(_gone(p) for p in pids), f"orphaned loader workers {pids} after '{mode}'"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -26,6 +26,7 @@ def _trainer(dataset, method: str, plans_identifier: str, device: str, seed: int
     stamp = datetime.now().strftime("%Y_%m_%d_%H_%M_%S")
     trainer.log_file = os.path.join(trainer.output_folder, f"pretext_probe_log_{stamp}.txt")
     trainer.initialize()
+    trainer._resumed = True  # score on the run's own held-out split (ssl_split.json) when it has one
     trainer._make_samplers()
     return trainer
 

@@ -50,7 +50,9 @@ class UnreadableCaseError(Exception):
 
 def case_file(dataset, identifier: str) -> str:
     """The data file of ``identifier`` in ``dataset.source_folder`` (``.b2nd``, ``.npy`` or ``.npz``; the
-    ``.pkl`` when none exists)."""
+    ``.pkl`` when none exists); a :class:`~ssl_nnunet.data.multi_dataset.MultiDataset` names its member's file."""
+    if hasattr(dataset, "case_file"):
+        return dataset.case_file(identifier)
     folder = getattr(dataset, "source_folder", "")
     for ending in (".b2nd", ".npy", ".npz"):
         path = os.path.join(folder, identifier + ending)
@@ -159,10 +161,15 @@ class CaseCache:
         self._open.clear()
 
 
-def choose_cases(rng: np.random.RandomState, identifiers: List[str], count: int, cache: CaseCache) -> List[str]:
+def choose_cases(rng: np.random.RandomState, identifiers: List[str], count: int, cache: CaseCache,
+                 groups=None) -> List[str]:
     """``count`` distinct identifiers drawn by ``rng`` (``rng.choice`` without replacement), redrawn while one of
-    them is a known bad case of ``cache`` (with no bad case this is exactly one ``rng.choice`` call)."""
+    them is a known bad case of ``cache`` (with no bad case this is exactly one ``rng.choice`` call). With
+    ``groups`` (:class:`~ssl_nnunet.data.multi_dataset.DatasetGroups`, several datasets) a dataset is drawn by
+    its weight first and the cases from it."""
     while True:
-        picked = [identifiers[i] for i in rng.choice(len(identifiers), count, replace=False)]
+        indices = (rng.choice(len(identifiers), count, replace=False) if groups is None
+                   else groups.draw(rng, count))
+        picked = [identifiers[i] for i in indices]
         if not any(cache.is_bad(p) for p in picked):
             return picked

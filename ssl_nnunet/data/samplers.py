@@ -15,6 +15,7 @@ import torch
 
 from ssl_nnunet.data.case_cache import (DEFAULT_MAX_BAD_CASE_FRACTION, DEFAULT_MAX_OPEN_CASES, CaseCache,
                                         UnreadableCaseError, choose_cases)
+from ssl_nnunet.data.multi_dataset import dataset_groups
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class UnlabeledPatchSampler:
         self.rng = np.random.RandomState(seed)
         self.cases = CaseCache(dataset, self.identifiers, max_open_cases, max_bad_case_fraction,
                                min_good_cases=cases_per_sample)
+        # several datasets: a dataset by its weight, then its cases (plain numbers per dataset, none per case)
+        self.groups = dataset_groups(dataset, self.identifiers)
 
     def sample_patch(self, identifier: str) -> np.ndarray:
         bbox = self.cases.info(identifier).bbox
@@ -115,7 +118,7 @@ class UnlabeledPatchSampler:
                 self.cases.mark_bad(e)  # raises once too many cases are bad
 
     def _random_item(self) -> np.ndarray:
-        cases = choose_cases(self.rng, self.identifiers, self.cases_per_sample, self.cases)
+        cases = choose_cases(self.rng, self.identifiers, self.cases_per_sample, self.cases, self.groups)
         patches = [self.sample_patch(c) for c in cases]
         return patches[0] if self.cases_per_sample == 1 else np.stack(patches)
 
@@ -138,6 +141,6 @@ class RelativePositionPairSampler(UnlabeledPatchSampler):
         return self.patch_around(identifier, [int(lo + r * max(0, hi - lo - 1)) for (lo, hi), r in zip(bbox, rel)])
 
     def _random_item(self) -> np.ndarray:
-        cases = choose_cases(self.rng, self.identifiers, 2, self.cases)
+        cases = choose_cases(self.rng, self.identifiers, 2, self.cases, self.groups)
         rel = self.rng.uniform(0.0, 1.0, len(self.patch_size))
         return np.stack([self.patch_at(c, rel) for c in cases])

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 from ssl_nnunet.constants import CONFIGURATION, FINETUNE_PLANS, SSL_PLANS
 from ssl_nnunet.export.adaptation_schema import require_valid_adaptation_plan, to_weights_only_safe
@@ -46,13 +46,14 @@ BUNDLE_FILES = ("checkpoint_final.pth", "plans.json", "dataset.json", "dataset_f
 # ------------------------------------------------------------------------------------------------ inputs
 
 def find_ssl_checkpoint(dataset_name: str, method: str, plans_identifier: str = SSL_PLANS,
-                        checkpoint: Optional[str] = None, dataset_arg: Union[int, str, None] = None) -> str:
+                        checkpoint: Optional[str] = None, dataset_arg: Union[int, str, None] = None,
+                        datasets: Sequence[str] = ()) -> str:
     """Path of the SSL checkpoint to export.
 
     ``checkpoint``: ``None`` (``checkpoint_final.pth``, else ``checkpoint_latest.pth``), a file name inside the
-    training folder, or a path to a file.
+    training folder, or a path to a file. ``datasets``: all dataset names of a multi-dataset run.
     """
-    folder = ssl_output_folder(dataset_name, method, plans_identifier, CONFIGURATION)
+    folder = ssl_output_folder(dataset_name, method, plans_identifier, CONFIGURATION, datasets)
     hint = (f"Run ssl_nnunet_pretrain -d {dataset_arg if dataset_arg is not None else dataset_name} -m {method}"
             + ("" if plans_identifier == SSL_PLANS else f" -p {plans_identifier}") + " first")
     if checkpoint is None:
@@ -225,6 +226,8 @@ def bundle_config(checkpoint: dict, method: str, encoder_only: bool, source: str
         "arch_class_name": adaptation["architecture_plans"]["arch_class_name"],
         "pretraining_method": method,
         "pretraining_dataset": plans["dataset_name"],
+        "pretraining_datasets": [e["name"] for e in checkpoint.get("source_datasets") or []]
+        or [plans["dataset_name"]],
         "source": source,
         "num_input_channels": adaptation["pretrain_num_input_channels"],
         "spacing": cfg["spacing"],
@@ -271,10 +274,13 @@ def export_bundle(dataset: Union[int, str], method: str, output_dir: str, plans_
     neither empty nor an earlier bundle.
     """
     import torch
-    dataset_name = dataset_name_from_id(dataset)
+    datasets = list(dataset) if isinstance(dataset, (list, tuple)) else [dataset]
+    names = [dataset_name_from_id(d) for d in datasets]
+    dataset, dataset_name = datasets[0], names[0]
     pp_folder = os.path.join(nnunet_preprocessed(), dataset_name)
     output_dir = check_output_folder(output_dir)
-    ckpt_path = find_ssl_checkpoint(dataset_name, method, plans_identifier, checkpoint, dataset)
+    ckpt_path = find_ssl_checkpoint(dataset_name, method, plans_identifier, checkpoint,
+                                    " ".join(map(str, datasets)), names)
     pretrain_plans = load_plans(os.path.join(pp_folder, plans_identifier + ".json"), dataset)
     finetune_plans = load_plans(os.path.join(pp_folder, FINETUNE_PLANS + ".json"), dataset)
     if (pretrain_plans["configurations"][CONFIGURATION]["architecture"]
@@ -318,9 +324,11 @@ def export_bundle(dataset: Union[int, str], method: str, output_dir: str, plans_
         "citations": bundle_citations(method, adaptation["architecture_plans"]["arch_class_name"]),
         "ssl_method": method,
         "iterations_done": ckpt.get("iterations_done"),
+        # every pretraining dataset (name, cases, sampling weight, split); older checkpoints: the -d datasets
+        "source_datasets": copy.deepcopy(ckpt.get("source_datasets")) or [{"name": n} for n in names],
     }
     card = render_model_card(dataset_name, method, plans_identifier, pretrain_plans, finetune_plans, ckpt,
-                             ckpt_path, adaptation, output_dir) + citations_markdown(exported["citations"])
+                             ckpt_path, adaptation, output_dir, exported["source_datasets"]) + citations_markdown(exported["citations"])
     config = bundle_config(exported, method, encoder_only=False, source=ckpt_path)
     return write_bundle(output_dir, exported, dataset_json, load_json(fingerprint_path, "fingerprint"), card, config)
 
@@ -332,7 +340,9 @@ def main() -> None:
             description="Export a pretrained network as an nnU-Net pretrained-weights bundle "
                         "(checkpoint_final.pth for nnUNetv2_train -pretrained_weights, plans, adaptation plan, "
                         "model card).")
-        p.add_argument("-d", required=True, help="pretraining dataset id or name, e.g. -d 900")
+        p.add_argument("-d", nargs="+", required=True,
+                       help="pretraining dataset id or name, e.g. -d 900; a multi-dataset run: all of them, in the "
+                            "order given to ssl_nnunet_pretrain")
         p.add_argument("-m", required=True, choices=method_names(), help="SSL method")
         p.add_argument("-o", required=True, help="output folder of the bundle (replaced if it is an earlier bundle)")
         p.add_argument("-p", default=SSL_PLANS, help=f"pretraining plans identifier (default {SSL_PLANS})")
@@ -340,7 +350,7 @@ def main() -> None:
                        help="checkpoint file name in the training folder or a path "
                             "(default: checkpoint_final.pth, else checkpoint_latest.pth)")
         args = p.parse_args()
-        out = export_bundle(args.d, args.m, args.o, args.p, args.chk)
+        out = export_bundle(args.d if len(args.d) > 1 else args.d[0], args.m, args.o, args.p, args.chk)
         print(f"Bundle written to {out}. Fine-tune with: nnUNetv2_train TGT {CONFIGURATION} 0 -p {FINETUNE_PLANS} "
               f"-pretrained_weights {os.path.join(out, 'checkpoint_final.pth')} (see {out}/README.md).")
     run_cli(_run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from ssl_nnunet.constants import CONFIGURATION, FINETUNE_PLANS
 from ssl_nnunet.methods import all_methods
@@ -24,6 +24,18 @@ def final_losses(logging: dict) -> Dict[str, float]:
     return out
 
 
+def _source_text(entry: dict) -> str:
+    """One pretraining dataset of the card: name, cases, sampling weight and held-out cases when known."""
+    parts = []
+    if entry.get("train_cases") is not None:
+        parts.append(f"{entry['train_cases']} training / {entry.get('val_cases', 0)} held-out cases")
+    elif entry.get("preprocessed_cases") is not None:
+        parts.append(f"{entry['preprocessed_cases']} cases")
+    if entry.get("weight") is not None:
+        parts.append(f"sampling weight {float(entry['weight']):.3g}")
+    return entry["name"] + (f" ({', '.join(parts)})" if parts else "")
+
+
 def citations_markdown(citations: List[dict]) -> str:
     """The model card's "Please cite" section for the bundle's ``citations`` entries."""
     if not citations:
@@ -37,7 +49,7 @@ def citations_markdown(citations: List[dict]) -> str:
 
 def render_model_card(dataset_name: str, method: str, plans_identifier: str, pretrain_plans: dict,
                       finetune_plans: dict, ckpt: dict, checkpoint_path: str, adaptation: dict,
-                      bundle_dir: str) -> str:
+                      bundle_dir: str, source_datasets: Optional[List[dict]] = None) -> str:
     """The bundle's ``README.md``: what made the weights (method, data, plans, network, iterations, final
     losses, commit), what the objective trained (the method's ``trained_parts``) and the fine-tuning commands."""
     source_id = int(dataset_name[len("Dataset"):len("Dataset") + 3])
@@ -49,6 +61,8 @@ def render_model_card(dataset_name: str, method: str, plans_identifier: str, pre
     arch = cfg["architecture"]
     kw = arch["arch_kwargs"]
     blocks = kw.get("n_blocks_per_stage", kw.get("n_conv_per_stage"))
+    sources = source_datasets or [{"name": dataset_name}]
+    source_text = "; ".join(_source_text(e) for e in sources)
     losses = final_losses(ckpt.get("logging", {}))
     loss_lines = "\n".join(f"| `{k}` | {v:.6g} |" for k, v in sorted(losses.items())) or "| (none logged) | |"
     iterations = ckpt.get("iterations_done")
@@ -65,7 +79,7 @@ def render_model_card(dataset_name: str, method: str, plans_identifier: str, pre
 | | |
 | --- | --- |
 | method | `{method}` |
-| source dataset | {dataset_name} (unlabeled pretraining data) |
+| source dataset{'s' if len(sources) > 1 else ''} | {source_text} (unlabeled pretraining data) |
 | pretraining plan | `{plans_identifier}` / `{CONFIGURATION}` (profile `{profile}`, nnU-Net planner preset `{preset}`) |
 | fine-tuning plan | `{FINETUNE_PLANS}` (`plans.json` in this folder) |
 | network | `{arch['network_class_name']}`, {kw.get('n_stages')} stages, features {kw.get('features_per_stage')}, blocks {blocks} |

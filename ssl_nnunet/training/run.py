@@ -5,7 +5,7 @@ import argparse
 import os
 import socket
 import sys
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -38,35 +38,67 @@ def default_num_loader_workers(device: str) -> int:
     return 0
 
 
+def _shared_plan_datasets(datasets: Sequence, plans_identifier: str) -> List[str]:
+    """Names of several pretraining datasets, checked to share one plan (same plan apart from the dataset's name
+    and image reader; same channels and modalities) — else an :class:`SSLInputError` naming both datasets."""
+    from ssl_nnunet.data.multi_dataset import check_compatible, shared_plan_differences
+    names = [dataset_name_from_id(d) for d in datasets]
+    if len(set(names)) != len(names):
+        raise SSLInputError(f"-d lists a dataset twice ({', '.join(names)}).")
+    folders = [os.path.join(nnunet_preprocessed(), n) for n in names]
+    plans = [load_plans(os.path.join(f, plans_identifier + ".json"), d) for f, d in zip(folders, datasets)]
+    jsons = [load_json(os.path.join(f, "dataset.json"), "dataset.json") for f in folders]
+    for name, p, j in zip(names[1:], plans[1:], jsons[1:]):
+        check_compatible(names[0], jsons[0], name, j)
+        differ = shared_plan_differences(plans[0], p)
+        if differ:
+            raise SSLInputError(f"{names[0]} and {name} do not share one pretraining plan ({plans_identifier}.json "
+                                f"differs in {', '.join(differ)}). Plan them together: ssl_nnunet_plan_and_preprocess "
+                                f"-d {' '.join(str(d) for d in datasets)} (the first dataset's plan is transferred "
+                                f"to the others).")
+    return names
+
+
 def build_trainer(dataset, method: str, plans_identifier: str = SSL_PLANS, device: str = "cpu",
                   iterations: Optional[int] = None, seed: int = 0, num_prefetch: int = 2,
                   num_loader_workers: int = 0, max_open_cases: int = DEFAULT_MAX_OPEN_CASES,
-                  tensorboard: bool = False):
+                  tensorboard: bool = False, dataset_weights=None, subject_pattern: Optional[str] = None):
+    """The configured trainer of ``dataset`` (an id/name, or a list of them: several datasets sharing the first
+    one's plan, sampled with ``dataset_weights``)."""
     from ssl_nnunet.training.ssl_trainer import SSLTrainer
     try:
         get_method(method)
     except KeyError as e:
         raise SSLInputError(str(e.args[0])) from None
-    dataset_name = dataset_name_from_id(dataset)
+    datasets = list(dataset) if isinstance(dataset, (list, tuple)) else [dataset]
+    names = _shared_plan_datasets(datasets, plans_identifier) if len(datasets) > 1 else None
+    if names is None and dataset_weights is not None and dataset_weights not in ("cases", ["cases"], "equal",
+                                                                                 ["equal"]):
+        raise SSLInputError("--dataset_weights with numbers needs several datasets (-d 901 902 ...).")
+    if names is not None:  # a malformed --dataset_weights fails before the network is built
+        from ssl_nnunet.data.multi_dataset import resolve_dataset_weights
+        resolve_dataset_weights(dataset_weights, {n: 1 for n in names})
+    dataset_name = dataset_name_from_id(datasets[0])
     folder = os.path.join(nnunet_preprocessed(), dataset_name)
-    plans = load_plans(os.path.join(folder, plans_identifier + ".json"), dataset)
+    plans = load_plans(os.path.join(folder, plans_identifier + ".json"), datasets[0])
     dataset_json = load_json(os.path.join(folder, "dataset.json"), "dataset.json")
     trainer = SSLTrainer(plans, CONFIGURATION, 0, dataset_json, _resolve_device(device))
     return trainer.configure(method, iterations=iterations, seed=seed, num_prefetch=num_prefetch,
                              num_loader_workers=num_loader_workers, max_open_cases=max_open_cases,
-                             tensorboard=tensorboard)
+                             tensorboard=tensorboard, datasets=names, dataset_weights=dataset_weights,
+                             subject_pattern=subject_pattern)
 
 
 def pretrain(dataset, method: str, plans_identifier: str = SSL_PLANS, device: str = "cpu",
              continue_training: bool = False, iterations: Optional[int] = None,
              pretrained_weights: Optional[str] = None, seed: int = 0, num_prefetch: int = 2,
              num_loader_workers: int = 0, max_open_cases: int = DEFAULT_MAX_OPEN_CASES,
-             tensorboard: bool = False):
-    """Pretrain ``method`` on ``dataset`` in this process (one rank when a process group is initialised); returns
+             tensorboard: bool = False, dataset_weights=None, subject_pattern: Optional[str] = None):
+    """Pretrain ``method`` on ``dataset`` (one, or a list sharing one plan) in this process (one rank when a process group is initialised); returns
     the trainer. ``trainer.stop_signal`` is set when SIGUSR1 / SIGTERM stopped it (exit with
     :data:`~ssl_nnunet.training.distributed.REQUEUE_EXIT_CODE`)."""
     trainer = build_trainer(dataset, method, plans_identifier, device, iterations, seed, num_prefetch,
-                            num_loader_workers, max_open_cases, tensorboard)
+                            num_loader_workers, max_open_cases, tensorboard, dataset_weights, subject_pattern)
     trainer.initialize()
     final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
     latest = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
@@ -142,7 +174,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                 f"Multi-GPU / multi-node: launch with torchrun (or srun); see "
                                 f"documentation/pretraining.md. Exits {REQUEUE_EXIT_CODE} after a SIGUSR1/SIGTERM "
                                 f"stop (checkpoint written; requeue and resume with --c).")
-    p.add_argument("-d", required=True, help="dataset id or name")
+    p.add_argument("-d", nargs="+", required=True,
+                   help="dataset id(s) or name(s); several (planned together by ssl_nnunet_plan_and_preprocess -d "
+                        "A B ...) are sampled in one run, the run folder is in the first one's results folder")
     p.add_argument("-m", required=True, choices=method_names(), help="SSL method")
     p.add_argument("-p", default=SSL_PLANS, help=f"plans identifier (default {SSL_PLANS})")
     p.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu", "mps"])
@@ -162,11 +196,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         "nnUNet_n_proc_DA is set")
     p.add_argument("--max_open_cases", type=int, default=DEFAULT_MAX_OPEN_CASES,
                    help=f"case files each sampler keeps open (LRU; default {DEFAULT_MAX_OPEN_CASES})")
+    p.add_argument("--dataset_weights", nargs="+", default=None,
+                   help="several -d: sampling weight per dataset: 'cases' (default, proportional to the training "
+                        "cases), 'equal', or one number per dataset in -d order")
+    p.add_argument("--subject_pattern", default=None,
+                   help="regular expression with a group (?P<subject>...) that gives a case id's subject for the "
+                        "held-out split when dataset.json has no 'subject' field (default: strip a trailing "
+                        "_ses/_session/_visit/_tp/_timepoint token; see documentation/pretraining.md)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also log loss terms, learning rate, data wait and previews to <run folder>/tensorboard "
                         "(needs the tensorboard extra); progress.png is written either way")
     a = p.parse_args(argv)
-    kwargs = dict(dataset=a.d, method=a.m, plans_identifier=a.p, device=a.device, continue_training=a.c,
+    kwargs = dict(dataset=a.d if len(a.d) > 1 else a.d[0], method=a.m, dataset_weights=a.dataset_weights,
+                  subject_pattern=a.subject_pattern, plans_identifier=a.p, device=a.device, continue_training=a.c,
                   iterations=a.iterations, pretrained_weights=a.pretrained_weights, seed=a.seed,
                   num_prefetch=a.prefetch, max_open_cases=a.max_open_cases, tensorboard=a.tensorboard,
                   num_loader_workers=default_num_loader_workers(a.device) if a.np_loader is None else a.np_loader)

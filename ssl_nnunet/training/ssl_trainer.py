@@ -38,13 +38,17 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 
 from ssl_nnunet.data.case_cache import DEFAULT_MAX_OPEN_CASES
 from ssl_nnunet.data.loader import PrefetchLoader, SamplerFactory
+from ssl_nnunet.data.multi_dataset import MultiDataset, resolve_dataset_weights, split_identifier
 from ssl_nnunet.data.samplers import SamplerSpec
+from ssl_nnunet.data.split import SPLIT_FILE, compile_subject_pattern, load_split, make_split, write_split
 from ssl_nnunet.methods import get_method
 from ssl_nnunet.training.distributed import local_device, split_global_batch
 from ssl_nnunet.training.logger import SSLLogger
 from ssl_nnunet.training.schedule import build_optimizer, learning_rate
 from ssl_nnunet.utilities.errors import SSLInputError
-from ssl_nnunet.utilities.file_io import atomic_copy, atomic_save_json, atomic_torch_save, ssl_output_folder
+from ssl_nnunet.paths import nnunet_preprocessed
+from ssl_nnunet.utilities.file_io import (atomic_copy, atomic_save_json, atomic_torch_save, load_json,
+                                          ssl_output_folder)
 from ssl_nnunet.utilities.network import build_network_from_plans
 
 MAX_CONSECUTIVE_NONFINITE = 5
@@ -92,8 +96,15 @@ class SSLTrainer(nnUNetTrainer):
 
     def configure(self, method: str, iterations: Optional[int] = None, seed: int = 0, num_prefetch: int = 2,
                   num_loader_workers: int = 0, max_open_cases: int = DEFAULT_MAX_OPEN_CASES,
-                  tensorboard: bool = False):
+                  tensorboard: bool = False, datasets: Optional[List[str]] = None, dataset_weights=None,
+                  subject_pattern: Optional[str] = None):
         """Select the SSL method and run length; sets the output folder ``SSL_<method>__<plans>__<config>``.
+
+        ``datasets``: the names of all pretraining datasets when there are several (the first is the plans'
+        dataset; all share its plan): the run samples across them with ``dataset_weights`` (``None``/"cases",
+        "equal" or numbers, :func:`~ssl_nnunet.data.multi_dataset.resolve_dataset_weights`) and its folder is
+        ``..._multi_<ids>`` in the first dataset's results folder. ``subject_pattern``: the case-id pattern of
+        the subject-aware held-out split (:mod:`ssl_nnunet.data.split`).
 
         ``num_loader_workers`` > 0 cuts the training patches in that many worker processes
         (:class:`~ssl_nnunet.data.loader.PrefetchLoader`), 0 in a thread; ``max_open_cases`` bounds the case
@@ -103,8 +114,17 @@ class SSLTrainer(nnUNetTrainer):
         if "ssl" not in plans or method not in plans["ssl"].get("methods", {}):
             raise SSLInputError(f"Plans '{self.plans_manager.plans_name}' have no ssl.methods.{method} entry. "
                                 f"Re-run ssl_nnunet_plan_experiment for this dataset.")
+        self.source_dataset_names = list(datasets) if datasets else [self.plans_manager.dataset_name]
+        if self.source_dataset_names[0] != self.plans_manager.dataset_name:
+            raise ValueError(f"datasets must start with the plans' dataset {self.plans_manager.dataset_name}")
+        self.dataset_weights_spec = dataset_weights
+        self.subject_pattern = subject_pattern
+        compile_subject_pattern(subject_pattern)  # a bad pattern fails now, not after the network is built
+        self.source_datasets = [{"name": n} for n in self.source_dataset_names]  # counts filled by the samplers
+        self._resumed = False
         self.output_folder_base = ssl_output_folder(self.plans_manager.dataset_name, method,
-                                                    self.plans_manager.plans_name, self.configuration_name)
+                                                    self.plans_manager.plans_name, self.configuration_name,
+                                                    self.source_dataset_names)
         self.output_folder = self.output_folder_base
         # nnU-Net's constructor made its own (empty) fold folder. Under DDP every rank's constructor creates it:
         # wait until all of them are past that point, then rank 0 alone removes it (a rank still inside
@@ -225,17 +245,20 @@ class SSLTrainer(nnUNetTrainer):
             raise SSLInputError(f"Preprocessed data {folder} not found. Run ssl_nnunet_preprocess -d "
                                 f"{self.plans_manager.dataset_name} first.")
         dataset_class = infer_dataset_class(folder)
-        identifiers = sorted(dataset_class.get_identifiers(folder))
         method_cls = type(self.method)
         needed = method_cls.cases_per_sample
+        dataset, identifiers, dataset_jsons = self._source_data(dataset_class)
         if len(identifiers) < needed:
             raise SSLInputError(f"{self.method_name} needs at least {needed} preprocessed cases, {folder} has "
                                 f"{len(identifiers)}.")
-        # held-out cases: 10 % (at least one sample's worth) when enough cases remain for training
-        n_val = max(needed, len(identifiers) // 10) if len(identifiers) >= 2 * needed + 1 else 0
-        train_ids = identifiers[:len(identifiers) - n_val]
-        self.val_identifiers = identifiers[len(identifiers) - n_val:] if n_val else train_ids
-        dataset = dataset_class(folder)
+        train_ids, self.val_identifiers = self._held_out_split(identifiers, dataset_jsons, needed)
+        if isinstance(dataset, MultiDataset):
+            counts = {n: sum(split_identifier(i)[0] == n for i in train_ids) for n in dataset.names}
+            dataset.weights = resolve_dataset_weights(self.dataset_weights_spec, counts)
+            for entry in self.source_datasets:
+                entry["weight"] = dataset.weights[entry["name"]]
+            self.print_to_log_file("Datasets (training cases, sampling weight): " + ", ".join(
+                f"{n} ({counts[n]}, {dataset.weights[n]:.3f})" for n in dataset.names))
         patch = method_cls.required_patch_size(self.method_plan)
         sampler_seed = self._sampler_seed()
         train_spec = SamplerSpec(dataset, train_ids, patch, self.batch_size, sampler_seed, self.method_plan,
@@ -258,6 +281,57 @@ class SSLTrainer(nnUNetTrainer):
                                f"{self.loss_weight:.3g}), LR scaling {self.lr_scaling}; {self.total_iterations} "
                                f"iterations ({self.num_epochs} epochs x {self.iterations_per_epoch}), "
                                f"{self.num_loader_workers} loader worker processes")
+
+    def _source_data(self, dataset_class):
+        """``(dataset, sorted identifiers, {dataset name or None: dataset.json})``: the plans' dataset, or a
+        :class:`~ssl_nnunet.data.multi_dataset.MultiDataset` of every ``datasets`` entry (identifiers
+        ``"<Dataset>/<case>"``)."""
+        if len(self.source_dataset_names) == 1:
+            folder = self.preprocessed_dataset_folder
+            identifiers = sorted(dataset_class.get_identifiers(folder))
+            self.source_datasets[0].update(preprocessed_cases=len(identifiers), weight=1.0)
+            return dataset_class(folder), identifiers, {None: self.dataset_json}
+        members, jsons = {}, {}
+        for entry in self.source_datasets:
+            name = entry["name"]
+            base = os.path.join(nnunet_preprocessed(), name)
+            folder = os.path.join(base, self.configuration_manager.data_identifier)
+            if not os.path.isdir(folder):
+                raise SSLInputError(f"Preprocessed data {folder} of {name} not found. Run "
+                                    f"ssl_nnunet_plan_and_preprocess -d {' '.join(self.source_dataset_names)} "
+                                    f"first.")
+            members[name] = dataset_class(folder)
+            jsons[name] = load_json(os.path.join(base, "dataset.json"), "dataset.json")
+            entry["preprocessed_cases"] = len(members[name].identifiers)
+        dataset = MultiDataset(members, {n: 1.0 for n in members})
+        return dataset, dataset.identifiers, jsons
+
+    def _held_out_split(self, identifiers: List[str], dataset_jsons: dict, needed: int):
+        """``(train, val)`` identifiers of the subject-aware split (:mod:`ssl_nnunet.data.split`): made and
+        written to ``ssl_split.json`` in the run folder (rank 0, atomic), or after a checkpoint was loaded
+        (``--c``) the saved one, checked against the cases on disk. No held-out case: validation on the
+        training cases (as before)."""
+        split = load_split(self.output_folder, identifiers) if self._resumed else None
+        how = "reused"
+        if split is None:
+            split = make_split(identifiers, dataset_jsons, needed, compile_subject_pattern(self.subject_pattern),
+                               single_name=self.source_dataset_names[0])
+            how = "written"
+            if self.local_rank == 0:
+                write_split(split, self.output_folder)
+        by_name = {e["name"]: e for e in self.source_datasets}
+        for name, info in split.get("datasets", {}).items():
+            entry = by_name.get(name)
+            if entry is not None:
+                entry.update(train_cases=info["train_cases"], val_cases=info["val_cases"],
+                             subjects=info["subjects"], subject_source=info["subject_source"])
+        self.print_to_log_file(f"Held-out split {how} ({os.path.join(self.output_folder, SPLIT_FILE)}): "
+                               + "; ".join(f"{n}: {i['train_cases']} training / {i['val_cases']} held-out cases, "
+                                           f"{i['val_subjects']} of {i['subjects']} subjects held out "
+                                           f"(subjects from {i['subject_source']})"
+                                           for n, i in split.get("datasets", {}).items()))
+        train = list(split["train"])
+        return train, (list(split["val"]) or train)
 
     def _sampler_seed(self) -> int:
         """Seed of this rank's training sampler at the position the run starts from: ``seed + 1000·rank + epoch``
@@ -565,6 +639,7 @@ class SSLTrainer(nnUNetTrainer):
                           "fold": self.fold, "dataset_json": self.dataset_json, "device": torch.device("cpu")},
             "trainer_name": self.__class__.__name__,
             "ssl_method": self.method_name,
+            "source_datasets": [dict(e) for e in self.source_datasets],
             "inference_allowed_mirroring_axes": None,
         }
         if getattr(self, "ddp_checksums", None) is not None:
@@ -580,11 +655,16 @@ class SSLTrainer(nnUNetTrainer):
         if ckpt.get("ssl_method") not in (None, self.method_name):
             raise SSLInputError(f"Checkpoint was written by method '{ckpt['ssl_method']}', not "
                                 f"'{self.method_name}'.")
+        saved = [e.get("name") for e in ckpt.get("source_datasets") or []]
+        if saved and saved != self.source_dataset_names:
+            raise SSLInputError(f"Checkpoint was trained on {', '.join(saved)}, this run is on "
+                                f"{', '.join(self.source_dataset_names)}; pass the same -d (same order).")
         self.method.load_state_dict(ckpt["ssl_method_state"])
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         if self.grad_scaler is not None and ckpt.get("grad_scaler_state") is not None:
             self.grad_scaler.load_state_dict(ckpt["grad_scaler_state"])
         self.current_epoch = int(ckpt["current_epoch"])
+        self._resumed = True  # the held-out split of the run folder is reused
         self._resume_step = int(ckpt.get("iteration_in_epoch", 0))
         self._partial_epoch = ckpt.get("partial_epoch") if self._resume_step else None
         self.nonfinite_steps = int(ckpt.get("nonfinite_steps", 0))

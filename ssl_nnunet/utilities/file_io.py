@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 from ssl_nnunet.constants import CONFIGURATION, FINETUNE_PLANS, SSL_PLANS
 from ssl_nnunet.paths import nnunet_preprocessed, nnunet_raw, nnunet_results
@@ -73,9 +73,14 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def ssl_output_folder(dataset_name: str, method: str, plans_name: str = SSL_PLANS,
-                      configuration: str = CONFIGURATION) -> str:
-    """``nnUNet_results/<Dataset>/SSL_<method>__<plans>__<configuration>``: the SSL trainer's output folder."""
-    return os.path.join(nnunet_results(), dataset_name, f"SSL_{method}__{plans_name}__{configuration}")
+                      configuration: str = CONFIGURATION, datasets: Sequence[str] = ()) -> str:
+    """``nnUNet_results/<Dataset>/SSL_<method>__<plans>__<configuration>``: the SSL trainer's output folder.
+    A run on several datasets (``datasets``, the first is ``dataset_name``) lives in the first dataset's results
+    folder, named ``SSL_<method>__<plans>__<configuration>__multi_<id>_<id>...`` (the ids of all, in -d order)."""
+    name = f"SSL_{method}__{plans_name}__{configuration}"
+    if len(datasets) > 1:
+        name += "__multi_" + "_".join(d[len("Dataset"):].split("_", 1)[0] for d in datasets)
+    return os.path.join(nnunet_results(), dataset_name, name)
 
 
 @contextlib.contextmanager
