@@ -103,7 +103,11 @@ def test_resume_after_kill(smoke_dataset):
 
 
 def test_ddp_two_processes_gloo_identical_weights(smoke_dataset):
+    import signal
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     pretrain_ddp(2, dataset=940, method="mae", device="cpu", iterations=4, num_prefetch=0)
+    # torch's launcher leaves its signal handlers installed; pretrain_ddp puts the caller's back
+    assert {s: signal.getsignal(s) for s in before} == before
     out = ssl_output_folder(DATASET, "mae", "sslPlans")
     ckpt = torch.load(os.path.join(out, "checkpoint_final.pth"), weights_only=False)
     sums = ckpt["ddp_rank_weight_checksums"]

@@ -5,6 +5,7 @@ import argparse
 import os
 import socket
 import sys
+import threading
 from typing import List, Optional, Sequence
 
 import torch
@@ -159,6 +160,13 @@ def pretrain_ddp(num_processes: int, **kwargs) -> int:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=num_processes, run_id=f"ssl_nnunet_{os.getpid()}",
                           rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
                           monitor_interval=0.2, start_method="spawn")
+    import signal
+    # torch's launcher installs SIGTERM/SIGINT/SIGHUP/SIGQUIT handlers and never restores them; a caller that goes
+    # on (a test session, a notebook) would otherwise keep them, and multiprocessing pools forked later could
+    # then not be terminated (a hang seen in the test suite)
+    names = [n for n in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if hasattr(signal, n)]
+    saved = ({n: signal.getsignal(getattr(signal, n)) for n in names}
+             if threading.current_thread() is threading.main_thread() else {})
     try:
         elastic_launch(config, _elastic_worker)(kwargs)
     except ChildFailedError as e:
@@ -166,6 +174,10 @@ def pretrain_ddp(num_processes: int, **kwargs) -> int:
         if codes == {REQUEUE_EXIT_CODE}:
             return REQUEUE_EXIT_CODE
         raise
+    finally:
+        for n, handler in saved.items():
+            if handler is not None:
+                signal.signal(getattr(signal, n), handler)
     return 0
 
 
