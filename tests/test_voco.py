@@ -446,3 +446,13 @@ def test_body_resized_shapes_and_values():
                 assert not torch.allclose(region, got, atol=1e-2)
     with pytest.raises(ValueError):
         build(region_mode="body_resized").make_views(torch.randn(2, 1, *REGION))
+
+
+def test_planner_check_rejects_unknown_region_mode_and_base_gradient():
+    voco = get_method("voco")
+    ssl = {**SSL_PLAN, "median_shape": [10.0, 10.0, 10.0]}
+    assert voco.check_layout(plan(region_mode="body_box"), ssl)  # region larger than the median: warned
+    assert voco.check_layout(plan(region_mode="body_resized"), ssl) == []  # resized: never padded
+    for bad in ({"region_mode": "random"}, {"base_gradient": "none"}):
+        with pytest.raises(SSLInputError, match=next(iter(bad))):
+            voco.check_layout(plan(**bad), ssl)

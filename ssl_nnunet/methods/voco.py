@@ -399,6 +399,14 @@ class VoCo(SSLMethod):
             raise cls.layout_error(ssl_plan, "region_size", "must equal base_grid x crop_size")
         if int(v["base_grid"][a_op]) != 1:
             raise cls.layout_error(ssl_plan, "base_grid", f"{v['base_grid']} splits the out-of-plane axis {a_op}")
+        lay = cls.resolved_layout(method_plan)
+        if lay["region_mode"] not in REGION_MODES:
+            raise cls.layout_error(ssl_plan, "region_mode", f"'{lay['region_mode']}' is not one of {REGION_MODES}")
+        if lay["base_gradient"] not in BASE_GRADIENTS:
+            raise cls.layout_error(ssl_plan, "base_gradient",
+                                   f"'{lay['base_gradient']}' is not one of {BASE_GRADIENTS}")
+        if lay["region_mode"] == "body_resized":
+            return []  # the body box is resized to the region: never padded
         if any(r > md for r, md in zip(v["region_size"], median)):
             return [f"voco region {v['region_size']} exceeds the median image shape {median}; regions get padded"]
         return []
