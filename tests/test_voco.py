@@ -138,20 +138,22 @@ def test_augment_crops():
 
 # ---------------------------------------------------------------------------------------------- §4.7-3/4 losses
 
-def test_prediction_loss_zero_at_labels_and_stop_gradient_on_bases():
+def test_prediction_loss_zero_at_labels_and_stop_gradient_on_bases_with_stop():
     y = position_labels(random_crop_starts(2, 3, REGION, CROP, generator=gen(2)), CROP, GRID)
     assert abs(float(prediction_loss(y, y))) < 1e-5
     assert abs(float(prediction_loss(y, y, "official"))) < 1e-5
     assert float(prediction_loss(1 - y, y)) > 1.0  # far from the labels: large, finite
     assert torch.isfinite(prediction_loss(torch.ones_like(y), torch.zeros_like(y)))
-    # through the method: L_pred gives no gradient to the base embeddings, but does train the encoder
-    m = build()
+    # through the method with base_gradient = "stop" (Eq. 1): L_pred gives no gradient to the base embeddings,
+    # but does train the encoder
+    m = build(base_gradient="stop")
     crops, labels, _ = m.make_views(torch.randn(2, 1, *REGION), gen(0))
     emb = m.embed(crops)
     q, p = m._split(emb, 2)
     assert q.shape == (2, 4, 32) and p.shape == (2, 2, 32)  # §4.7-5: (B, n, D), (B, n_t, D)
-    logits, q2 = m.logits_and_bases(crops, 2)
-    assert logits.shape == (2, 2, 4) and q2.shape == (2, 4, 32)
+    logits, cos, q2 = m.logits_and_bases(crops, 2)
+    assert logits.shape == (2, 2, 4) and q2.shape == (2, 4, 32) and cos.shape == (2, 2, 4)
+    torch.testing.assert_close(logits.detach(), cos.clamp(0, 1))
     assert bool((logits >= 0).all()) and bool((logits <= 1).all())
     l_pred = prediction_loss(logits, labels)
     (g_q,) = torch.autograd.grad(l_pred, q2, retain_graph=True, allow_unused=True)
@@ -231,7 +233,8 @@ def test_loss_decreases_on_a_fixed_batch_and_decoder_stays_at_init(variant, teac
     losses = []
     for step in range(25):
         terms = m(x, generator=gen(7))  # the same views every step
-        assert set(terms) == {"loss", "L_pred", "L_reg", "pos_acc", "L_pred_zero"}
+        assert set(terms) == {"loss", "L_pred", "L_reg", "pos_acc", "L_pred_zero", "pos_acc_chance"}
+        assert float(terms["pos_acc_chance"]) == 0.25
         assert all(v.dtype == torch.float32 and v.dim() == 0 for v in terms.values())
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -271,9 +274,9 @@ def test_ema_momentum_schedule_and_update():
 def test_layout_errors_and_projector_norm():
     assert get_method("voco").required_patch_size(plan()) == REGION
     for bad in ({"region_size": [16, 32, 48]}, {"crop_size": [12, 16, 16], "region_size": [12, 32, 32]},
-                {"loss_variant": "v3"}, {"region_mode": "body_resized"}, {"base_grid": [1, 1, 1],
-                                                                          "region_size": CROP},
-                {"projector_norm": "instance"}):
+                {"loss_variant": "v3"}, {"region_mode": "random"}, {"base_grid": [1, 1, 1], "region_size": CROP},
+                {"projector_norm": "instance"}, {"base_gradient": "teacher"}, {"region_jitter": 0.7},
+                {"region_mode": "body_resized", "resize_stage": 0.5}):
         with pytest.raises(SSLInputError):
             build(**bad)
     assert isinstance(build().projector.net[1], nn.BatchNorm1d)
@@ -295,3 +298,161 @@ def test_previews():
     assert len(rows) == 3
     shapes = [[tuple(t.shape) for t in v] for v in rows.values()]
     assert shapes == [[tuple(REGION)], [tuple(CROP)] * 4, [tuple(CROP)] * 2]
+
+
+# ---------------------------------------------------------------------------------------------- issue 14
+
+def test_gradient_reaches_the_bases_with_prediction_and_not_with_stop():
+    x = torch.randn(2, 1, *REGION)
+    for mode in ("prediction", "stop"):
+        m = build(base_gradient=mode)
+        crops, labels, _ = m.make_views(x, gen(0))
+        logits, _cos, q = m.logits_and_bases(crops, 2)
+        (g_q,) = torch.autograd.grad(prediction_loss(logits, labels), q, allow_unused=True)
+        has = g_q is not None and bool(torch.count_nonzero(g_q) > 0)
+        assert has == (mode == "prediction"), mode
+    # the default is the prediction gradient
+    assert get_method("voco").layout_defaults["base_gradient"] == "prediction"
+
+
+def test_position_accuracy_on_raw_cosines_and_ties():
+    labels = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]])
+    # every cosine negative, the largest on a wrong base: raw accuracy 0; the clamped logits are all 0, an argmax
+    # over them would credit base 0 (= crop 0's and crop 1's label); tie-aware scoring gives |T|/n instead
+    raw = torch.tensor([[[-0.9, -0.5, -0.1, -0.8], [-0.7, -0.9, -0.2, -0.6], [-0.3, -0.9, -0.9, -0.6]]])
+    assert float(position_accuracy(raw, labels)) == 0.0
+    clamped = raw.clamp(0, 1)
+    assert float((clamped.argmax(-1) == labels.argmax(-1)).float().mean()) == pytest.approx(2 / 3)
+    assert float(position_accuracy(clamped, labels)) == pytest.approx((1 / 4 + 2 / 4 + 1 / 4) / 3)
+    # a crop on two bases (tied labels) is right with either; a tied prediction gets the share it hits
+    pred = torch.tensor([[[0.3, 0.1, 0.3, 0.0], [0.1, 0.6, 0.2, 0.0], [0.0, 0.2, 0.1, 0.4]]])
+    assert float(position_accuracy(pred, labels)) == pytest.approx((0.5 + 1.0 + 1.0) / 3)
+    # through the method: pos_acc is computed on the raw cosines, pos_acc_chance = 1/n
+    m = build()
+    xb = torch.randn(2, 1, *REGION)
+    terms = m(xb, generator=gen(4))
+    crops, labels, _ = m.make_views(xb, gen(4))
+    _, cos, _ = m.logits_and_bases(crops, 2)
+    assert float(terms["pos_acc"]) == pytest.approx(float(position_accuracy(cos, labels)))
+    assert float(terms["pos_acc_chance"]) == pytest.approx(1 / 4)
+
+
+class _Cases:
+    """A stand-in for nnU-Net's dataset: ``load_case`` → (data, None, None, {"ssl_body_bbox": box})."""
+
+    def __init__(self, cases):
+        self.cases = cases  # identifier -> (data (C, a0, a1, a2), bbox)
+        self.source_folder = ""
+
+    def load_case(self, identifier):
+        data, box = self.cases[identifier]
+        return data, None, None, {"ssl_body_bbox": box}
+
+
+def _coordinate_volume(shape):
+    """3 channels holding each voxel's a0, a1, a2 index (float32)."""
+    grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")
+    return torch.stack(grids).numpy()
+
+
+def test_body_box_regions_sit_at_the_same_relative_body_position():
+    import numpy as np
+    from ssl_nnunet.data.samplers import SamplerSpec, UnlabeledPatchSampler
+    from ssl_nnunet.data.voco_regions import AnchoredRegionSampler
+    shapes_boxes = {"a": ((40, 60, 60), [[5, 35], [10, 50], [4, 56]]),
+                    "b": ((30, 80, 50), [[0, 30], [30, 76], [2, 30]]),
+                    "c": ((24, 48, 90), [[3, 20], [1, 47], [50, 89]]),
+                    "d": ((12, 20, 40), [[1, 11], [2, 18], [5, 35]])}  # smaller than the region on a0, a1: padded
+    ds = _Cases({k: (_coordinate_volume(s), box) for k, (s, box) in shapes_boxes.items()})
+    spec = SamplerSpec(ds, sorted(ds.cases), REGION, 2, 0, plan(region_mode="body_box"), SSL_PLAN, "")
+    sampler = get_method("voco").make_sampler(spec)
+    assert isinstance(sampler, AnchoredRegionSampler) and sampler.jitter == pytest.approx(0.1)
+    assert type(get_method("voco").make_sampler(SamplerSpec(ds, sorted(ds.cases), REGION, 2, 0,
+                                                            plan(region_mode="native"), SSL_PLAN, ""))) \
+        is UnlabeledPatchSampler
+    half = [r // 2 for r in REGION]
+    offsets = {k: [] for k in ds.cases}
+    for _ in range(40):
+        for k in ds.cases:
+            patch = sampler.sample_patch(k)
+            assert patch.shape == (3, *REGION)
+            shape, box = shapes_boxes[k]
+            for ax in range(3):
+                centre = float(patch[ax][tuple(half)])  # the coordinate of the region's centre voxel
+                if shape[ax] < REGION[ax]:  # centred on the volume, padded with the channel minimum (0)
+                    assert centre == half[ax] - (REGION[ax] - shape[ax]) // 2
+                    continue
+                want = (box[ax][0] + box[ax][1]) // 2
+                want = min(max(want, REGION[ax] // 2), shape[ax] - REGION[ax] + REGION[ax] // 2 + 0)  # in volume
+                offsets[k].append((ax, centre - want))
+    for k, offs in offsets.items():
+        for ax, off in offs:
+            shape, box = shapes_boxes[k]
+            lo_ok = REGION[ax] // 2
+            hi_ok = shape[ax] - REGION[ax] + REGION[ax] // 2
+            # within +-10 % of the region of the body-box centre, unless the volume edge clipped the region
+            c = (box[ax][0] + box[ax][1]) // 2
+            if lo_ok + 0.1 * REGION[ax] < c < hi_ok - 0.1 * REGION[ax]:
+                assert abs(off) <= round(0.1 * REGION[ax]), (k, ax, off)
+    # the jitter is used: not every draw of case "a" lands exactly on the centre (a1, a2 have room)
+    assert len({off for ax, off in offsets["a"] if ax > 0}) > 1
+    # the same relative body position across cases: the centre's place in the body box agrees within the jitter
+    rel = {k: [] for k in ("a", "b")}
+    for k in rel:
+        for _ in range(30):
+            patch = sampler.sample_patch(k)
+            box = shapes_boxes[k][1]
+            rel[k].append([(float(patch[ax][tuple(half)]) - box[ax][0]) / (box[ax][1] - box[ax][0])
+                           for ax in range(3)])
+    for ax in (1, 2):
+        tol = 0.1 * REGION[ax] / min(shapes_boxes[k][1][ax][1] - shapes_boxes[k][1][ax][0] for k in rel) + 0.05
+        assert abs(np.mean([r[ax] for r in rel["a"]]) - np.mean([r[ax] for r in rel["b"]])) < tol
+        assert all(abs(r[ax] - 0.5) <= tol for k in rel for r in rel[k])
+
+
+def test_body_resized_shapes_and_values():
+    import numpy as np
+    from ssl_nnunet.data.voco_regions import AnchoredRegionSampler, staging_size
+    voco = get_method("voco")
+    assert voco.required_patch_size(plan(region_mode="body_resized")) == [2 * r for r in REGION]
+    assert voco.required_patch_size(plan(region_mode="body_resized", resize_stage=1)) == REGION
+    assert voco.required_patch_size(plan(region_mode="body_box")) == REGION
+    assert staging_size([16, 32, 30], 1.5) == [24, 48, 45]
+    shape, box = (44, 80, 76), [[3, 39], [5, 75], [2, 71]]   # body box 36 x 70 x 69 (larger than 2R)
+    a0, a1, a2 = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+    linear = (0.5 * a0 + 0.25 * a1 - 0.1 * a2 + 3.0)[None]
+    rough = torch.randn(1, *shape, generator=gen(5)).numpy()
+    box_of = lambda v: torch.from_numpy(v[:, box[0][0]:box[0][1], box[1][0]:box[1][1], box[2][0]:box[2][1]])[None]
+    for stage in (1, 2):
+        lay = dict(region_mode="body_resized", resize_stage=stage)
+        m = build(**lay)
+        m.augmentation = {"p_flip": 0.0, "p_rot90": 0.0, "p_shift": 0.0, "shift": 0.0}
+        size = voco.required_patch_size(plan(**lay))
+        for vol in (linear, rough):
+            sampler = AnchoredRegionSampler(_Cases({"x": (vol, box)}), ["x"], size, 2, mode="body_resized")
+            batch = sampler.next_batch()
+            assert batch.shape == (2, 1, *size) and batch.dtype == torch.float32
+            expected = F.interpolate(box_of(vol), size=REGION, mode="trilinear", align_corners=False)
+            crops, _, _ = m.make_views(batch, gen(0))       # the device step resizes S -> R
+            region = crops.view(2, 6, 1, *CROP)[:, :4]
+            got = split_into_cells(expected.expand(2, -1, -1, -1, -1), GRID)
+            if stage == 1 or vol is linear:  # one resize, or two that agree exactly on linear content
+                torch.testing.assert_close(region, got, atol=1e-4, rtol=0)
+            else:  # noise: exactly the CPU resize to S followed by the device resize S -> R
+                two = F.interpolate(F.interpolate(box_of(vol), size=size, mode="trilinear", align_corners=False),
+                                    size=REGION, mode="trilinear", align_corners=False)
+                torch.testing.assert_close(region, split_into_cells(two.expand(2, -1, -1, -1, -1), GRID),
+                                           atol=1e-5, rtol=0)
+                assert not torch.allclose(region, got, atol=1e-2)
+    with pytest.raises(ValueError):
+        build(region_mode="body_resized").make_views(torch.randn(2, 1, *REGION))
+
+
+def test_planner_check_rejects_unknown_region_mode_and_base_gradient():
+    voco = get_method("voco")
+    ssl = {**SSL_PLAN, "median_shape": [10.0, 10.0, 10.0]}
+    assert voco.check_layout(plan(region_mode="body_box"), ssl)  # region larger than the median: warned
+    assert voco.check_layout(plan(region_mode="body_resized"), ssl) == []  # resized: never padded
+    for bad in ({"region_mode": "random"}, {"base_gradient": "none"}):
+        with pytest.raises(SSLInputError, match=next(iter(bad))):
+            voco.check_layout(plan(**bad), ssl)

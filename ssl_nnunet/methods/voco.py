@@ -1,7 +1,16 @@
 """VoCo: volume contrast with contextual-position prediction (METHODS.md §4; Wu et al., CVPR 2024).
 
-Views (all torch ops on the batch's device). The loader cuts one region ``R = g ⊙ c`` per batch element
-(``required_patch_size = region_size``, native spacing, centre inside the body box). Per region:
+Views (all torch ops on the batch's device). The loader cuts one region ``R = g ⊙ c`` per batch element,
+placed by ``region_mode`` (:mod:`ssl_nnunet.data.voco_regions`, declared by :meth:`VoCo.make_sampler`):
+
+* ``body_box`` (default): at the plan's spacing, centred at the case's body-box centre with a jitter of
+  ±``region_jitter``·R per axis (0.1), so base ``j`` covers roughly the same anatomy in every scan;
+* ``body_resized`` (the paper): the whole body box, resized on the CPU to the staging size
+  ``S = ceil(resize_stage · R)`` (fixed batch shape), then to ``R`` on the device (trilinear) in
+  :meth:`VoCo.make_views`;
+* ``native``: centre uniform inside the body box (base indices then mean nothing across scans).
+
+Per region:
 
 * **bases**: the region split into the ``n = g0·g1·g2`` non-overlapping crops of size ``c`` (base grid ``g``,
   ``g = 1`` on the out-of-plane axis). Base ``j`` is grid cell ``(k0, k1, k2)`` with ``j = (k0·g1 + k1)·g2 + k2``
@@ -21,7 +30,9 @@ LayerNorm without affine) → ``(N, D)``. Bases give ``q (B, n, D)``, target cro
 
 Loss (float32), ``cos(a, b) = a·b / (‖a‖‖b‖ + 1e-8)``:
 
-* logits ``l (B, n_t, n) = clamp(cos(p, sg(q)), 0, 1)`` (stop-gradient on the bases, ReLU'd cosine);
+* logits ``l (B, n_t, n) = clamp(cos(p, q), 0, 1)`` (ReLU'd cosine). ``base_gradient = "prediction"``
+  (default, as the authors' later code): the bases get L_pred's gradient too; ``"stop"`` (the paper's Eq. 1):
+  ``cos(p, sg(q))``, the bases learn only from L_reg;
 * ``loss_variant = "paper"`` (default): Eq. 2–3 ``d = clamp(|y − l|, 0, 1)``,
   ``L_pred = −mean_{b,t,j} log(1 − d + 1e-6)``; Eq. 4–5 ``s_jk = cos(q_j, q_k)`` (bases carry gradient),
   ``L_reg = mean_b 2/(n(n−1)) Σ_{j<k} |s_jk|``;
@@ -32,12 +43,13 @@ Loss (float32), ``cos(a, b) = a·b / (‖a‖‖b‖ + 1e-8)``:
 Optional EMA teacher (``use_ema_teacher``; the v2 code and the fix nnssl users reported): a copy of encoder +
 projector, updated after every optimizer step ``θ_t ← μ·θ_t + (1 − μ)·θ_s``; logits become
 ``½[clamp(cos(p_s, sg(q_t))) + clamp(cos(sg(p_t), q_s))]``, so in this mode the student bases also receive a
-prediction gradient; ``L_reg`` stays on the student bases.
+prediction gradient (none with ``base_gradient = "stop"``); ``L_reg`` stays on the student bases.
 
-Logged terms: ``L_pred``, ``L_reg``, ``pos_acc`` = mean over target crops of
-``[argmax_j l_j == argmax_j y_j]`` (chance ≈ 1/n), and ``L_pred_zero`` = L_pred of all-zero logits on the same
-labels: the value of the trivial solution (every embedding orthogonal to every base). L_pred below it means
-the positions are being predicted; L_pred falling *to* it means the embeddings are collapsing to orthogonal.
+Logged terms: ``L_pred``, ``L_reg``, ``pos_acc`` (:func:`position_accuracy` on the *raw* cosines, before the
+clamp, so clamped zeros do not tie; tied maxima get fractional credit), ``pos_acc_chance = 1/n`` and
+``L_pred_zero`` = L_pred of all-zero logits on the same labels: the value of the trivial solution (every
+embedding orthogonal to every base). L_pred below it means the positions are being predicted; L_pred falling
+*to* it means the embeddings are collapsing to orthogonal.
 
 Export: only the encoder is trained. The decoder's own modules (``transpconvs``, ``stages``, ``seg_layers``) are
 frozen (``requires_grad = False``) so they stay bit-exactly at their initialisation — also under weight decay
@@ -50,7 +62,10 @@ Layout keys (``method_plan["layout"]``):
     n_target_crops   n_t (4; CPU 2)
     lambda_reg       λ (1.0)
     loss_variant     "paper" | "official"
-    region_mode      "native" (the only mode implemented; the paper's "body_resized" needs loader support)
+    region_mode      "body_box" | "body_resized" | "native" (see Views)
+    region_jitter    0.1: body_box centre jitter, fraction of the region per axis
+    resize_stage     2: body_resized staging size S = ceil(stage · R) (loader → device)
+    base_gradient    "prediction" | "stop" (stop-gradient on the bases in L_pred, Eq. 1)
     proj_dims        [2048, 2048, 2048] (CPU [256, 256, 256])
     projector_norm   "batch" | "layer" ("batch" falls back to "layer" below 8 crops per step)
     logit_clamp      "hard" (ReLU'd cosine, the reference code) | "straight_through" (same value, identity gradient)
@@ -69,6 +84,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ssl_nnunet.data.samplers import SamplerSpec
+from ssl_nnunet.data.voco_regions import REGION_MODES, AnchoredRegionSampler, resize_regions, staging_size
 from ssl_nnunet.methods import register
 from ssl_nnunet.methods.base import PlanningContext, SSLMethod, divides
 from ssl_nnunet.methods.ema import frozen_copy
@@ -77,7 +94,7 @@ from ssl_nnunet.methods.helpers import per_axis_ints, split_into_cells, uniform
 from ssl_nnunet.utilities.errors import SSLInputError
 
 LOSS_VARIANTS = ("paper", "official")
-REGION_MODES = ("native",)
+BASE_GRADIENTS = ("prediction", "stop")
 LOGIT_CLAMPS = ("hard", "straight_through")
 PROJECTOR_NORMS = ("batch", "layer")
 POOLS = ("avg", "avgmax")
@@ -294,9 +311,19 @@ def regularisation_loss(bases: torch.Tensor, variant: str = "paper") -> torch.Te
 
 
 @torch.no_grad()
-def position_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Share of target crops whose most similar base is the base they overlap most: ``(B, n_t, n)`` → scalar."""
-    return (logits.argmax(-1) == labels.argmax(-1)).float().mean()
+def position_accuracy(scores: torch.Tensor, labels: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+    """Share of target crops whose most similar base is a base they overlap most: ``(B, n_t, n)`` → scalar.
+
+    Pass the *raw* cosines: after the clamp every negative cosine is 0 and ``argmax`` would resolve such ties to
+    base 0. Ties are scored exactly: per crop, with ``P`` the bases of maximal score and ``T`` those of maximal
+    overlap (both within ``tol``), the credit is ``|P ∩ T| / |P|`` — the accuracy of a random tie-break, so
+    all-equal scores give ``|T| / n`` (chance) and never a free hit on base 0.
+    """
+    scores = scores.float()
+    labels = labels.float()
+    pred = scores >= scores.amax(-1, keepdim=True) - tol
+    true = labels >= labels.amax(-1, keepdim=True) - tol
+    return ((pred & true).sum(-1).float() / pred.sum(-1).float()).mean()
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -344,7 +371,8 @@ class VoCo(SSLMethod):
 
     name = "voco"
     trained_parts = "encoder only; the decoder is exported at its random initialisation"
-    layout_defaults = {"n_target_crops": 4, "lambda_reg": 1.0, "loss_variant": "paper", "region_mode": "native",
+    layout_defaults = {"n_target_crops": 4, "lambda_reg": 1.0, "loss_variant": "paper", "region_mode": "body_box",
+                       "region_jitter": 0.1, "resize_stage": 2, "base_gradient": "prediction",
                        "proj_dims": [2048, 2048, 2048], "projector_norm": "batch", "logit_clamp": "hard",
                        "use_ema_teacher": False, "ema_momentum": 0.9, "augmentation": dict(DEFAULT_AUGMENTATION),
                        "pool": "avg"}
@@ -371,6 +399,14 @@ class VoCo(SSLMethod):
             raise cls.layout_error(ssl_plan, "region_size", "must equal base_grid x crop_size")
         if int(v["base_grid"][a_op]) != 1:
             raise cls.layout_error(ssl_plan, "base_grid", f"{v['base_grid']} splits the out-of-plane axis {a_op}")
+        lay = cls.resolved_layout(method_plan)
+        if lay["region_mode"] not in REGION_MODES:
+            raise cls.layout_error(ssl_plan, "region_mode", f"'{lay['region_mode']}' is not one of {REGION_MODES}")
+        if lay["base_gradient"] not in BASE_GRADIENTS:
+            raise cls.layout_error(ssl_plan, "base_gradient",
+                                   f"'{lay['base_gradient']}' is not one of {BASE_GRADIENTS}")
+        if lay["region_mode"] == "body_resized":
+            return []  # the body box is resized to the region: never padded
         if any(r > md for r, md in zip(v["region_size"], median)):
             return [f"voco region {v['region_size']} exceeds the median image shape {median}; regions get padded"]
         return []
@@ -410,10 +446,19 @@ class VoCo(SSLMethod):
         if self.logit_clamp not in LOGIT_CLAMPS:
             raise SSLInputError(f"ssl layout of 'voco': logit_clamp must be one of {LOGIT_CLAMPS}, got "
                                 f"'{self.logit_clamp}'")
-        region_mode = str(layout["region_mode"])
-        if region_mode not in REGION_MODES:
-            raise SSLInputError(f"ssl layout of 'voco': region_mode '{region_mode}' is not implemented (only "
-                                f"'native': the loader cuts the region at the plan's spacing)")
+        self.region_mode = str(layout["region_mode"])
+        if self.region_mode not in REGION_MODES:
+            raise SSLInputError(f"ssl layout of 'voco': region_mode must be one of {REGION_MODES}, got "
+                                f"'{self.region_mode}'")
+        self.data_size = type(self).required_patch_size(method_plan)
+        self.base_gradient = str(layout["base_gradient"])
+        if self.base_gradient not in BASE_GRADIENTS:
+            raise SSLInputError(f"ssl layout of 'voco': base_gradient must be one of {BASE_GRADIENTS}, got "
+                                f"'{self.base_gradient}'")
+        jitter = float(layout["region_jitter"])
+        if not 0.0 <= jitter <= 0.5:
+            raise SSLInputError(f"ssl layout of 'voco': region_jitter must lie in [0, 0.5] (a fraction of the "
+                                f"region per axis), got {jitter}")
         a_op = int(ssl_plan.get("out_of_plane_axis", 0)) if ssl_plan else 0
         self.in_plane_axes = tuple(ax for ax in range(ndim) if ax != a_op)
         aug = {**type(self).layout_defaults["augmentation"], **(layout["augmentation"] or {})}
@@ -457,23 +502,52 @@ class VoCo(SSLMethod):
             self.teacher = None
             self.teacher_projector = None
 
-    @classmethod
-    def required_patch_size(cls, method_plan: dict) -> List[int]:
-        """The region ``R = base_grid ⊙ crop_size`` (the loader cuts it natively, centre inside the body box)."""
-        layout = method_plan["layout"]
+    @staticmethod
+    def region_of(layout: dict) -> List[int]:
+        """``R = base_grid ⊙ crop_size`` (``region_size`` when the layout states it)."""
         if "region_size" in layout:
             return [int(r) for r in layout["region_size"]]
         return [int(g) * int(c) for g, c in zip(layout["base_grid"], layout["crop_size"])]
 
+    @classmethod
+    def required_patch_size(cls, method_plan: dict) -> List[int]:
+        """What the loader hands over per element: the region ``R`` (``native``, ``body_box``) or the staging
+        size ``ceil(resize_stage · R)`` (``body_resized``; resized to ``R`` on the device)."""
+        layout = cls.resolved_layout(method_plan)
+        region = cls.region_of(layout)
+        if str(layout["region_mode"]) == "body_resized":
+            try:
+                return staging_size(region, float(layout["resize_stage"]))
+            except ValueError as e:
+                raise SSLInputError(f"ssl layout of 'voco': resize_stage: {e}") from e
+        return region
+
+    @classmethod
+    def make_sampler(cls, spec: SamplerSpec):
+        """``native``: the default uniform body-box sampler; ``body_box`` / ``body_resized``:
+        :class:`ssl_nnunet.data.voco_regions.AnchoredRegionSampler`."""
+        layout = cls.resolved_layout(spec.method_plan)
+        mode = str(layout["region_mode"])
+        if mode == "native":
+            return super().make_sampler(spec)
+        return AnchoredRegionSampler(spec.dataset, spec.identifiers, spec.patch_size, spec.batch_size, mode=mode,
+                                     jitter=float(layout["region_jitter"]), seed=spec.seed, **spec.case_options)
+
     # -------------------------------------------------------------------------------------------- views
     def make_views(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None):
-        """``batch (B, C, R0, R1, R2)`` → ``(crops, labels, starts)``.
+        """``batch (B, C, R0, R1, R2)`` (``body_resized``: ``(B, C, S0, S1, S2)``, resized to R here, on the
+        batch's device) → ``(crops, labels, starts)``.
 
         ``crops (B·(n + n_t), C, c0, c1, c2)``: per volume its n bases then its n_t target crops (volume-major),
         augmented; ``labels (B, n_t, n)`` float32; ``starts (B, n_t, 3)`` int64.
         """
         if batch.dim() != 5:
             raise ValueError(f"VoCo expects a batch (B, C, a0, a1, a2), got shape {tuple(batch.shape)}")
+        if self.region_mode == "body_resized":
+            if list(batch.shape[2:]) != self.data_size:
+                raise ValueError(f"VoCo (body_resized) expects resized body boxes of size {self.data_size}, got "
+                                 f"{list(batch.shape[2:])}")
+            batch = resize_regions(batch, self.region)
         if list(batch.shape[2:]) != self.region:
             raise ValueError(f"VoCo expects regions of size {self.region} (layout region_size), got "
                              f"{list(batch.shape[2:])}")
@@ -497,31 +571,37 @@ class VoCo(SSLMethod):
         emb = emb.view(b, self.n_bases + self.n_targets, -1)
         return emb[:, :self.n_bases], emb[:, self.n_bases:]
 
-    def logits_and_bases(self, crops: torch.Tensor, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(logits (B, n_t, n), student base embeddings q (B, n, D))``; stop-gradient as in the docstring."""
+    def logits_and_bases(self, crops: torch.Tensor, b: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits (B, n_t, n), raw cosines (B, n_t, n), student base embeddings q (B, n, D))``; the raw
+        cosines are the unclamped counterpart of the logits (detached, for :func:`position_accuracy`);
+        ``base_gradient`` as in the module docstring."""
         q, p = self._split(self.embed(crops), b)
+        q_pred = q if self.base_gradient == "prediction" else q.detach()
         if self.teacher is None:
-            return clamp_logits(pairwise_cosine(p, q.detach()), self.logit_clamp), q
+            cos = pairwise_cosine(p, q_pred)
+            return clamp_logits(cos, self.logit_clamp), cos.detach(), q
         with torch.no_grad():
             q_t, p_t = self._split(self.embed(crops, teacher=True), b)
-        logits = 0.5 * (clamp_logits(pairwise_cosine(p, q_t), self.logit_clamp)
-                        + clamp_logits(pairwise_cosine(p_t, q), self.logit_clamp))
-        return logits, q
+        cos_s, cos_t = pairwise_cosine(p, q_t), pairwise_cosine(p_t, q_pred)
+        logits = 0.5 * (clamp_logits(cos_s, self.logit_clamp) + clamp_logits(cos_t, self.logit_clamp))
+        return logits, (0.5 * (cos_s + cos_t)).detach(), q
 
     # -------------------------------------------------------------------------------------------- loss
     def forward(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-        """``batch (B, C, R0, R1, R2)`` → ``{"loss", "L_pred", "L_reg", "pos_acc", "L_pred_zero"}`` (float32
-        scalars; ``L_pred_zero`` is L_pred of all-zero logits on the same labels — the trivial solution)."""
+        """``batch`` (as :meth:`make_views`) → ``{"loss", "L_pred", "L_pred_zero", "L_reg", "pos_acc",
+        "pos_acc_chance"}`` (float32 scalars; ``L_pred_zero`` is L_pred of all-zero logits on the same labels —
+        the trivial solution; ``pos_acc_chance = 1/n``)."""
         crops, labels, _ = self.make_views(batch, generator)
-        logits, q = self.logits_and_bases(crops, batch.shape[0])
+        logits, cos, q = self.logits_and_bases(crops, batch.shape[0])
         l_pred = prediction_loss(logits, labels, self.loss_variant)
         l_reg = regularisation_loss(q, self.loss_variant)
         loss = l_pred + self.lambda_reg * l_reg
         with torch.no_grad():
             # the trivial solution's value: all logits 0 (every embedding orthogonal to every base)
             l_pred_zero = prediction_loss(torch.zeros_like(logits), labels, self.loss_variant)
-        return {"loss": loss, "L_pred": l_pred.detach(), "L_reg": l_reg.detach(),
-                "pos_acc": position_accuracy(logits.detach(), labels), "L_pred_zero": l_pred_zero}
+        return {"loss": loss, "L_pred": l_pred.detach(), "L_pred_zero": l_pred_zero, "L_reg": l_reg.detach(),
+                "pos_acc": position_accuracy(cos, labels),
+                "pos_acc_chance": torch.tensor(1.0 / self.n_bases, dtype=torch.float32, device=loss.device)}
 
     def ema_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
         """(encoder, teacher encoder) and (projector, teacher projector) with ``use_ema_teacher``, else none."""
@@ -542,10 +622,12 @@ class VoCo(SSLMethod):
         gen = torch.Generator(device="cpu")
         gen.manual_seed(0)
         crops, labels, _ = self.make_views(x, gen)
-        logits, _ = self.logits_and_bases(crops, 1)
+        _, cos, _ = self.logits_and_bases(crops, 1)
+        if self.region_mode == "body_resized":
+            x = resize_regions(x, self.region)
         crops = crops.float().cpu()
         pairs = ", ".join(f"{int(t)}→{int(p)}" for t, p in zip(labels[0].argmax(-1).tolist(),
-                                                                 logits[0].argmax(-1).tolist()))
+                                                                 cos[0].argmax(-1).tolist()))
         return {
             "region": [x[0, 0].float().cpu()],
             f"bases 0..{self.n_bases - 1}": [crops[j, 0] for j in range(min(self.n_bases, 16))],
