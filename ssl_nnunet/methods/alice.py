@@ -74,6 +74,7 @@ ROTATION_DEG = 15.0
 INTENSITY_SCALE = (0.9, 1.1)
 INTENSITY_SHIFT = (-0.1, 0.1)
 NOISE_STD = 0.1
+SIMILARITIES = ("infonce", "cosine")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -89,6 +90,44 @@ def cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.float(), b.detach().float()
     cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + 1e-8)
     return (2.0 - 2.0 * cos).mean()
+
+
+def _cos_logits(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
+    """``a (..., M, D)``, ``b (..., K, D)`` -> cos(a_m, sg b_k) / tau ``(..., M, K)`` in float32."""
+    a = F.normalize(a.float(), dim=-1, eps=1e-8)
+    b = F.normalize(b.detach().float(), dim=-1, eps=1e-8)
+    return a @ b.transpose(-1, -2) / float(tau)
+
+
+def token_info_nce(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """Token-level InfoNCE (ℓ_st): student token n of a view against the teacher tokens of the same view,
+    positive = teacher token n (the same CASA query), negatives = the view's other teacher tokens.
+
+    Args:
+        student, teacher: ``(M, N, D)`` (M views, N tokens each); ``teacher`` is detached.
+    Returns:
+        float32 scalar ``mean_{m,n} −log softmax_k(cos(s_mn, t_mk) / τ)[n]``; ``log N`` for constant rows.
+    """
+    logits = _cos_logits(student, teacher, tau)                                   # (M, N, N)
+    labels = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def pooled_info_nce(student: torch.Tensor, teacher: torch.Tensor, b: int, tau: float) -> torch.Tensor:
+    """In-batch InfoNCE (ℓ_dv) of pooled embeddings ``student, teacher (2B, D)`` (rows 0..B−1 Q, B..2B−1 K).
+
+    The positive of student row i is the teacher row of the *other* crop of its pair (i ± B); the candidates
+    are all 2B teacher rows except the row's own crop (an augmented copy of the same crop, a positive too).
+    Returns ``mean over Q rows + mean over K rows`` of ``−log softmax`` (float32; ``2 log(2B − 1)`` for
+    constant rows).
+    """
+    n = student.shape[0]
+    logits = _cos_logits(student, teacher, tau)                                   # (2B, 2B)
+    own = torch.eye(n, dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(own, float("-inf"))
+    labels = (torch.arange(n, device=logits.device) + b) % n
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    return ce[:b].mean() + ce[b:].mean()
 
 
 def embedding_spread(x: torch.Tensor) -> torch.Tensor:
@@ -245,7 +284,7 @@ class Alice(SSLMethod):
                      "--encoder-only)")
     cases_per_sample = 2
     layout_defaults = {"mask_ratio": 0.75, "ema": [0.996, 1.0], "matcher": "profile_bbox", "recon_weight": 1.0,
-                       "center_momentum": 0.9, "use_predictor": False}
+                       "similarity": "infonce", "tau": 0.2, "center_momentum": 0.9, "use_predictor": False}
 
     required_layout_keys = ("mask_unit", "token_stride", "head", "casa")
 
@@ -272,7 +311,14 @@ class Alice(SSLMethod):
                                    f"dim {al['casa']['dim']} is not divisible by heads {al['casa']['heads']}")
         if al["matcher"] not in MATCHERS:
             raise cls.layout_error(ssl_plan, "matcher", f"'{al['matcher']}' is not one of {', '.join(MATCHERS)}")
-        return []
+        if al.get("similarity", "infonce") not in SIMILARITIES:
+            raise cls.layout_error(ssl_plan, "similarity", f"'{al['similarity']}' is not one of "
+                                                           f"{', '.join(SIMILARITIES)}")
+        warnings = []
+        if al.get("similarity", "infonce") == "infonce" and int(method_plan.get("batch_size", 2)) < 2:
+            warnings.append("alice: with similarity 'infonce' a batch of 1 pair leaves ℓ_dv a single candidate "
+                            "(no negatives, no signal); use batch_size >= 2 (4 on the CPU plans)")
+        return warnings
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__(network, method_plan, ssl_plan, num_input_channels)
@@ -327,8 +373,15 @@ class Alice(SSLMethod):
         use_predictor = bool(layout["use_predictor"])
         self.pred_dv = predictor_mlp(out_dim, hidden) if use_predictor else None
         self.pred_st = predictor_mlp(casa_dim, hidden) if use_predictor else None
+        self.similarity = str(layout["similarity"])
+        if self.similarity not in SIMILARITIES:
+            raise SSLInputError(f"ssl layout of 'alice': similarity must be one of {SIMILARITIES}, got "
+                                f"'{self.similarity}'")
+        self.tau = float(layout["tau"])
+        if self.tau <= 0:
+            raise SSLInputError(f"ssl layout of 'alice': tau must be > 0, got {self.tau}")
         momentum = layout["center_momentum"]
-        self.center_momentum = None if momentum is None else float(momentum)
+        self.center_momentum = None if momentum is None or self.similarity == "infonce" else float(momentum)
         if self.center_momentum is not None and not 0.0 <= self.center_momentum < 1.0:
             raise SSLInputError(f"ssl layout of 'alice': center_momentum must lie in [0, 1) or be null, got {momentum}")
         self.register_buffer("center_dv", torch.zeros(out_dim))
@@ -463,14 +516,17 @@ class Alice(SSLMethod):
         h, y = out["H"].float(), out["Y"].float()
         cls_h, cls_y = h.mean(1), y.mean(1)
         pred = self.pred_dv(cls_h).float() if self.pred_dv is not None else cls_h
-        target_dv = self.centred(cls_y, "center_dv")
-        l_dv = cosine_loss(pred[:b], target_dv[b:]) + cosine_loss(pred[b:], target_dv[:b])
-
         s = self.casa(out["V"], out["H"])
         s = (self.pred_st(s) if self.pred_st is not None else s).float()
         t = self.casa_teacher(out["V"], out["Y"])
-        target_st = self.centred(t, "center_st")
-        l_st = cosine_loss(s[:b], target_st[:b]) + cosine_loss(s[b:], target_st[b:])
+        if self.similarity == "infonce":
+            l_dv = pooled_info_nce(pred, cls_y, b, self.tau)
+            l_st = token_info_nce(s[:b], t[:b], self.tau) + token_info_nce(s[b:], t[b:], self.tau)
+        else:
+            target_dv = self.centred(cls_y, "center_dv")
+            l_dv = cosine_loss(pred[:b], target_dv[b:]) + cosine_loss(pred[b:], target_dv[:b])
+            target_st = self.centred(t, "center_st")
+            l_st = cosine_loss(s[:b], target_st[:b]) + cosine_loss(s[b:], target_st[b:])
         if self.training and self.center_momentum is not None:
             self.update_centers(cls_y, t)
 
@@ -478,8 +534,12 @@ class Alice(SSLMethod):
         with torch.no_grad():
             cls_std = embedding_spread(cls_h)
             token_std = embedding_spread(h.flatten(0, 1))
-        return {"loss": loss, "rec_loss": l_r.detach(), "dv_loss": l_dv.detach(), "st_loss": l_st.detach(),
-                "cls_std": cls_std, "token_std": token_std}
+        terms = {"loss": loss, "rec_loss": l_r.detach(), "dv_loss": l_dv.detach(), "st_loss": l_st.detach(),
+                 "cls_std": cls_std, "token_std": token_std}
+        if self.similarity == "infonce":  # the losses of content-free (constant) embeddings
+            terms["dv_chance"] = loss.new_tensor(2 * math.log(max(1, 2 * b - 1))).detach()
+            terms["st_chance"] = loss.new_tensor(2 * math.log(s.shape[1])).detach()
+        return terms
 
     @torch.no_grad()
     def previews(self, batch: torch.Tensor) -> Dict[str, Sequence[torch.Tensor]]:
