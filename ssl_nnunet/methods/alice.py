@@ -24,16 +24,23 @@ Tensors:
     H = phi(online decoder stage-t tokens)                   (2B, N, D)
     Y = sg(psi(target encoder stage-t tokens))              (2B, N, D)
     S = CASA(V, H), T = sg(CASA(V, Y))                        (2B, N_vis, D_c)
-Losses (float32), ``l_s(a, b) = 2 - 2 cos(a, sg(b))`` averaged over rows:
+Losses (float32), default ``similarity = "infonce"`` (temperature ``tau``, cosine logits ``cos(a, sg b) / τ``):
     l_r  = masked MSE(Q) + masked MSE(K)            (Eq. 1; per-unit normalised targets, hidden voxels only)
-    l_dv = l_s(p(GAP H^Q), GAP Y^K - c_dv) + l_s(p(GAP H^K), GAP Y^Q - c_dv)        (Eq. 2)
-    l_st = l_s(p'(S^Q), T^Q - c_st) + l_s(p'(S^K), T^K - c_st)                       (Eq. 5, per query token)
+    l_dv = in-batch InfoNCE of p(GAP H) against GAP Y: the positive of a Q row is the K teacher row of its pair
+           and vice versa, candidates = all 2B teacher rows but the row's own crop; mean over Q rows + mean
+           over K rows (chance 2 log(2B − 1), logged as ``dv_chance``)                        (Eq. 2)
+    l_st = token-level InfoNCE per view: student token S_n against the view's teacher tokens T, positive T_n
+           (same CASA query), negatives the other visible tokens; Q views + K views (chance 2 log N_vis,
+           ``st_chance``)                                                                      (Eq. 5)
     loss = recon_weight * l_r + l_dv + l_st
-The paper's text has no centres and no predictors (``c = 0``, ``p = p' = identity``). Our two optional collapse
-guards: teacher centring (``center_momentum`` m: ``c <- m c + (1 - m) mean(teacher rows)`` after each training
-forward, as DINO/the reference code centre their teacher; default 0.9 because the plain cosine version
-loses its contrastive signal within ~40 CPU iterations, see documentation/methods/alice.md) and BYOL
-predictors ``p, p'`` (``use_predictor``, default off).
+``similarity = "cosine"`` is the paper's text, ``l_s(a, b) = 2 - 2 cos(a, sg(b))`` averaged over rows:
+    l_dv = l_s(p(GAP H^Q), GAP Y^K - c_dv) + l_s(p(GAP H^K), GAP Y^Q - c_dv)
+    l_st = l_s(p'(S^Q), T^Q - c_st) + l_s(p'(S^K), T^K - c_st)
+with optional teacher centring (``center_momentum`` m: ``c <- m c + (1 - m) mean(teacher rows)`` after each
+training forward; cosine only) and BYOL predictors ``p, p'`` (``use_predictor``, default off; identity
+otherwise). The cosine losses have constant-embedding minima that need no encoder (a zero key/value norm in
+CASA makes S = T constant, ℓ_st = 0); InfoNCE puts constant embeddings at chance instead (see
+documentation/methods/alice.md for the measurements behind the default).
 Logged besides: ``cls_std`` and ``token_std``, the collapse monitor (:func:`embedding_spread`):
 ``sqrt(D) * mean_d std_d`` of the l2-normalised pooled online embeddings GAP H across the 2B views, resp. of
 the l2-normalised online token embeddings H across all 2B * N tokens: about 1 for unit vectors spread over
@@ -43,8 +50,8 @@ that l_dv pulls together, so it is small by design; ``token_std`` is the collaps
 Layout keys (``method_plan["layout"]``): ``crop_size`` (= P), ``mask_unit`` (u), ``mask_ratio`` (0.75),
 ``token_stride`` (t; the cumulative stride of an encoder stage below the bottleneck, dividing u), ``head``
 ``[hidden, bottleneck, D]``, ``casa {dim: D_c, heads}``, ``ema [mu0, mu1]``, ``matcher``
-(``profile_bbox`` | ``bbox`` | ``random``), ``recon_weight`` (1), ``center_momentum`` (0.9; ``null`` = off),
-``use_predictor`` (false).
+(``profile_bbox`` | ``bbox`` | ``random``), ``recon_weight`` (1), ``similarity`` (``infonce`` | ``cosine``),
+``tau`` (0.2, InfoNCE), ``center_momentum`` (0.9, cosine only; ``null`` = off), ``use_predictor`` (false).
 """
 from __future__ import annotations
 

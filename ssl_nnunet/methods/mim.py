@@ -3,9 +3,11 @@
 Views (all built on the batch's device from one native level-1 region per sample; L = 3 levels):
 
 * ``X1 (B, C, R1)`` with ``R1 = r1 ⊙ P`` (``layout.level1_region``, cut natively by the loader);
-  ``x1 = avgpool_{r1}(X1) (B, C, P)``; level-1 unit grid ``g1 = P / level1_unit`` (n1 = ∏ g1 units),
-  mask ratio ρ1.
-* level 2: per sample γ *hidden* level-1 units, drawn without replacement; ``x2 (B·γ, C, P)`` is the native
+  ``x1 = avgpool_{r1}(X1) (B, C, P)``; level-1 unit grid ``g1 = P / level1_unit`` (n1 = ∏ g1 units: the
+  places a level-2 volume can come from). The level-1 *mask* is finer: cells ``level1_mask_unit`` (≈ P/6 per
+  axis, the paper's 6³ token grid), grid ``gm = P / level1_mask_unit``, ratio ρ1 (0.6).
+* level 2: per sample γ *mostly hidden* level-1 units (≥ half of their mask cells hidden), drawn uniformly
+  without replacement among those; ``x2 (B·γ, C, P)`` is the native
   region ``R2 = R1 / g1`` of ``X1`` under the unit (bit-exact slice when ``R2 = P``; upsampled by
   ``level2_zoom = P / R2`` otherwise, see the small-image fallback in ``documentation/methods/mim.md``);
   ``label12 (B·γ,)`` = index of that unit (C order over ``g1``). Unit ``u2``, grid ``n2 = P / u2``, ratio ρ2.
@@ -26,7 +28,10 @@ Loss (float32)::
     p_j    = Proj( sg( mean of the tap map of the coarser volume over unit j ) )        (n candidates, D)
     c_i    = Agg( mean of the tap map of the finer volume i over all positions )         (D)
     s_ij   = cos(c_i, p_j) = c·p / (‖c‖‖p‖ + 1e-8)
-    L_C    = mean_i −log( exp(s_{i,label_i}/τ) / Σ_j exp(s_ij/τ) )   (candidates: all units of the parent volume)
+    L_C    = mean_i −log( exp(s_{i,label_i}/τ) / Σ_{j ∈ C_i} exp(s_ij/τ) )
+    C_i    = the real candidates: the parent's mostly hidden level-1 units (L_C^{1,2}) / hidden level-2 units
+             (L_C^{2,3}). Visible units are no negatives: the positive is always hidden, so "hidden vs visible"
+             would solve part of the task without content. Chance level (logged ``*_chance``) = mean log |C_i|.
     L      = w1 L_R^1 + w2 L_R^2 + w3 L_R^3 + α (L_C^{1,2} + L_C^{2,3})
 
 The tap is the decoder map whose stride equals ``align_stride`` (default q → ``dec_first``, METHODS §6.2 step 7):
@@ -37,12 +42,14 @@ weights, shared by both level pairs.
 Layout keys (``method_plan["layout"]``; every size per axis (a0, a1, a2)):
     r1             downsampling factor of the level-1 region (``level1_region = r1 ⊙ P``)
     level1_region  native size of X1 = the loader's patch (``required_patch_size``)
-    level1_unit    level-1 mask unit in x1 coordinates (``g1 = P / level1_unit``)
+    level1_unit    level-1 unit in x1 coordinates (``g1 = P / level1_unit``; a level-2 region's footprint)
+    level1_mask_unit  level-1 mask cell in x1 coordinates (divides level1_unit; default level1_unit)
     level2_zoom    optional; ``P / (level1_region / g1)`` (1 = native level 2); checked if present
     u2             level-2 and level-3 mask unit (also the size of the region a level-3 volume is cut from)
     level3_zoom    optional; ``P / u2``; checked if present
-    ratios         [ρ1, ρ2, ρ3] (default [0.5, 0.6, 0.5])
-    gamma, beta    level-2 volumes per level-1 volume, level-3 volumes per level-2 volume (β = 0: two levels)
+    ratios         [ρ1, ρ2, ρ3] (default [0.6, 0.6, 0.5])
+    gamma, beta    level-2 volumes per level-1 volume (at most the mostly hidden level-1 units every mask has),
+                   level-3 volumes per level-2 volume (β = 0: two levels)
     alpha, tau     alignment weight (0.1) and InfoNCE temperature (0.2)
     proj_dim       D
     align_stride   stride of the decoder map used for alignment (q)
