@@ -17,7 +17,9 @@ from torch import nn
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 
 from ssl_nnunet.methods import get_method
-from ssl_nnunet.methods.alice import CASA, cosine_loss, embedding_spread, rotation_about_axis, strong_augment
+from ssl_nnunet.methods.alice import (CASA, cosine_loss, embedding_spread, pooled_info_nce, rotation_about_axis,
+                                     strong_augment, token_info_nce)
+from ssl_nnunet.training.schedule import build_optimizer
 from ssl_nnunet.data.alice_pairs import CrossVolumeMatcher, CrossVolumePairSampler, centre_range
 from ssl_nnunet.data.body_geometry import DatasetGeometry, cache_path, fit_profile_affine
 from ssl_nnunet.data.samplers import SamplerSpec
@@ -280,8 +282,91 @@ def test_reconstruction_loss_counts_hidden_voxels_only():
         (masked_mse(rec[:2], t[:2], m[:2]) + masked_mse(rec[2:], t[2:], m[2:])).item(), rel=1e-6)
 
 
-def test_forward_terms_total_and_centres():
+def test_forward_terms_total_and_chance_levels_infonce():
     a = alice()
+    assert a.similarity == "infonce" and a.center_momentum is None
+    a.train()
+    terms = a(torch.randn(2, 2, 1, *P), gen())
+    assert set(terms) == {"loss", "rec_loss", "dv_loss", "st_loss", "cls_std", "token_std", "dv_chance", "st_chance"}
+    assert all(v.dtype == torch.float32 and v.dim() == 0 and torch.isfinite(v) for v in terms.values())
+    assert terms["loss"].item() == pytest.approx(
+        (terms["rec_loss"] + terms["dv_loss"] + terms["st_loss"]).item(), rel=1e-5)
+    # 2 pairs: 3 candidates per pooled row; 16 visible tokens per view; both terms summed over Q and K
+    assert terms["dv_chance"].item() == pytest.approx(2 * math.log(3)) and terms["st_chance"].item() == pytest.approx(
+        2 * math.log(16))
+    assert a.center_dv.abs().sum() == 0 and a.center_st.abs().sum() == 0        # no centring with InfoNCE
+
+
+def test_info_nce_invariants():
+    """Distinct identical student/teacher tokens: far below chance; constant embeddings: exactly log N."""
+    tokens = torch.eye(16, 24)[None].repeat(3, 1, 1) + 0.01 * torch.randn(3, 16, 24)
+    assert token_info_nce(tokens, tokens, 0.2).item() < 0.5 * math.log(16)
+    assert token_info_nce(tokens, tokens.flip(1), 0.2).item() > math.log(16)      # wrong pairing: above chance
+    const = torch.ones(3, 16, 24)
+    assert token_info_nce(torch.randn(3, 16, 24), const, 0.2).item() == pytest.approx(math.log(16), abs=1e-5)
+    assert token_info_nce(const, const, 0.2).item() == pytest.approx(math.log(16), abs=1e-5)
+    b = 4
+    emb = torch.eye(2 * b, 12)
+    paired = torch.cat([emb[b:], emb[:b]])                                         # teacher of the other crop
+    assert pooled_info_nce(emb, paired, b, 0.1).item() < 0.01
+    assert pooled_info_nce(torch.randn(2 * b, 12), torch.ones(2 * b, 12), b, 0.1).item() == pytest.approx(
+        2 * math.log(2 * b - 1), abs=1e-5)
+    # a student row's own crop is no candidate: a teacher equal to the student gains nothing from it
+    assert pooled_info_nce(emb, emb, b, 0.1).item() == pytest.approx(2 * math.log(2 * b - 1), abs=1e-5)
+
+
+def test_st_loss_has_no_encoder_free_minimum():
+    """Issue 14 item 8: a zero key/value LayerNorm in CASA makes every value token equal, so S and T are
+    constant whatever the encoder. The cosine ℓ_st is then at its minimum 0 (an encoder-free solution); the
+    InfoNCE ℓ_st is at its chance level instead, and with an intact CASA it depends on the encoder."""
+    batch = torch.randn(1, 2, 1, *P, generator=gen(1))
+    for similarity, expect in (("cosine", 0.0), ("infonce", 2 * math.log(16))):
+        a = alice(similarity=similarity, center_momentum=None)
+        a.eval()
+        with torch.no_grad():
+            a.casa.norm_kv.weight.zero_()
+            a.casa.norm_kv.bias.zero_()
+        st = [a(batch, gen(2))["st_loss"].item()]
+        with torch.no_grad():
+            for p in a.network.encoder.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        st.append(a(batch, gen(2))["st_loss"].item())
+        assert st == pytest.approx([expect, expect], abs=1e-4), similarity          # encoder-free value
+    a = alice()
+    a.eval()
+    before = a(batch, gen(2))["st_loss"].item()
+    assert before < 2 * math.log(16) - 1e-3 or before > 2 * math.log(16) + 1e-3
+    with torch.no_grad():
+        for p in a.network.encoder.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    assert abs(a(batch, gen(2))["st_loss"].item() - before) > 1e-3                  # depends on the encoder
+
+
+def test_adamw_excludes_norms_and_biases_from_decay_alice():
+    """Every AdamW plan: ≥ 2-dim tensors decay, norm weights and biases (CASA's key/value LayerNorm among
+    them) do not, so weight decay cannot pull the norm gain towards the encoder-free minimum."""
+    a = alice()
+    params = [p for p in a.parameters() if p.requires_grad]
+    opt = build_optimizer(params, {"name": "AdamW", "lr": 0.1, "weight_decay": 0.5})
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(params)
+    ids = {id(p) for p in no_decay["params"]}
+    assert {id(a.casa.norm_kv.weight), id(a.casa.norm_kv.bias), id(a.casa.w_v.bias)} <= ids
+    assert id(a.casa.w_v.weight) not in ids
+    before_norm, before_w = a.casa.norm_kv.weight.detach().clone(), a.casa.w_v.weight.detach().clone()
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()                                                                      # zero gradient: decay only
+    assert torch.equal(a.casa.norm_kv.weight, before_norm)
+    assert torch.allclose(a.casa.w_v.weight, before_w * (1 - 0.1 * 0.5))
+    sgd = build_optimizer(params, {"name": "SGD", "lr": 0.1, "weight_decay": 0.5})
+    assert len(sgd.param_groups) == 1
+
+
+def test_forward_terms_total_and_centres_cosine():
+    a = alice(similarity="cosine")
     a.train()
     terms = a(torch.randn(1, 2, 1, *P), gen())
     assert set(terms) == {"loss", "rec_loss", "dv_loss", "st_loss", "cls_std", "token_std"}
@@ -307,6 +392,8 @@ def test_predictor_option_and_layout_errors():
         alice(matcher="sam")
     with pytest.raises(SSLInputError, match="divisible"):
         alice(casa={"dim": 10, "heads": 3})
+    with pytest.raises(SSLInputError, match="similarity"):
+        alice(similarity="dino")
 
 
 def test_rotation_about_out_of_plane_axis_matches_rot90():

@@ -18,7 +18,7 @@ from ssl_nnunet.methods.mim import mim_layout
 from ssl_nnunet.methods import get_method
 from ssl_nnunet.methods.masking import expand_mask, num_hidden_units, per_unit_target
 from ssl_nnunet.methods.helpers import split_into_cells
-from ssl_nnunet.methods.mim import info_nce, resize_to, unit_boxes
+from ssl_nnunet.methods.mim import info_nce, min_mostly_hidden, mostly_hidden, resize_to, unit_boxes
 from ssl_nnunet.utilities.errors import SSLInputError
 
 P = [32, 32, 32]
@@ -51,8 +51,13 @@ def gen(seed=0):
 def test_layout_rules_and_fallback():
     demo, large, small = (mim_layout(P, Q, MEDIANS[k]) for k in ("demo", "large", "small"))
     assert demo["r1"] == [1, 2, 1] and demo["level1_region"] == [32, 64, 32] and demo["level1_unit"] == [32, 16, 32]
-    assert demo["level2_zoom"] == [1, 1, 1] and demo["gamma"] == 1                  # n1 = 2, one hidden
-    assert large["r1"] == [2, 2, 2] and large["level1_unit"] == [16, 16, 16] and large["gamma"] == 4
+    assert demo["level2_zoom"] == [1, 1, 1] and demo["gamma"] == 1                  # n1 = 2, >= 1 mostly hidden
+    assert large["r1"] == [2, 2, 2] and large["level1_unit"] == [16, 16, 16] and large["gamma"] == 3
+    # level 1 is masked on a finer grid (≈ P/6 per axis, 2q multiples): 4³ = 64 cells, 38 hidden (ρ1 0.6)
+    assert demo["level1_mask_unit"] == large["level1_mask_unit"] == small["level1_mask_unit"] == [8, 8, 8]
+    assert demo["ratios"][0] == 0.6
+    # pigeonhole: 38 hidden of 8 units x 8 cells leave >= 3 units with >= half hidden; 2 units x 32 cells >= 1
+    assert min_mostly_hidden(8, 8, 38) == 3 and min_mostly_hidden(2, 32, 38) == 1 and min_mostly_hidden(2, 4, 2) == 0
     # images smaller than 2P everywhere: X1 = P split into halves, level 2 = a hidden half zoomed x2
     assert small["r1"] == [1, 1, 1] and small["level1_region"] == P and small["level1_unit"] == [16, 16, 16]
     assert small["level2_zoom"] == [2, 2, 2]
@@ -93,7 +98,7 @@ def test_views_nest_in_hidden_units(kind):
     B, g, b = X1.shape[0], m.gamma, m.beta
     v = m.make_views(X1, gen(3))
     assert v.x1.shape == (B, 1, *P) and v.x2.shape == (B * g, 1, *P) and v.x3.shape == (B * g * b, 1, *P)
-    assert v.mask1.shape == (B, 1, *m.grid1) and v.mask2.shape == (B * g, 1, *m.grid2)
+    assert v.mask1.shape == (B, 1, *m.mask_grid1) and v.mask2.shape == (B * g, 1, *m.grid2)
     assert v.mask3.shape == (B * g * b, 1, *m.grid2)
     assert torch.equal(v.x1, F.avg_pool3d(X1, m.r1, m.r1))
     # exact hidden counts per level (invariant 2)
@@ -102,7 +107,9 @@ def test_views_nest_in_hidden_units(kind):
         assert torch.all((mask == 0).flatten(1).sum(1) == num_hidden_units(n, ratio))
     for i in range(B * g):
         parent, lab = i // g, int(v.label12[i])
-        assert v.mask1.flatten(1)[parent, lab] == 0                                    # a hidden level-1 unit
+        cells = split_into_cells(v.mask1[parent:parent + 1], m.grid1)[0, lab]           # its level-1 mask cells
+        assert float((cells == 0).float().mean()) >= 0.5                               # a mostly hidden unit
+        assert torch.equal(v.valid12[i], mostly_hidden(v.mask1, m.grid1)[parent])
         lo, hi = v.box12[i]
         region = X1[parent, :, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
         assert list(hi - lo) == m.region2
@@ -119,6 +126,7 @@ def test_views_nest_in_hidden_units(kind):
     for i in range(B * g * b):
         parent, lab = i // b, int(v.label23[i])
         assert v.mask2.flatten(1)[parent, lab] == 0
+        assert torch.equal(v.valid23[i], v.mask2.flatten(1)[parent] == 0)          # negatives: hidden units only
         lo, hi = v.box23[i]
         region = v.x2[parent, :, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
         assert list(hi - lo) == m.u2
@@ -185,6 +193,37 @@ def test_info_nce_limits_and_stop_gradient():
     loss.backward()
     assert coarse.grad is None and fine.grad.abs().sum() > 0
     assert all(p.grad is not None for p in m.projector.parameters())               # projector still learns
+
+
+def test_content_free_scorer_that_knows_the_mask_gains_nothing():
+    """Item 5 of issue 14: the positive is always a (mostly) hidden unit; with visible units among the negatives
+    a scorer that only reads the mask beat the chance level. Now the candidates are the real ones only, so that
+    scorer's loss equals the logged chance level exactly, and a scorer grading by hidden fraction is no better
+    on average (labels are uniform over the candidates)."""
+    m = make("large")                                                              # n1 = 8 level-1 units
+    content_free, old_chance, chance12, graded, chance23 = [], [], [], [], []
+    for seed in range(6):
+        v = m.make_views(batch_for(m, b=8, seed=seed), gen(seed))
+        for labels, valid, n in ((v.label12, v.valid12, math.prod(m.grid1)), (v.label23, v.valid23, math.prod(m.grid2))):
+            cand = torch.stack([valid.float(), 1 - valid.float()], -1)               # (N, n, 2): knows the mask only
+            ctx = torch.tensor([[1.0, 0.0]]).expand(len(labels), 2)
+            loss, _ = info_nce(ctx, cand, labels, tau=0.01, valid=valid)
+            chance = valid.float().sum(1).log().mean()
+            assert abs(float(loss) - float(chance)) < 1e-5
+            old, _ = info_nce(ctx, cand, labels, tau=0.01)                       # without the candidate mask
+            assert float(old) < math.log(n) - 0.05                                # ... the shortcut it had
+            content_free.append(float(loss)), old_chance.append(math.log(n))
+        frac = 1 - split_into_cells(v.mask1, m.grid1).flatten(3).mean(3)[..., 0]  # hidden fraction (B, n1)
+        frac = frac.repeat_interleave(m.gamma, 0)
+        cand = torch.stack([torch.cos(3 * frac), torch.sin(3 * frac)], -1)           # graded by hidden fraction
+        ctx = torch.tensor([[1.0, 0.0]]).expand(len(v.label12), 2)
+        graded.append(float(info_nce(ctx, cand, v.label12, tau=0.2, valid=v.valid12)[0]))
+        chance12.append(float(v.valid12.float().sum(1).log().mean()))
+    assert sum(graded) / len(graded) > sum(chance12) / len(chance12) - 0.05
+    t = m(batch_for(m), gen(0))
+    for term in ("align_12", "align_23"):
+        assert {f"{term}_chance", f"{term}_acc", f"{term}_acc_chance"} <= set(t)
+        assert 0 < float(t[f"{term}_acc_chance"]) <= 1 and float(t[f"{term}_chance"]) > 0
 
 
 def test_total_is_weighted_sum_from_plan():

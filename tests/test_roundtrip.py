@@ -91,7 +91,8 @@ def _set_run(name, method, iterations_per_epoch):
 def _check_mim(plans, trainer, ckpt, bundle):
     lay = plans["ssl"]["methods"]["mim"]["layout"]
     assert lay["r1"] == [1, 2, 1] and lay["level2_zoom"] == [1, 1, 1]                  # native level 2
-    for key in ("rec_l1", "rec_l2", "rec_l3", "align_12", "align_23", "loss"):
+    assert lay["level1_mask_unit"] == [8, 8, 8] and lay["ratios"][0] == 0.6           # fine level-1 mask
+    for key in ("rec_l1", "rec_l2", "rec_l3", "align_12", "align_23", "loss", "align_12_chance", "align_23_acc"):
         assert len(trainer.logger.get_checkpoint()[f"train_{key}"]) == 2, key
 
 
@@ -119,7 +120,7 @@ def _check_voco(plans, trainer, ckpt, bundle):
 
 
 def _check_alice(plans, trainer, ckpt, bundle):
-    for term in ("rec_loss", "dv_loss", "st_loss", "cls_std", "token_std"):
+    for term in ("rec_loss", "dv_loss", "st_loss", "cls_std", "token_std", "dv_chance", "st_chance"):
         assert len(trainer.logger.get_checkpoint()[f"train_{term}"]) == 1
     assert os.path.isfile(_pp(plans["dataset_name"], "alice_matcher_sslPlans_3d_fullres.json"))
     assert not any(k.startswith(("target_encoder", "psi", "phi", "casa")) for k in ckpt["network_weights"])

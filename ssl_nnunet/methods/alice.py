@@ -24,16 +24,23 @@ Tensors:
     H = phi(online decoder stage-t tokens)                   (2B, N, D)
     Y = sg(psi(target encoder stage-t tokens))              (2B, N, D)
     S = CASA(V, H), T = sg(CASA(V, Y))                        (2B, N_vis, D_c)
-Losses (float32), ``l_s(a, b) = 2 - 2 cos(a, sg(b))`` averaged over rows:
+Losses (float32), default ``similarity = "infonce"`` (temperature ``tau``, cosine logits ``cos(a, sg b) / τ``):
     l_r  = masked MSE(Q) + masked MSE(K)            (Eq. 1; per-unit normalised targets, hidden voxels only)
-    l_dv = l_s(p(GAP H^Q), GAP Y^K - c_dv) + l_s(p(GAP H^K), GAP Y^Q - c_dv)        (Eq. 2)
-    l_st = l_s(p'(S^Q), T^Q - c_st) + l_s(p'(S^K), T^K - c_st)                       (Eq. 5, per query token)
+    l_dv = in-batch InfoNCE of p(GAP H) against GAP Y: the positive of a Q row is the K teacher row of its pair
+           and vice versa, candidates = all 2B teacher rows but the row's own crop; mean over Q rows + mean
+           over K rows (chance 2 log(2B − 1), logged as ``dv_chance``)                        (Eq. 2)
+    l_st = token-level InfoNCE per view: student token S_n against the view's teacher tokens T, positive T_n
+           (same CASA query), negatives the other visible tokens; Q views + K views (chance 2 log N_vis,
+           ``st_chance``)                                                                      (Eq. 5)
     loss = recon_weight * l_r + l_dv + l_st
-The paper's text has no centres and no predictors (``c = 0``, ``p = p' = identity``). Our two optional collapse
-guards: teacher centring (``center_momentum`` m: ``c <- m c + (1 - m) mean(teacher rows)`` after each training
-forward, as DINO/the reference code centre their teacher; default 0.9 because the plain cosine version
-loses its contrastive signal within ~40 CPU iterations, see documentation/methods/alice.md) and BYOL
-predictors ``p, p'`` (``use_predictor``, default off).
+``similarity = "cosine"`` is the paper's text, ``l_s(a, b) = 2 - 2 cos(a, sg(b))`` averaged over rows:
+    l_dv = l_s(p(GAP H^Q), GAP Y^K - c_dv) + l_s(p(GAP H^K), GAP Y^Q - c_dv)
+    l_st = l_s(p'(S^Q), T^Q - c_st) + l_s(p'(S^K), T^K - c_st)
+with optional teacher centring (``center_momentum`` m: ``c <- m c + (1 - m) mean(teacher rows)`` after each
+training forward; cosine only) and BYOL predictors ``p, p'`` (``use_predictor``, default off; identity
+otherwise). The cosine losses have constant-embedding minima that need no encoder (a zero key/value norm in
+CASA makes S = T constant, ℓ_st = 0); InfoNCE puts constant embeddings at chance instead (see
+documentation/methods/alice.md for the measurements behind the default).
 Logged besides: ``cls_std`` and ``token_std``, the collapse monitor (:func:`embedding_spread`):
 ``sqrt(D) * mean_d std_d`` of the l2-normalised pooled online embeddings GAP H across the 2B views, resp. of
 the l2-normalised online token embeddings H across all 2B * N tokens: about 1 for unit vectors spread over
@@ -43,8 +50,8 @@ that l_dv pulls together, so it is small by design; ``token_std`` is the collaps
 Layout keys (``method_plan["layout"]``): ``crop_size`` (= P), ``mask_unit`` (u), ``mask_ratio`` (0.75),
 ``token_stride`` (t; the cumulative stride of an encoder stage below the bottleneck, dividing u), ``head``
 ``[hidden, bottleneck, D]``, ``casa {dim: D_c, heads}``, ``ema [mu0, mu1]``, ``matcher``
-(``profile_bbox`` | ``bbox`` | ``random``), ``recon_weight`` (1), ``center_momentum`` (0.9; ``null`` = off),
-``use_predictor`` (false).
+(``profile_bbox`` | ``bbox`` | ``random``), ``recon_weight`` (1), ``similarity`` (``infonce`` | ``cosine``),
+``tau`` (0.2, InfoNCE), ``center_momentum`` (0.9, cosine only; ``null`` = off), ``use_predictor`` (false).
 """
 from __future__ import annotations
 
@@ -74,6 +81,7 @@ ROTATION_DEG = 15.0
 INTENSITY_SCALE = (0.9, 1.1)
 INTENSITY_SHIFT = (-0.1, 0.1)
 NOISE_STD = 0.1
+SIMILARITIES = ("infonce", "cosine")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -89,6 +97,44 @@ def cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.float(), b.detach().float()
     cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + 1e-8)
     return (2.0 - 2.0 * cos).mean()
+
+
+def _cos_logits(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
+    """``a (..., M, D)``, ``b (..., K, D)`` -> cos(a_m, sg b_k) / tau ``(..., M, K)`` in float32."""
+    a = F.normalize(a.float(), dim=-1, eps=1e-8)
+    b = F.normalize(b.detach().float(), dim=-1, eps=1e-8)
+    return a @ b.transpose(-1, -2) / float(tau)
+
+
+def token_info_nce(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """Token-level InfoNCE (ℓ_st): student token n of a view against the teacher tokens of the same view,
+    positive = teacher token n (the same CASA query), negatives = the view's other teacher tokens.
+
+    Args:
+        student, teacher: ``(M, N, D)`` (M views, N tokens each); ``teacher`` is detached.
+    Returns:
+        float32 scalar ``mean_{m,n} −log softmax_k(cos(s_mn, t_mk) / τ)[n]``; ``log N`` for constant rows.
+    """
+    logits = _cos_logits(student, teacher, tau)                                   # (M, N, N)
+    labels = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def pooled_info_nce(student: torch.Tensor, teacher: torch.Tensor, b: int, tau: float) -> torch.Tensor:
+    """In-batch InfoNCE (ℓ_dv) of pooled embeddings ``student, teacher (2B, D)`` (rows 0..B−1 Q, B..2B−1 K).
+
+    The positive of student row i is the teacher row of the *other* crop of its pair (i ± B); the candidates
+    are all 2B teacher rows except the row's own crop (an augmented copy of the same crop, a positive too).
+    Returns ``mean over Q rows + mean over K rows`` of ``−log softmax`` (float32; ``2 log(2B − 1)`` for
+    constant rows).
+    """
+    n = student.shape[0]
+    logits = _cos_logits(student, teacher, tau)                                   # (2B, 2B)
+    own = torch.eye(n, dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(own, float("-inf"))
+    labels = (torch.arange(n, device=logits.device) + b) % n
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    return ce[:b].mean() + ce[b:].mean()
 
 
 def embedding_spread(x: torch.Tensor) -> torch.Tensor:
@@ -245,7 +291,7 @@ class Alice(SSLMethod):
                      "--encoder-only)")
     cases_per_sample = 2
     layout_defaults = {"mask_ratio": 0.75, "ema": [0.996, 1.0], "matcher": "profile_bbox", "recon_weight": 1.0,
-                       "center_momentum": 0.9, "use_predictor": False}
+                       "similarity": "infonce", "tau": 0.2, "center_momentum": 0.9, "use_predictor": False}
 
     required_layout_keys = ("mask_unit", "token_stride", "head", "casa")
 
@@ -272,7 +318,14 @@ class Alice(SSLMethod):
                                    f"dim {al['casa']['dim']} is not divisible by heads {al['casa']['heads']}")
         if al["matcher"] not in MATCHERS:
             raise cls.layout_error(ssl_plan, "matcher", f"'{al['matcher']}' is not one of {', '.join(MATCHERS)}")
-        return []
+        if al.get("similarity", "infonce") not in SIMILARITIES:
+            raise cls.layout_error(ssl_plan, "similarity", f"'{al['similarity']}' is not one of "
+                                                           f"{', '.join(SIMILARITIES)}")
+        warnings = []
+        if al.get("similarity", "infonce") == "infonce" and int(method_plan.get("batch_size", 2)) < 2:
+            warnings.append("alice: with similarity 'infonce' a batch of 1 pair leaves ℓ_dv a single candidate "
+                            "(no negatives, no signal); use batch_size >= 2 (4 on the CPU plans)")
+        return warnings
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__(network, method_plan, ssl_plan, num_input_channels)
@@ -327,8 +380,15 @@ class Alice(SSLMethod):
         use_predictor = bool(layout["use_predictor"])
         self.pred_dv = predictor_mlp(out_dim, hidden) if use_predictor else None
         self.pred_st = predictor_mlp(casa_dim, hidden) if use_predictor else None
+        self.similarity = str(layout["similarity"])
+        if self.similarity not in SIMILARITIES:
+            raise SSLInputError(f"ssl layout of 'alice': similarity must be one of {SIMILARITIES}, got "
+                                f"'{self.similarity}'")
+        self.tau = float(layout["tau"])
+        if self.tau <= 0:
+            raise SSLInputError(f"ssl layout of 'alice': tau must be > 0, got {self.tau}")
         momentum = layout["center_momentum"]
-        self.center_momentum = None if momentum is None else float(momentum)
+        self.center_momentum = None if momentum is None or self.similarity == "infonce" else float(momentum)
         if self.center_momentum is not None and not 0.0 <= self.center_momentum < 1.0:
             raise SSLInputError(f"ssl layout of 'alice': center_momentum must lie in [0, 1) or be null, got {momentum}")
         self.register_buffer("center_dv", torch.zeros(out_dim))
@@ -463,14 +523,17 @@ class Alice(SSLMethod):
         h, y = out["H"].float(), out["Y"].float()
         cls_h, cls_y = h.mean(1), y.mean(1)
         pred = self.pred_dv(cls_h).float() if self.pred_dv is not None else cls_h
-        target_dv = self.centred(cls_y, "center_dv")
-        l_dv = cosine_loss(pred[:b], target_dv[b:]) + cosine_loss(pred[b:], target_dv[:b])
-
         s = self.casa(out["V"], out["H"])
         s = (self.pred_st(s) if self.pred_st is not None else s).float()
         t = self.casa_teacher(out["V"], out["Y"])
-        target_st = self.centred(t, "center_st")
-        l_st = cosine_loss(s[:b], target_st[:b]) + cosine_loss(s[b:], target_st[b:])
+        if self.similarity == "infonce":
+            l_dv = pooled_info_nce(pred, cls_y, b, self.tau)
+            l_st = token_info_nce(s[:b], t[:b], self.tau) + token_info_nce(s[b:], t[b:], self.tau)
+        else:
+            target_dv = self.centred(cls_y, "center_dv")
+            l_dv = cosine_loss(pred[:b], target_dv[b:]) + cosine_loss(pred[b:], target_dv[:b])
+            target_st = self.centred(t, "center_st")
+            l_st = cosine_loss(s[:b], target_st[:b]) + cosine_loss(s[b:], target_st[b:])
         if self.training and self.center_momentum is not None:
             self.update_centers(cls_y, t)
 
@@ -478,8 +541,12 @@ class Alice(SSLMethod):
         with torch.no_grad():
             cls_std = embedding_spread(cls_h)
             token_std = embedding_spread(h.flatten(0, 1))
-        return {"loss": loss, "rec_loss": l_r.detach(), "dv_loss": l_dv.detach(), "st_loss": l_st.detach(),
-                "cls_std": cls_std, "token_std": token_std}
+        terms = {"loss": loss, "rec_loss": l_r.detach(), "dv_loss": l_dv.detach(), "st_loss": l_st.detach(),
+                 "cls_std": cls_std, "token_std": token_std}
+        if self.similarity == "infonce":  # the losses of content-free (constant) embeddings
+            terms["dv_chance"] = loss.new_tensor(2 * math.log(max(1, 2 * b - 1))).detach()
+            terms["st_chance"] = loss.new_tensor(2 * math.log(s.shape[1])).detach()
+        return terms
 
     @torch.no_grad()
     def previews(self, batch: torch.Tensor) -> Dict[str, Sequence[torch.Tensor]]:

@@ -3,9 +3,11 @@
 Views (all built on the batch's device from one native level-1 region per sample; L = 3 levels):
 
 * ``X1 (B, C, R1)`` with ``R1 = r1 ⊙ P`` (``layout.level1_region``, cut natively by the loader);
-  ``x1 = avgpool_{r1}(X1) (B, C, P)``; level-1 unit grid ``g1 = P / level1_unit`` (n1 = ∏ g1 units),
-  mask ratio ρ1.
-* level 2: per sample γ *hidden* level-1 units, drawn without replacement; ``x2 (B·γ, C, P)`` is the native
+  ``x1 = avgpool_{r1}(X1) (B, C, P)``; level-1 unit grid ``g1 = P / level1_unit`` (n1 = ∏ g1 units: the
+  places a level-2 volume can come from). The level-1 *mask* is finer: cells ``level1_mask_unit`` (≈ P/6 per
+  axis, the paper's 6³ token grid), grid ``gm = P / level1_mask_unit``, ratio ρ1 (0.6).
+* level 2: per sample γ *mostly hidden* level-1 units (≥ half of their mask cells hidden), drawn uniformly
+  without replacement among those; ``x2 (B·γ, C, P)`` is the native
   region ``R2 = R1 / g1`` of ``X1`` under the unit (bit-exact slice when ``R2 = P``; upsampled by
   ``level2_zoom = P / R2`` otherwise, see the small-image fallback in ``documentation/methods/mim.md``);
   ``label12 (B·γ,)`` = index of that unit (C order over ``g1``). Unit ``u2``, grid ``n2 = P / u2``, ratio ρ2.
@@ -26,7 +28,10 @@ Loss (float32)::
     p_j    = Proj( sg( mean of the tap map of the coarser volume over unit j ) )        (n candidates, D)
     c_i    = Agg( mean of the tap map of the finer volume i over all positions )         (D)
     s_ij   = cos(c_i, p_j) = c·p / (‖c‖‖p‖ + 1e-8)
-    L_C    = mean_i −log( exp(s_{i,label_i}/τ) / Σ_j exp(s_ij/τ) )   (candidates: all units of the parent volume)
+    L_C    = mean_i −log( exp(s_{i,label_i}/τ) / Σ_{j ∈ C_i} exp(s_ij/τ) )
+    C_i    = the real candidates: the parent's mostly hidden level-1 units (L_C^{1,2}) / hidden level-2 units
+             (L_C^{2,3}). Visible units are no negatives: the positive is always hidden, so "hidden vs visible"
+             would solve part of the task without content. Chance level (logged ``*_chance``) = mean log |C_i|.
     L      = w1 L_R^1 + w2 L_R^2 + w3 L_R^3 + α (L_C^{1,2} + L_C^{2,3})
 
 The tap is the decoder map whose stride equals ``align_stride`` (default q → ``dec_first``, METHODS §6.2 step 7):
@@ -37,12 +42,14 @@ weights, shared by both level pairs.
 Layout keys (``method_plan["layout"]``; every size per axis (a0, a1, a2)):
     r1             downsampling factor of the level-1 region (``level1_region = r1 ⊙ P``)
     level1_region  native size of X1 = the loader's patch (``required_patch_size``)
-    level1_unit    level-1 mask unit in x1 coordinates (``g1 = P / level1_unit``)
+    level1_unit    level-1 unit in x1 coordinates (``g1 = P / level1_unit``; a level-2 region's footprint)
+    level1_mask_unit  level-1 mask cell in x1 coordinates (divides level1_unit; default level1_unit)
     level2_zoom    optional; ``P / (level1_region / g1)`` (1 = native level 2); checked if present
     u2             level-2 and level-3 mask unit (also the size of the region a level-3 volume is cut from)
     level3_zoom    optional; ``P / u2``; checked if present
-    ratios         [ρ1, ρ2, ρ3] (default [0.5, 0.6, 0.5])
-    gamma, beta    level-2 volumes per level-1 volume, level-3 volumes per level-2 volume (β = 0: two levels)
+    ratios         [ρ1, ρ2, ρ3] (default [0.6, 0.6, 0.5])
+    gamma, beta    level-2 volumes per level-1 volume (at most the mostly hidden level-1 units every mask has),
+                   level-3 volumes per level-2 volume (β = 0: two levels)
     alpha, tau     alignment weight (0.1) and InfoNCE temperature (0.2)
     proj_dim       D
     align_stride   stride of the decoder map used for alignment (q)
@@ -93,14 +100,16 @@ def unit_boxes(index: torch.Tensor, grid: Sequence[int], unit: Sequence[int]) ->
     return torch.stack([start, start + size], dim=-2)
 
 
-def sample_hidden_units(mask: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_hidden_units(mask: torch.Tensor, k: int, generator: Optional[torch.Generator] = None,
+                        hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``k`` distinct hidden units per sample of a unit mask ``(N, 1, n0, n1, n2)`` (1 = visible) → ``(N, k)`` long.
 
     Uniform without replacement among the hidden units (random scores drawn with ``generator`` on its device;
-    visible units get scores above every hidden one). Raises ``ValueError`` if a sample hides fewer than k.
+    visible units get scores above every hidden one). ``hidden (N, n)`` bool, if given, replaces ``mask == 0``
+    as the set to draw from. Raises ``ValueError`` if a sample has fewer than k.
     """
     flat = mask.reshape(mask.shape[0], -1)
-    hidden = flat == 0
+    hidden = (flat == 0) if hidden is None else hidden.reshape(flat.shape).bool()
     if k > 0 and int(hidden.sum(1).min()) < k:
         raise ValueError(f"cannot pick {k} hidden units: a sample hides only {int(hidden.sum(1).min())}")
     scores = uniform(flat.shape, flat.device, generator)
@@ -137,20 +146,52 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return dot / (a.norm(dim=-1)[:, None] * b.norm(dim=-1) + 1e-8)
 
 
-def info_nce(context: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor, tau: float
-             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """InfoNCE over units (METHODS §6.1, paper Eq. 4–6 with the code's softmax over *all* units).
+def info_nce(context: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor, tau: float,
+             valid: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE over units (METHODS §6.1, paper Eq. 4–6).
 
     Args:
         context: ``(N, D)`` context vectors of the finer volumes.
         candidates: ``(N, n, D)`` unit features of each finer volume's parent (coarser) volume.
         labels: ``(N,)`` index of the positive unit.
         tau: temperature.
+        valid: optional ``(N, n)`` bool, the real candidates (the label must be one); the others get logit −inf,
+            so they are neither negatives nor part of the normaliser.
     Returns:
-        ``(loss, logits)``: float32 scalar ``mean_i −log softmax(s_i / τ)[label_i]`` and the logits ``(N, n)``.
+        ``(loss, logits)``: float32 scalar ``mean_i −log softmax(s_i / τ)[label_i]`` and the logits ``(N, n)``
+        (−inf where not valid).
     """
     logits = _cosine(context, candidates) / float(tau)
+    if valid is not None:
+        logits = logits.masked_fill(~valid.bool(), float("-inf"))
     return F.cross_entropy(logits, labels.long()), logits
+
+
+def alignment_stats(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Accuracy of ``logits (N, n)`` on ``labels (N,)`` and the chance levels of a content-free guess over the
+    ``valid (N, n)`` candidates: ``chance = mean_i log(n_i)`` (the loss of uniform logits) and
+    ``acc_chance = mean_i 1 / n_i`` (float32 scalars, no gradient)."""
+    with torch.no_grad():
+        n_real = valid.bool().sum(1).float()
+        return {"acc": (logits.argmax(1) == labels).float().mean(), "chance": n_real.log().mean(),
+                "acc_chance": (1.0 / n_real).mean()}
+
+
+def mostly_hidden(mask: torch.Tensor, grid: Sequence[int], threshold: float = 0.5) -> torch.Tensor:
+    """Coarse units of ``grid`` whose hidden fraction under a finer unit mask ``mask (N, 1, *gm)`` (1 = visible;
+    ``gm`` a multiple of ``grid`` per axis) is at least ``threshold`` → ``(N, n)`` bool (C order over ``grid``)."""
+    hidden = 1.0 - split_into_cells(mask.float(), grid).flatten(3).mean(3)[..., 0]         # (N, n)
+    return hidden >= threshold - 1e-6
+
+
+def min_mostly_hidden(n_coarse: int, cells_per_unit: int, n_hidden: int, threshold: float = 0.5) -> int:
+    """Fewest coarse units that can be mostly hidden (:func:`mostly_hidden`) when ``n_hidden`` of the
+    ``n_coarse · cells_per_unit`` fine cells are hidden, whatever the draw (pigeonhole)."""
+    below = max(0, math.ceil(threshold * cells_per_unit - 1e-9) - 1)   # most hidden cells of a unit below threshold
+    for e in range(n_coarse + 1):
+        if e * cells_per_unit + (n_coarse - e) * below >= n_hidden:
+            return e
+    return n_coarse
 
 
 def _per_unit_stats(x: torch.Tensor, unit: Sequence[int], eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -181,6 +222,23 @@ def _mim_u2(P: int, q: int) -> int:
     return min(candidates, key=lambda d: (abs(d - P / 6), d))
 
 
+def _level1_mask_unit(P: int, unit1: int, q: int) -> int:
+    """Level-1 mask unit per axis: a divisor of the level-1 unit, multiple of q (2q preferred), closest to P/6
+    (the paper masks a 6³ grid of level-1 tokens)."""
+    for step in (2 * q, q):
+        candidates = [d for d in range(step, unit1 + 1, step) if unit1 % d == 0]
+        if candidates:
+            return min(candidates, key=lambda d: (abs(d - P / 6), d))
+    return unit1
+
+
+def level1_gamma_cap(patch: Sequence[int], level1_unit: Sequence[int], mask_unit: Sequence[int], ratio: float) -> int:
+    """Most level-2 volumes per sample that every level-1 mask allows: the fewest mostly hidden level-1 units."""
+    n1 = int(np.prod([P // u for P, u in zip(patch, level1_unit)]))
+    cells = int(np.prod([u // m for u, m in zip(level1_unit, mask_unit)]))
+    return min_mostly_hidden(n1, cells, num_hidden_units(n1 * cells, ratio))
+
+
 def mim_layout(patch: List[int], quantum: List[int], median_shape: Sequence[float]) -> dict:
     """MiM (METHODS.md §6.4): X1 = r1 ⊙ P (r1 = 2, or 1 where 2P exceeds the median shape), level-1 grid g1 = r1
     (units of P/r1 in x1 = native P-sized level-2 regions), u2 ≈ P/6 (multiple of 2q), level 3 = a u2 region
@@ -196,12 +254,13 @@ def mim_layout(patch: List[int], quantum: List[int], median_shape: Sequence[floa
     if int(np.prod(r1)) == 1:
         grid1 = [2 if P % (2 * q) == 0 else 1 for P, q in zip(patch, quantum)]
     u2 = [_mim_u2(P, q) for P, q in zip(patch, quantum)]
-    n1 = int(np.prod(grid1))
-    n_hidden1 = int(math.floor(d["ratios"][0] * n1 + 0.5))
+    unit1 = [P // g for P, g in zip(patch, grid1)]
+    mask_unit1 = [_level1_mask_unit(P, u, q) for P, u, q in zip(patch, unit1, quantum)]
+    cap = level1_gamma_cap(patch, unit1, mask_unit1, d["ratios"][0])
     return {"r1": r1, "level1_region": [r * P for r, P in zip(r1, patch)],
-            "level1_unit": [P // g for P, g in zip(patch, grid1)], "level2_zoom": [g // r for g, r in zip(grid1, r1)],
+            "level1_unit": unit1, "level1_mask_unit": mask_unit1, "level2_zoom": [g // r for g, r in zip(grid1, r1)],
             "u2": u2, "level3_zoom": [P // u for P, u in zip(patch, u2)],
-            "gamma": max(1, min(4, n_hidden1)), "align_stride": list(quantum), **copy.deepcopy(d)}
+            "gamma": max(1, min(4, cap)), "align_stride": list(quantum), **copy.deepcopy(d)}
 
 
 @dataclass
@@ -210,8 +269,11 @@ class MiMViews:
 
     Attributes:
         x1, x2, x3: ``(B, C, *P)``, ``(B·γ, C, *P)``, ``(B·γ·β, C, *P)`` network inputs.
-        mask1, mask2, mask3: unit masks ``(B, 1, *g1)``, ``(B·γ, 1, *n2)``, ``(B·γ·β, 1, *n2)``; 1 = visible.
+        mask1, mask2, mask3: unit masks ``(B, 1, *gm)`` (``gm = P / level1_mask_unit``), ``(B·γ, 1, *n2)``,
+            ``(B·γ·β, 1, *n2)``; 1 = visible.
         label12: ``(B·γ,)`` level-1 unit each x2 was cut from; label23: ``(B·γ·β,)`` level-2 unit of each x3.
+        valid12: ``(B·γ, n1)`` bool, the alignment candidates of each x2 = the mostly hidden level-1 units of its
+            parent; valid23: ``(B·γ·β, n2)`` bool, the hidden level-2 units of each x3's parent.
         box12: ``(B·γ, 2, 3)`` start/stop of each x2's region in X1 (native) coordinates.
         box23: ``(B·γ·β, 2, 3)`` start/stop of each x3's region in x2 coordinates.
     """
@@ -225,6 +287,8 @@ class MiMViews:
     mask3: Optional[torch.Tensor]
     label23: Optional[torch.Tensor]
     box23: Optional[torch.Tensor]
+    valid12: Optional[torch.Tensor] = None
+    valid23: Optional[torch.Tensor] = None
 
 
 @register
@@ -241,7 +305,7 @@ class MiM(SSLMethod):
     name = "mim"
     trained_parts = ("encoder and reconstruction decoder (the MiM paper transfers the encoder only: use "
                      "ssl_nnunet_finetune --encoder-only for that protocol)")
-    layout_defaults = {"ratios": [0.5, 0.6, 0.5], "beta": 2, "alpha": 0.1, "tau": 0.2, "proj_dim": 2048,
+    layout_defaults = {"ratios": [0.6, 0.6, 0.5], "beta": 2, "alpha": 0.1, "tau": 0.2, "proj_dim": 2048,
                        "target": "per_unit", "level_weights": [1.0, 1.0, 1.0]}
 
     required_layout_keys = ("r1", "level1_region", "level1_unit", "u2", "gamma", "align_stride")
@@ -260,9 +324,11 @@ class MiM(SSLMethod):
 
     @classmethod
     def finalize_layout(cls, pretrain_patch_size, layout, ctx):
-        """gamma never exceeds the hidden level-1 units (the shipped overrides may ask for more)."""
-        n1 = int(np.prod([P // u for P, u in zip(pretrain_patch_size, layout["level1_unit"])]))
-        layout["gamma"] = min(layout["gamma"], int(math.floor(layout["ratios"][0] * n1 + 0.5)))
+        """gamma never exceeds the mostly hidden level-1 units that every mask has (the shipped overrides may ask
+        for more)."""
+        mask_unit = layout.get("level1_mask_unit", layout["level1_unit"])
+        cap = level1_gamma_cap(pretrain_patch_size, layout["level1_unit"], mask_unit, layout["ratios"][0])
+        layout["gamma"] = max(1, min(layout["gamma"], cap))
         return layout
 
     @classmethod
@@ -291,14 +357,18 @@ class MiM(SSLMethod):
         ratios = mi["ratios"]
         if len(ratios) != 3 or not all(0 < r < 1 for r in ratios):
             fail("ratios", f"{ratios} must be three mask ratios in (0, 1)")
+        mask_unit = mi.get("level1_mask_unit", mi["level1_unit"])
+        if not divides(q, mask_unit) or not divides(mask_unit, mi["level1_unit"]):
+            fail("level1_mask_unit", f"{mask_unit} must divide level1_unit {mi['level1_unit']} and be a multiple of "
+                                     f"{q}")
         n1, n2 = int(np.prod(grid1)), int(np.prod([P // u for P, u in zip(mp, mi["u2"])]))
-        hidden1 = math.floor(ratios[0] * n1 + 0.5)
+        cap = level1_gamma_cap(mp, mi["level1_unit"], mask_unit, ratios[0])
         if n1 < 2:
             warnings.append(f"mim: the level-1 region {mi['level1_region']} has a single unit; 'ssl_nnunet_pretrain "
                             f"-m mim' will refuse this plan (use a smaller patch)")
-        elif not 1 <= mi["gamma"] <= hidden1 or hidden1 >= n1:
-            fail("gamma", f"gamma {mi['gamma']} must lie in [1, {hidden1}] (hidden level-1 units of {n1}, at least "
-                          f"one visible)")
+        elif not 1 <= mi["gamma"] <= cap:
+            fail("gamma", f"gamma {mi['gamma']} must lie in [1, {cap}] (level-1 units of {n1} that every mask leaves "
+                          f"mostly hidden)")
         if not 0 <= mi["beta"] <= math.floor(ratios[1] * n2 + 0.5):
             fail("beta", f"beta {mi['beta']} exceeds the hidden level-2 units")
         return warnings
@@ -312,6 +382,8 @@ class MiM(SSLMethod):
         self.r1 = per_axis_ints(lay["r1"], ndim, "r1", "mim")
         self.region = per_axis_ints(lay["level1_region"], ndim, "level1_region", "mim")
         self.unit1 = per_axis_ints(lay["level1_unit"], ndim, "level1_unit", "mim")
+        self.mask_unit1 = per_axis_ints(lay.get("level1_mask_unit", lay["level1_unit"]), ndim, "level1_mask_unit",
+                                        "mim")
         self.u2 = per_axis_ints(lay["u2"], ndim, "u2", "mim")
         self.align_stride = per_axis_ints(lay["align_stride"], ndim, "align_stride", "mim")
         P = self.patch
@@ -320,9 +392,13 @@ class MiM(SSLMethod):
                                 f"patch {P}")
         try:
             self.grid1 = list(unit_grid(P, self.unit1))
+            self.mask_grid1 = list(unit_grid(P, self.mask_unit1))
             self.grid2 = list(unit_grid(P, self.u2))
         except ValueError as e:
             raise SSLInputError(f"ssl layout of 'mim': {e}") from None
+        if any(u % m for u, m in zip(self.unit1, self.mask_unit1)):
+            raise SSLInputError(f"ssl layout of 'mim': level1_mask_unit {self.mask_unit1} must divide level1_unit "
+                                f"{self.unit1}")
         if any(R % g for R, g in zip(self.region, self.grid1)):
             raise SSLInputError(f"ssl layout of 'mim': the level-1 grid {self.grid1} does not divide the level-1 "
                                 f"region {self.region}")
@@ -336,7 +412,7 @@ class MiM(SSLMethod):
                                 f"grid) = {zoom2}")
         if "level3_zoom" in lay and per_axis_ints(lay["level3_zoom"], ndim, "level3_zoom", "mim") != self.grid2:
             raise SSLInputError(f"ssl layout of 'mim': level3_zoom {lay['level3_zoom']} != patch / u2 = {self.grid2}")
-        n1, n2 = math.prod(self.grid1), math.prod(self.grid2)
+        n1, n2, nm = math.prod(self.grid1), math.prod(self.grid2), math.prod(self.mask_grid1)
         if n1 < 2:
             raise SSLInputError(
                 f"ssl layout of 'mim': the level-1 region {self.region} has a single unit (level1_unit "
@@ -348,15 +424,16 @@ class MiM(SSLMethod):
         if len(self.ratios) != 3 or not all(0.0 < r < 1.0 for r in self.ratios):
             raise SSLInputError(f"ssl layout of 'mim': ratios must be three values in (0, 1), got {self.ratios}")
         self.gamma, self.beta = int(lay["gamma"]), int(lay["beta"])
-        self.n_hidden = [num_hidden_units(n1, self.ratios[0]), num_hidden_units(n2, self.ratios[1]),
+        self.n_hidden = [num_hidden_units(nm, self.ratios[0]), num_hidden_units(n2, self.ratios[1]),
                          num_hidden_units(n2, self.ratios[2])]
-        for lvl, (n, h) in enumerate(zip((n1, n2, n2), self.n_hidden), start=1):
+        for lvl, (n, h) in enumerate(zip((nm, n2, n2), self.n_hidden), start=1):
             if not 1 <= h < n:
                 raise SSLInputError(f"ssl layout of 'mim': level {lvl} hides {h} of {n} units with ratio "
                                     f"{self.ratios[lvl - 1]}; at least one hidden and one visible unit are needed")
-        if not 1 <= self.gamma <= self.n_hidden[0]:
-            raise SSLInputError(f"ssl layout of 'mim': gamma = {self.gamma} must lie in [1, {self.n_hidden[0]}] "
-                                f"(hidden level-1 units)")
+        self.gamma_cap = min_mostly_hidden(n1, nm // n1, self.n_hidden[0])
+        if not 1 <= self.gamma <= self.gamma_cap:
+            raise SSLInputError(f"ssl layout of 'mim': gamma = {self.gamma} must lie in [1, {self.gamma_cap}] "
+                                f"(level-1 units that every level-1 mask leaves mostly hidden)")
         if not 0 <= self.beta <= self.n_hidden[1]:
             raise SSLInputError(f"ssl layout of 'mim': beta = {self.beta} must lie in [0, {self.n_hidden[1]}] "
                                 f"(hidden level-2 units)")
@@ -377,13 +454,13 @@ class MiM(SSLMethod):
 
         # sparse encoder: which stages are re-masked for each level's unit (input coordinates)
         cum = [list(s) for s in cumulative_strides(network)]
-        rem1 = derive_remask_strides(network, self.unit1)
+        rem1 = derive_remask_strides(network, self.mask_unit1)
         rem2 = derive_remask_strides(network, self.u2)
         if not rem1 or not rem2:
-            raise SSLInputError(f"ssl layout of 'mim': level1_unit {self.unit1} and u2 {self.u2} must be multiples "
-                                f"of the first stage's stride {cum[0]}")
+            raise SSLInputError(f"ssl layout of 'mim': level1_mask_unit {self.mask_unit1} and u2 {self.u2} must be "
+                                f"multiples of the first stage's stride {cum[0]}")
         # one forward for all levels when mask 1 can be written on the u2 grid with the same re-masked stages
-        self.fused = (all(a % b == 0 for a, b in zip(self.unit1, self.u2))
+        self.fused = (all(a % b == 0 for a, b in zip(self.mask_unit1, self.u2))
                       and sorted(map(tuple, rem1)) == sorted(map(tuple, rem2)))
         convert_encoder_to_sparse(network)
         masked = [s in rem1 or s in rem2 for s in cum]
@@ -427,8 +504,9 @@ class MiM(SSLMethod):
         dev = batch.device
         B = batch.shape[0]
         x1 = _avg_pool(batch, self.r1)
-        mask1 = random_block_mask(B, self.grid1, self.ratios[0], device=dev, generator=generator)
-        idx2 = sample_hidden_units(mask1, self.gamma, generator)                       # (B, γ)
+        mask1 = random_block_mask(B, self.mask_grid1, self.ratios[0], device=dev, generator=generator)
+        eligible1 = mostly_hidden(mask1, self.grid1)                                           # (B, n1)
+        idx2 = sample_hidden_units(eligible1, self.gamma, generator, hidden=eligible1)         # (B, γ)
         units1 = split_into_cells(batch, self.grid1)                                          # (B, n1, C, *R2)
         x2 = torch.gather(units1, 1, idx2.view(B, self.gamma, *([1] * (units1.dim() - 2))).expand(
             B, self.gamma, *units1.shape[2:]))
@@ -437,7 +515,8 @@ class MiM(SSLMethod):
         box12 = unit_boxes(label12, self.grid1, self.region2)
         n2v = B * self.gamma
         mask2 = random_block_mask(n2v, self.grid2, self.ratios[1], device=dev, generator=generator)
-        x3 = mask3 = label23 = box23 = None
+        x3 = mask3 = label23 = box23 = valid23 = None
+        valid12 = eligible1.repeat_interleave(self.gamma, dim=0)
         if self.beta > 0:
             idx3 = sample_hidden_units(mask2, self.beta, generator)                      # (Bγ, β)
             units2 = split_into_cells(x2, self.grid2)                                         # (Bγ, n2, C, *u2)
@@ -447,11 +526,12 @@ class MiM(SSLMethod):
             label23 = idx3.reshape(-1)
             box23 = unit_boxes(label23, self.grid2, self.u2)
             mask3 = random_block_mask(n2v * self.beta, self.grid2, self.ratios[2], device=dev, generator=generator)
-        return MiMViews(x1, mask1, x2, mask2, label12, box12, x3, mask3, label23, box23)
+            valid23 = (mask2.flatten(1) == 0).repeat_interleave(self.beta, dim=0)
+        return MiMViews(x1, mask1, x2, mask2, label12, box12, x3, mask3, label23, box23, valid12, valid23)
 
     def _levels(self, views: MiMViews):
         """``[(x_l, mask_l, unit_l)]`` for the levels that exist (unit in x_l coordinates)."""
-        out = [(views.x1, views.mask1, self.unit1), (views.x2, views.mask2, self.u2)]
+        out = [(views.x1, views.mask1, self.mask_unit1), (views.x2, views.mask2, self.u2)]
         if views.x3 is not None:
             out.append((views.x3, views.mask3, self.u2))
         return out
@@ -484,7 +564,7 @@ class MiM(SSLMethod):
         return x.detach().float()
 
     def alignment(self, tap_coarse: torch.Tensor, grid_coarse: Sequence[int], tap_fine: torch.Tensor,
-                  labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                  labels: torch.Tensor, valid: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """InfoNCE between the finer volumes' contexts and their parents' unit candidates.
 
         Args:
@@ -492,32 +572,40 @@ class MiM(SSLMethod):
             grid_coarse: unit grid of the coarser level (g1 or n2).
             tap_fine: ``(N_f, C_tap, *f)`` tap maps of the finer volumes, ``N_f = k N_c``; volume i's parent is i // k.
             labels: ``(N_f,)`` unit of the parent each finer volume was cut from.
+            valid: ``(N_f, n)`` bool, the real candidates (``views.valid12`` / ``valid23``); None = all units.
         Returns:
             ``(loss, logits (N_f, n))``.
         """
         k = tap_fine.shape[0] // tap_coarse.shape[0]
         candidates = self.projector(unit_mean_features(tap_coarse.detach(), grid_coarse))   # (N_c, n, D)
         context = self.aggregator(tap_fine.float().flatten(2).mean(2))                        # (N_f, D)
-        return info_nce(context, candidates.repeat_interleave(k, dim=0), labels, self.tau)
+        return info_nce(context, candidates.repeat_interleave(k, dim=0), labels, self.tau, valid)
 
     def forward(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """``batch (B, C_in, *level1_region)`` → ``{"loss", "rec_l1", "rec_l2", "rec_l3", "align_12", "align_23"}``
-        (float32 scalars; only ``loss`` carries gradient)."""
+        plus, per alignment term ``a``, ``a_chance`` (its value for content-free logits: mean log of the number
+        of real candidates), ``a_acc`` and ``a_acc_chance`` (float32 scalars; only ``loss`` carries gradient)."""
         views = self.make_views(batch, generator)
         outs = self.masked_forward(views)
         rec_terms = []
         for (x, m, unit), (_, rec) in zip(self._levels(views), outs):
             rec_terms.append(masked_mse(rec.float(), self.make_target(x, unit), expand_mask(m, x.shape[2:])))
-        align12, _ = self.alignment(outs[0][0], self.grid1, outs[1][0], views.label12)
+        align12, logits12 = self.alignment(outs[0][0], self.grid1, outs[1][0], views.label12, views.valid12)
+        stats = {"align_12": alignment_stats(logits12, views.label12, views.valid12)}
         zero = batch.new_zeros((), dtype=torch.float32)
         if views.x3 is not None:
-            align23, _ = self.alignment(outs[1][0], self.grid2, outs[2][0], views.label23)
+            align23, logits23 = self.alignment(outs[1][0], self.grid2, outs[2][0], views.label23, views.valid23)
+            stats["align_23"] = alignment_stats(logits23, views.label23, views.valid23)
         else:
             rec_terms.append(zero)
             align23 = zero
+            stats["align_23"] = {"acc": zero, "chance": zero, "acc_chance": zero}
         loss = sum(w * r for w, r in zip(self.level_weights, rec_terms)) + self.alpha * (align12 + align23)
-        return {"loss": loss, "rec_l1": rec_terms[0].detach(), "rec_l2": rec_terms[1].detach(),
-                "rec_l3": rec_terms[2].detach(), "align_12": align12.detach(), "align_23": align23.detach()}
+        out = {"loss": loss, "rec_l1": rec_terms[0].detach(), "rec_l2": rec_terms[1].detach(),
+               "rec_l3": rec_terms[2].detach(), "align_12": align12.detach(), "align_23": align23.detach()}
+        for term, st in stats.items():
+            out.update({f"{term}_{k}": v for k, v in st.items()})
+        return out
 
     @torch.no_grad()
     def previews(self, batch: torch.Tensor) -> Dict[str, Sequence[torch.Tensor]]:
