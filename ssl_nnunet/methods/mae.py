@@ -55,6 +55,11 @@ class MAE(SSLMethod):
     required_layout_keys = ("mask_unit",)
 
     @classmethod
+    def variant_for(cls, architecture_family: str):
+        """CNN: :class:`MAE` (sparse/dense); Primus: :class:`PrimusMAE` (token dropping)."""
+        return {"cnn": MAE, "primus": PrimusMAE}.get(architecture_family)
+
+    @classmethod
     def default_layout(cls, ctx: PlanningContext):
         """Mask unit q; re-masked stages: those whose cumulative stride divides q (METHODS.md §8)."""
         q = ctx.mask_quantum
@@ -165,3 +170,76 @@ class MAE(SSLMethod):
             "visible + reconstruction": [torch.where(visible, target, rec)[0, 0].cpu()],
         }
         return rows
+
+
+class PrimusMAE(MAE):
+    """MAE on Primus with token dropping (METHODS.md §2.4, §3.1): the EVA encoder runs on the visible tokens only.
+
+    ``x (B, C_in, Z, Y, X)`` -> ``down_projection`` -> tokens ``(B, N, E)``; a unit mask over the token grid
+    (unit = one token, ``floor(ρ N + 0.5)`` hidden per sample) -> :func:`eva_forward_visible` on the ``K = N - n_hidden``
+    visible tokens (position embedding and rotary table gathered with the same indices) -> :class:`TokenDecoder`
+    (learnable mask token, ``decoder_depth`` blocks of width ``decoder_width · E``) -> the network's
+    ``up_projection`` -> reconstruction ``(B, C_in, Z, Y, X)``; loss on the hidden tokens' voxels.
+
+    Layout keys: ``mask_unit`` (= the token size), ``mask_ratio`` 0.75, ``target`` none|per_unit,
+    ``decoder_width`` 0.5, ``decoder_depth`` 1, ``decoder_heads`` 4. Export keeps ``down_projection`` + ``eva``.
+    """
+
+    trained_parts = ("down_projection and eva (the encoder saw visible tokens only); the pretraining decoder and "
+                     "up_projection are not transferred (the target gets a fresh up_projection for its classes)")
+    layout_defaults = {"mask_ratio": 0.75, "target": "none", "decoder_width": 0.5, "decoder_depth": 1,
+                       "decoder_heads": 4}
+
+    @classmethod
+    def default_layout(cls, ctx: PlanningContext):
+        return list(ctx.patch_size), {"mask_unit": list(ctx.mask_quantum), **copy.deepcopy(cls.layout_defaults)}
+
+    @classmethod
+    def check_layout(cls, method_plan: dict, ssl_plan: dict):
+        if list(method_plan["layout"]["mask_unit"]) != list(ssl_plan["mask_quantum"]):
+            raise cls.layout_error(ssl_plan, "mask_unit", f"{method_plan['layout']['mask_unit']} is not the Primus "
+                                                          f"token size {ssl_plan['mask_quantum']}")
+        return []
+
+    def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
+        from ssl_nnunet.backbones.primus import TokenDecoder, decoder_width, is_primus, token_grid
+        SSLMethod.__init__(self, network, method_plan, ssl_plan, num_input_channels)
+        if not is_primus(network):
+            raise SSLInputError(f"the Primus MAE needs a Primus network, got {type(network).__name__}")
+        layout = self.layout
+        token = tuple(int(t) for t in network.down_projection.proj.kernel_size)
+        self.mask_unit = tuple(per_axis_ints(layout["mask_unit"], 3, "mask_unit", "mae"))
+        if self.mask_unit != token:
+            raise SSLInputError(f"ssl layout of 'mae' (Primus): mask_unit {list(self.mask_unit)} must be the token "
+                                f"size {list(token)}")
+        self.mask_ratio = float(layout["mask_ratio"])
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise SSLInputError(f"ssl layout of 'mae': mask_ratio must lie in (0, 1), got {self.mask_ratio}")
+        self.target = str(layout["target"])
+        if self.target not in TARGETS:
+            raise SSLInputError(f"ssl layout of 'mae': target must be one of {TARGETS}, got '{self.target}'")
+        self.variant = "tokens"
+        try:
+            self.grid = token_grid(method_plan["pretrain_patch_size"], token)
+        except SSLInputError as e:
+            raise SSLInputError(f"ssl plan of 'mae': {e}") from None
+        E = int(network.embed_dim)
+        heads = int(layout["decoder_heads"])
+        self.decoder = TokenDecoder(E, int(torch.tensor(self.grid).prod()),
+                                    decoder_width(E, layout["decoder_width"], heads), int(layout["decoder_depth"]),
+                                    heads)
+        self.densify = None
+
+    def reconstruct(self, batch: torch.Tensor, mask: torch.Tensor):
+        """``batch (B, C, Z, Y, X)`` + token mask ``(B, 1, n0, n1, n2)`` -> ``(encoded visible (B, K, E),
+        decoded tokens (B, N, E), rec (B, C, Z, Y, X))``."""
+        from ssl_nnunet.backbones.primus import (eva_forward_visible, token_indices, tokens_from_volume,
+                                                 tokens_to_volume)
+        tokens, grid = tokens_from_volume(self.network, batch)
+        keep = token_indices(mask)
+        enc = eva_forward_visible(self.network.eva, tokens, keep)
+        dec = self.decoder(enc, keep)
+        return enc, dec, self.network.up_projection(tokens_to_volume(dec, grid))
+
+    def untrained_parameters(self):
+        return []
