@@ -80,6 +80,13 @@ def test_hidden_tokens_do_not_leak_and_loss_is_on_hidden_voxels_only():
     base = masked_mse(rec_a, x, m_full)
     assert torch.allclose(masked_mse(torch.where(hidden, rec_a, rec_a + 100), x, m_full), base)
     assert masked_mse(torch.where(hidden, x, rec_a), x, m_full) == 0
+    # the training loss decodes only the hidden tokens: the same value as the full reconstruction's
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        loss = m(x, gen_a)["loss"]
+        mask5 = m.sample_mask(x, gen_b)
+        full = masked_mse(m.reconstruct(x, mask5)[2], x, expand_mask(mask5, x.shape[2:]))
+    assert torch.allclose(loss, full, rtol=1e-5, atol=1e-6)
 
 
 def test_loss_falls_on_a_fixed_batch():

@@ -243,3 +243,30 @@ class PrimusMAE(MAE):
 
     def untrained_parameters(self):
         return []
+
+    def forward(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """``batch (B, C_in, Z, Y, X)`` -> ``{"loss", "rec_loss"}``: squared error over the hidden tokens' voxels.
+
+        ``up_projection`` (transposed convolutions with kernel = stride, channel LayerNorm, GELU) acts on each
+        token alone, so only the hidden tokens are decoded to voxels, as ``(B·n_hidden, E, 1, 1, 1)`` -> their
+        ``(C, 8, 8, 8)`` patches; the loss equals :func:`masked_mse` of the full reconstruction."""
+        from ssl_nnunet.backbones.primus import (eva_forward_visible, gather_tokens, token_indices,
+                                                 tokens_from_volume)
+        if batch.dim() != 5:
+            raise ValueError(f"MAE expects a batch (B, C, a0, a1, a2), got shape {tuple(batch.shape)}")
+        mask = self.sample_mask(batch, generator)
+        tokens, grid = tokens_from_volume(self.network, batch)
+        keep, hidden = token_indices(mask), token_indices(1 - mask)
+        dec = self.decoder(eva_forward_visible(self.network.eva, tokens, keep), keep)
+        B, nh, E = hidden.shape[0], hidden.shape[1], dec.shape[-1]
+        rec = self.network.up_projection(gather_tokens(dec, hidden).reshape(B * nh, E, 1, 1, 1))
+        target = gather_tokens(self._token_patches(self.make_target(batch), grid), hidden)
+        loss = ((rec.float().reshape(B, nh, -1) - target) ** 2).mean()
+        return {"loss": loss, "rec_loss": loss.detach()}
+
+    def _token_patches(self, x: torch.Tensor, grid) -> torch.Tensor:
+        """``(B, C, Z, Y, X)`` -> ``(B, N, C·u0·u1·u2)``: each token's voxels (C order), tokens in C order."""
+        B, C = x.shape[:2]
+        (n0, n1, n2), (u0, u1, u2) = grid, self.mask_unit
+        x = x.reshape(B, C, n0, u0, n1, u1, n2, u2).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        return x.reshape(B, n0 * n1 * n2, C * u0 * u1 * u2)
