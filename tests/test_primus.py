@@ -207,14 +207,40 @@ def test_export_loads_into_the_network_of_the_primus_trainer(primus_source, tmp_
     assert ck2["init_args"]["plans"]["configurations"]["3d_fullres"]["patch_size"] == [48, 32, 32]
 
 
-def test_nnunetv2_train_tiny_primus_with_pretrained_weights(primus_source, new_dataset_id, tmp_path):
-    """Real ``nnUNetv2_train`` (subprocess) with the tiny Primus trainer and the target-specific weights."""
-    from ssl_nnunet.export import export_bundle, transfer_and_preprocess
-    from ssl_nnunet.nnunet_trainers import trainer_dir
+@pytest.fixture(scope="module")
+def primus_target(primus_source, new_dataset_id):
+    from ssl_nnunet.export import transfer_and_preprocess
     tid, tname = new_dataset_id("PrimusTarget")
     write_synthetic_dataset(tid, tname.split("_", 1)[1], n_cases=5, shape=(40, 44, 48), spacing=(2.0, 2.0, 2.0),
                             labeled=True, seed=1)
     transfer_and_preprocess(primus_source["id"], tid, "sslFinetunePlans_primus_m")
+    return tid, tname
+
+
+def test_finetune_reads_plans_and_trainer_from_the_bundle_and_writes_primus_target_weights(
+        primus_source, primus_target, tmp_path):
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from ssl_nnunet.export import export_bundle
+    from ssl_nnunet.finetune.finetune import resolve_bundle, target_weights
+    from ssl_nnunet.utilities.network import build_network_from_plans
+    out = export_bundle(primus_source["id"], "mae", str(tmp_path / "b"), "sslPlans_primus_m")  # C_in head
+    bundle = resolve_bundle(out)
+    assert bundle["plans_identifier"] == "sslFinetunePlans_primus_m"
+    assert bundle["trainer"] == "nnUNet_Primus_SSLSmoke_Trainer"
+    path, notes = target_weights(bundle, primus_target[1], False, str(tmp_path))
+    assert path != bundle["checkpoint"] and any("up_projection" in n for n in notes)
+    with open(os.path.join(nnunet_preprocessed(), primus_target[1], "sslFinetunePlans_primus_m.json")) as f:
+        net = build_network_from_plans(json.load(f), 1, 3)
+    load_pretrained_weights(net, path)
+    pretrained = primus_source["trainer"].network.state_dict()
+    assert all(torch.equal(v, pretrained[k].cpu()) for k, v in net.state_dict().items() if k.startswith("eva."))
+
+
+def test_nnunetv2_train_tiny_primus_with_pretrained_weights(primus_source, primus_target, tmp_path):
+    """Real ``nnUNetv2_train`` (subprocess) with the tiny Primus trainer and the target-specific weights."""
+    from ssl_nnunet.export import export_bundle
+    from ssl_nnunet.nnunet_trainers import trainer_dir
+    tid, tname = primus_target
     out = export_bundle(primus_source["id"], "mae", str(tmp_path / "b"), "sslPlans_primus_m", num_classes=3)
     exe = os.path.join(os.path.dirname(sys.executable), "nnUNetv2_train")
     cmd = [exe] if os.path.isfile(exe) else [sys.executable, "-c",
