@@ -29,7 +29,7 @@ import numpy as np
 from ssl_nnunet.experiment_planning.dataset_checks import list_cases, load_dataset_json
 from ssl_nnunet.experiment_planning.ssl_layout import compute_ssl_block
 from ssl_nnunet.plans import load_shipped
-from ssl_nnunet.constants import ARCHS, CONFIGURATION, PROFILES, plans_identifiers
+from ssl_nnunet.constants import ARCHS, CONFIGURATION, FINETUNE_PLANS, PROFILES, SSL_PLANS, plans_identifiers
 from ssl_nnunet.paths import nnunet_preprocessed, nnunet_raw
 from ssl_nnunet.utilities.errors import SSLInputError
 from ssl_nnunet.utilities.file_io import atomic_copy, atomic_save_json, dataset_name_from_id, load_json
@@ -132,7 +132,7 @@ def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "Res
         raise SSLInputError(f"Unknown profile -profile {profile}. Choose one of {', '.join(PROFILES)}.")
     if arch not in ARCHS:
         raise SSLInputError(f"Unknown backbone -arch {arch}. Choose one of {', '.join(ARCHS)}.")
-    SSL_PLANS, FINETUNE_PLANS = plans_identifiers(arch)
+    ssl_id, ft_id = plans_identifiers(arch)
     dataset_name = dataset_name_from_id(dataset)
     dataset_json = load_dataset_json(dataset_name, verbose)  # readable error before nnU-Net's asserts
     pp_folder = os.path.join(nnunet_preprocessed(), dataset_name)
@@ -144,7 +144,7 @@ def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "Res
     if isotropic and spacing is None:
         spacing = [float(np.min(np.median(fingerprint["spacings"], 0)))] * 3
     planner_cls = _planner_class(preset)
-    kwargs = {"plans_name": SSL_PLANS}
+    kwargs = {"plans_name": ssl_id}
     if gpu_memory_target is not None:
         kwargs["gpu_memory_target_in_gb"] = float(gpu_memory_target)
     if spacing is not None:
@@ -164,7 +164,7 @@ def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "Res
                             f"ssl_nnunet needs 3D images.")
     config = plans["configurations"][CONFIGURATION]
     plans["configurations"] = {CONFIGURATION: config}
-    config["data_identifier"] = f"{SSL_PLANS}_{CONFIGURATION}"  # ResEnc planners would share nnUNetPlans' data
+    config["data_identifier"] = f"{ssl_id}_{CONFIGURATION}"  # ResEnc planners would share nnUNetPlans' data
     token = None
     if arch != "cnn":
         token = apply_primus(config, arch, profile)["patch_embed_size"]
@@ -184,11 +184,11 @@ def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "Res
 
     finetune = copy.deepcopy(plans)
     del finetune["ssl"]
-    finetune["plans_name"] = FINETUNE_PLANS
+    finetune["plans_name"] = ft_id
     ft_config = finetune["configurations"][CONFIGURATION]
-    ft_config["data_identifier"] = f"{FINETUNE_PLANS}_{CONFIGURATION}"
+    ft_config["data_identifier"] = f"{ft_id}_{CONFIGURATION}"
     ft_config["patch_size"] = downstream_patch
-    finetune["ssl_pretraining_source"] = {"dataset_name": dataset_name, "plans_name": SSL_PLANS,
+    finetune["ssl_pretraining_source"] = {"dataset_name": dataset_name, "plans_name": ssl_id,
                                           "profile": profile, "planner_preset": preset, "arch": arch,
                                           "finetune_trainer": finetune_trainer_name(arch, profile)}
 
@@ -197,10 +197,10 @@ def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "Res
         atomic_copy(raw_json, os.path.join(pp_folder, "dataset.json"))
     else:  # unlabeled: the copy nnU-Net's preprocessor and trainer read gets background-only labels
         atomic_save_json(dataset_json, os.path.join(pp_folder, "dataset.json"))
-    atomic_save_json(plans, os.path.join(pp_folder, SSL_PLANS + ".json"))
-    atomic_save_json(finetune, os.path.join(pp_folder, FINETUNE_PLANS + ".json"))
+    atomic_save_json(plans, os.path.join(pp_folder, ssl_id + ".json"))
+    atomic_save_json(finetune, os.path.join(pp_folder, ft_id + ".json"))
     if verbose:
-        print(f"SSL plans written to {os.path.join(pp_folder, SSL_PLANS + '.json')} "
+        print(f"SSL plans written to {os.path.join(pp_folder, ssl_id + '.json')} "
               f"(profile {profile}, patch {config['patch_size']}, spacing {config['spacing']}); "
-              f"fine-tuning plans to {os.path.join(pp_folder, FINETUNE_PLANS + '.json')}")
+              f"fine-tuning plans to {os.path.join(pp_folder, ft_id + '.json')}")
     return plans

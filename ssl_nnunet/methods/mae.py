@@ -248,8 +248,8 @@ class PrimusMAE(MAE):
         """``batch (B, C_in, Z, Y, X)`` -> ``{"loss", "rec_loss"}``: squared error over the hidden tokens' voxels.
 
         ``up_projection`` (transposed convolutions with kernel = stride, channel LayerNorm, GELU) acts on each
-        token alone, so only the hidden tokens are decoded to voxels, as ``(B·n_hidden, E, 1, 1, 1)`` -> their
-        ``(C, 8, 8, 8)`` patches; the loss equals :func:`masked_mse` of the full reconstruction."""
+        token alone, so only the hidden tokens are decoded to voxels, laid out as a ``(B, E, n_hidden, 1, 1)``
+        row -> ``(B, C, n_hidden·8, 8, 8)``, i.e. their ``(C, 8, 8, 8)`` patches; the loss equals :func:`masked_mse` of the full reconstruction."""
         from ssl_nnunet.backbones.primus import (eva_forward_visible, gather_tokens, token_indices,
                                                  tokens_from_volume)
         if batch.dim() != 5:
@@ -259,9 +259,15 @@ class PrimusMAE(MAE):
         keep, hidden = token_indices(mask), token_indices(1 - mask)
         dec = self.decoder(eva_forward_visible(self.network.eva, tokens, keep), keep)
         B, nh, E = hidden.shape[0], hidden.shape[1], dec.shape[-1]
-        rec = self.network.up_projection(gather_tokens(dec, hidden).reshape(B * nh, E, 1, 1, 1))
+        # the hidden tokens as a (B, E, n_hidden, 1, 1) row: one up_projection call of batch B, whose output
+        # block i along the first axis is token i's (C, u0, u1, u2) patch
+        row = gather_tokens(dec, hidden).transpose(1, 2).reshape(B, E, nh, 1, 1)
+        u0, u1, u2 = self.mask_unit
+        rec = self.network.up_projection(row)  # (B, C, nh·u0, u1, u2)
+        C = rec.shape[1]
+        rec = rec.reshape(B, C, nh, u0, u1, u2).permute(0, 2, 1, 3, 4, 5).reshape(B, nh, -1)
         target = gather_tokens(self._token_patches(self.make_target(batch), grid), hidden)
-        loss = ((rec.float().reshape(B, nh, -1) - target) ** 2).mean()
+        loss = ((rec.float() - target) ** 2).mean()
         return {"loss": loss, "rec_loss": loss.detach()}
 
     def _token_patches(self, x: torch.Tensor, grid) -> torch.Tensor:
