@@ -55,7 +55,7 @@ def test_visible_encoder_matches_eva_and_sees_exactly_the_visible_tokens():
     hook.remove()
     n_keep = 64 - num_hidden_units(64, 0.75)
     assert n_keep == 16 and seen == [torch.Size([2, n_keep, 96])] and enc.shape == (2, n_keep, 96)
-    assert dec.shape == (2, 64, 96) and rec.shape == x.shape
+    assert dec.shape == (2, 64, 512) and rec.shape == x.shape  # linear pixel head: 8^3 voxels per token
     keep = token_indices(mask)
     assert keep.shape == (2, n_keep) and bool((mask.flatten(1).gather(1, keep) == 1).all())
     # the restored sequence holds each kept token at its own index and the mask token elsewhere
@@ -65,8 +65,9 @@ def test_visible_encoder_matches_eva_and_sees_exactly_the_visible_tokens():
     assert int((restored == 7.0).all(-1).sum()) == 2 * (64 - n_keep)
 
 
-def test_hidden_tokens_do_not_leak_and_loss_is_on_hidden_voxels_only():
-    m = _mae().eval()
+@pytest.mark.parametrize("head", ["linear", "up_projection"])
+def test_hidden_tokens_do_not_leak_and_loss_is_on_hidden_voxels_only(head):
+    m = _mae(pixel_head=head).eval()
     x = torch.randn(2, 1, 32, 32, 32)
     mask = m.sample_mask(x, torch.Generator().manual_seed(1))
     from ssl_nnunet.methods.masking import expand_mask, masked_mse

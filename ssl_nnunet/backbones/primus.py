@@ -240,12 +240,14 @@ class TokenDecoder(nn.Module):
 
     Encoded visible tokens ``(B, K, E)`` -> linear to the decoder width ``d`` -> scattered into a learnable
     mask token ``(1, 1, d)`` at their own indices -> + a learnable position embedding ``(1, N, d)`` ->
-    ``depth`` pre-norm transformer blocks (timm's ``Block``) -> LayerNorm -> linear back to ``E`` -> ``(B, N, E)``,
-    ready for the network's ``up_projection`` (reshaped to ``(B, E, n0, n1, n2)``). ``depth = 0`` keeps only the
-    two linear maps. Its cost runs over all N tokens, so it is kept narrow and shallow (MAE's lesson).
+    ``depth`` pre-norm transformer blocks (timm's ``Block``) -> LayerNorm -> linear to ``out_dim`` -> ``(B, N, out_dim)``:
+    ``out_dim = E`` feeds the network's ``up_projection``; ``out_dim = C·u0·u1·u2`` predicts each token's voxels
+    directly (MAE's linear pixel head). ``depth = 0`` keeps only the linear maps. Its cost runs over all N tokens,
+    so it is kept narrow and shallow (MAE's lesson).
     """
 
-    def __init__(self, embed_dim: int, num_tokens: int, dim: int, depth: int, heads: int):
+    def __init__(self, embed_dim: int, num_tokens: int, dim: int, depth: int, heads: int,
+                 out_dim: Optional[int] = None):
         super().__init__()
         from timm.models.vision_transformer import Block
         if dim % heads:
@@ -256,12 +258,12 @@ class TokenDecoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, dim))
         self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
-        self.out = nn.Linear(dim, embed_dim)
+        self.out = nn.Linear(dim, embed_dim if out_dim is None else int(out_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def forward(self, visible: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
-        """``visible (B, K, E)``, ``keep_idx (B, K)`` -> ``(B, N, E)``."""
+        """``visible (B, K, E)``, ``keep_idx (B, K)`` -> ``(B, N, out_dim)``."""
         x = scatter_tokens(self.embed(visible), keep_idx, self.mask_token, self.num_tokens) + self.pos_embed
         for blk in self.blocks:
             x = blk(x)

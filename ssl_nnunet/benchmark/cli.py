@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _primus(a: argparse.Namespace, argv: Sequence[str]) -> None:
     from ssl_nnunet.benchmark.primus_ratio import run
-    run(a.patch, a.decoder_depths, a.batch, a.warmup, a.timed, a.device, a.o, "ssl_nnunet_benchmark " + " ".join(argv))
+    run(a.patch, a.variants, a.batch, a.warmup, a.timed, a.device, a.o, "ssl_nnunet_benchmark " + " ".join(argv))
 
 
 def _throughput(a: argparse.Namespace, argv: Sequence[str]) -> None:

@@ -43,7 +43,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(arch_kwargs: dict, decoder_depth: int, batch: int = 2, ratio: float = 0.75, warmup: int = 2,
+def measure(arch_kwargs: dict, decoder_depth: int, pixel_head: str = "linear", batch: int = 2, ratio: float = 0.75, warmup: int = 2,
             timed: int = 5, device: str = "cpu", seed: int = 0) -> Dict:
     """Median seconds of one MAE step and one dense step (interleaved) for one configuration."""
     from ssl_nnunet.methods.mae import PrimusMAE
@@ -52,7 +52,8 @@ def measure(arch_kwargs: dict, decoder_depth: int, batch: int = 2, ratio: float 
     patch = list(arch_kwargs["input_shape"])
     mae = PrimusMAE(build_primus(arch_kwargs, 1, 1),
                     {"pretrain_patch_size": patch,
-                     "layout": {"mask_unit": [8, 8, 8], "mask_ratio": ratio, "decoder_depth": decoder_depth}},
+                     "layout": {"mask_unit": [8, 8, 8], "mask_ratio": ratio, "decoder_depth": decoder_depth,
+                                "pixel_head": pixel_head}},
                     {"architecture_family": "primus", "mask_quantum": [8, 8, 8], "total_stride": [8, 8, 8]}, 1).to(dev)
     dense = build_primus(arch_kwargs, 1, 1).to(dev)
     x = torch.randn(batch, 1, *patch, device=dev)
@@ -91,18 +92,20 @@ def measure(arch_kwargs: dict, decoder_depth: int, batch: int = 2, ratio: float 
     mae_s, dense_s = statistics.median(t_mae), statistics.median(t_dense)
     return {"embed_dim": arch_kwargs["embed_dim"], "depth": arch_kwargs["eva_depth"],
             "heads": arch_kwargs["eva_numheads"], "patch": patch, "tokens": n,
-            "visible_tokens": n - int(ratio * n + 0.5), "batch": batch, "decoder_depth": decoder_depth,
+            "visible_tokens": n - int(ratio * n + 0.5), "batch": batch, "decoder_depth": decoder_depth, "pixel_head": pixel_head,
             "decoder_width": mae.decoder.embed.out_features, "mae_step_s": mae_s, "dense_step_s": dense_s,
             "ratio": mae_s / dense_s, "timed": timed, "warmup": warmup, "device": str(dev)}
 
 
-def run(patch: Sequence[int] = (64, 64, 64), decoder_depths: Sequence[int] = (0, 1, 2), batch: int = 2,
+def run(patch: Sequence[int] = (64, 64, 64), variants: Sequence[str] = ("linear:1", "linear:0", "linear:2",
+                                                                        "up_projection:1"), batch: int = 2,
         warmup: int = 2, timed: int = 5, device: str = "cpu", output: Optional[str] = None,
         command: str = "") -> List[Dict]:
     rows = []
     for label, kw in configurations(patch).items():
-        for depth in decoder_depths:
-            r = {"configuration": label, **measure(kw, depth, batch, 0.75, warmup, timed, device)}
+        for variant in variants:
+            head, depth = variant.split(":")
+            r = {"configuration": label, **measure(kw, int(depth), head, batch, 0.75, warmup, timed, device)}
             print(json.dumps(r), flush=True)
             rows.append(r)
     if output:
@@ -114,8 +117,9 @@ def run(patch: Sequence[int] = (64, 64, 64), decoder_depths: Sequence[int] = (0,
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64], help="input patch (default 64 64 64)")
-    p.add_argument("--decoder_depths", type=int, nargs="+", default=[0, 1, 2],
-                   help="pretraining-decoder depths to time (default 0 1 2; the plan's default is 1)")
+    p.add_argument("--variants", nargs="+", default=["linear:1", "linear:0", "linear:2", "up_projection:1"],
+                   help="PIXEL_HEAD:DECODER_DEPTH pairs to time (default linear:1 (the plan's default) linear:0 "
+                        "linear:2 up_projection:1)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timed", type=int, default=5)
@@ -129,7 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_arguments(p)
     a = p.parse_args(argv)
-    run(a.patch, a.decoder_depths, a.batch, a.warmup, a.timed, a.device, a.o,
+    run(a.patch, a.variants, a.batch, a.warmup, a.timed, a.device, a.o,
         "python -m ssl_nnunet.benchmark.primus_ratio " + " ".join(argv))
 
 

@@ -178,17 +178,21 @@ class PrimusMAE(MAE):
     ``x (B, C_in, Z, Y, X)`` -> ``down_projection`` -> tokens ``(B, N, E)``; a unit mask over the token grid
     (unit = one token, ``floor(ρ N + 0.5)`` hidden per sample) -> :func:`eva_forward_visible` on the ``K = N - n_hidden``
     visible tokens (position embedding and rotary table gathered with the same indices) -> :class:`TokenDecoder`
-    (learnable mask token, ``decoder_depth`` blocks of width ``decoder_width · E``) -> the network's
-    ``up_projection`` -> reconstruction ``(B, C_in, Z, Y, X)``; loss on the hidden tokens' voxels.
+    (learnable mask token, ``decoder_depth`` blocks of width ``decoder_width · E``) -> the pixel head ->
+    reconstruction ``(B, C_in, Z, Y, X)``; loss on the hidden tokens' voxels. Pixel head ``linear`` (default):
+    MAE's per-token linear map to the token's ``C·8³`` voxels, so the network's ``up_projection`` — never
+    transferred, the target gets a fresh one — costs nothing in pretraining (it is frozen and exported at its
+    initialisation); ``up_projection``: the network's own patch decoder, trained.
 
     Layout keys: ``mask_unit`` (= the token size), ``mask_ratio`` 0.75, ``target`` none|per_unit,
-    ``decoder_width`` 0.5, ``decoder_depth`` 1, ``decoder_heads`` 4. Export keeps ``down_projection`` + ``eva``.
+    ``decoder_width`` 0.5, ``decoder_depth`` 1, ``decoder_heads`` 4, ``pixel_head`` linear|up_projection.
+    Export keeps ``down_projection`` + ``eva``.
     """
 
     trained_parts = ("down_projection and eva (the encoder saw visible tokens only); the pretraining decoder and "
                      "up_projection are not transferred (the target gets a fresh up_projection for its classes)")
     layout_defaults = {"mask_ratio": 0.75, "target": "none", "decoder_width": 0.5, "decoder_depth": 1,
-                       "decoder_heads": 4}
+                       "decoder_heads": 4, "pixel_head": "linear"}
 
     @classmethod
     def default_layout(cls, ctx: PlanningContext):
@@ -225,9 +229,14 @@ class PrimusMAE(MAE):
             raise SSLInputError(f"ssl plan of 'mae': {e}") from None
         E = int(network.embed_dim)
         heads = int(layout["decoder_heads"])
+        self.pixel_head = str(layout["pixel_head"])
+        if self.pixel_head not in ("linear", "up_projection"):
+            raise SSLInputError(f"ssl layout of 'mae' (Primus): pixel_head must be 'linear' or 'up_projection', got "
+                                f"'{self.pixel_head}'")
+        voxels = num_input_channels * int(torch.tensor(token).prod())
         self.decoder = TokenDecoder(E, int(torch.tensor(self.grid).prod()),
                                     decoder_width(E, layout["decoder_width"], heads), int(layout["decoder_depth"]),
-                                    heads)
+                                    heads, out_dim=voxels if self.pixel_head == "linear" else None)
         self.densify = None
 
     def reconstruct(self, batch: torch.Tensor, mask: torch.Tensor):
@@ -239,10 +248,23 @@ class PrimusMAE(MAE):
         keep = token_indices(mask)
         enc = eva_forward_visible(self.network.eva, tokens, keep)
         dec = self.decoder(enc, keep)
+        if self.pixel_head == "linear":
+            return enc, dec, self._volume_from_patches(dec, grid)
         return enc, dec, self.network.up_projection(tokens_to_volume(dec, grid))
 
     def untrained_parameters(self):
-        return []
+        """With the linear pixel head the network's ``up_projection`` never runs in pretraining."""
+        if self.pixel_head != "linear":
+            return []
+        return [f"network.up_projection.{n}" for n, _ in self.network.up_projection.named_parameters()]
+
+    def _volume_from_patches(self, patches: torch.Tensor, grid) -> torch.Tensor:
+        """``(B, N, C·u0·u1·u2)`` -> ``(B, C, Z, Y, X)`` (inverse of :meth:`_token_patches`)."""
+        B = patches.shape[0]
+        (n0, n1, n2), (u0, u1, u2) = grid, self.mask_unit
+        C = patches.shape[2] // (u0 * u1 * u2)
+        x = patches.reshape(B, n0, n1, n2, C, u0, u1, u2).permute(0, 4, 1, 5, 2, 6, 3, 7)
+        return x.reshape(B, C, n0 * u0, n1 * u1, n2 * u2)
 
     def forward(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """``batch (B, C_in, Z, Y, X)`` -> ``{"loss", "rec_loss"}``: squared error over the hidden tokens' voxels.
@@ -259,6 +281,10 @@ class PrimusMAE(MAE):
         keep, hidden = token_indices(mask), token_indices(1 - mask)
         dec = self.decoder(eva_forward_visible(self.network.eva, tokens, keep), keep)
         B, nh, E = hidden.shape[0], hidden.shape[1], dec.shape[-1]
+        target = gather_tokens(self._token_patches(self.make_target(batch), grid), hidden)
+        if self.pixel_head == "linear":
+            loss = ((gather_tokens(dec, hidden).float() - target) ** 2).mean()
+            return {"loss": loss, "rec_loss": loss.detach()}
         # the hidden tokens as a (B, E, n_hidden, 1, 1) row: one up_projection call of batch B, whose output
         # block i along the first axis is token i's (C, u0, u1, u2) patch
         row = gather_tokens(dec, hidden).transpose(1, 2).reshape(B, E, nh, 1, 1)
@@ -266,7 +292,6 @@ class PrimusMAE(MAE):
         rec = self.network.up_projection(row)  # (B, C, nh·u0, u1, u2)
         C = rec.shape[1]
         rec = rec.reshape(B, C, nh, u0, u1, u2).permute(0, 2, 1, 3, 4, 5).reshape(B, nh, -1)
-        target = gather_tokens(self._token_patches(self.make_target(batch), grid), hidden)
         loss = ((rec.float() - target) ** 2).mean()
         return {"loss": loss, "rec_loss": loss.detach()}
 
