@@ -57,6 +57,10 @@ def test_visible_encoder_matches_eva_and_sees_exactly_the_visible_tokens():
     assert n_keep == 16 and seen == [torch.Size([2, n_keep, 96])] and enc.shape == (2, n_keep, 96)
     assert dec.shape == (2, 64, 512) and rec.shape == x.shape  # linear pixel head: 8^3 voxels per token
     keep = token_indices(mask)
+    from ssl_nnunet.backbones.primus import embed_visible, gather_tokens
+    # the visible-only patch embedding equals the network's convolution at those tokens
+    assert torch.allclose(embed_visible(m.network, x, keep), gather_tokens(tokens, keep), atol=1e-5)
+    assert torch.allclose(enc, eva_forward_visible(m.network.eva, tokens, keep), atol=1e-5)
     assert keep.shape == (2, n_keep) and bool((mask.flatten(1).gather(1, keep) == 1).all())
     # the restored sequence holds each kept token at its own index and the mask token elsewhere
     fill = torch.full((1, 1, 96), 7.0)

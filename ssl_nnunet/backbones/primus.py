@@ -159,13 +159,35 @@ def scatter_tokens(visible: torch.Tensor, index: torch.Tensor, fill: torch.Tenso
     return full.scatter(1, index.unsqueeze(-1).expand(-1, -1, E), visible)
 
 
-def eva_forward_visible(eva: nn.Module, tokens: torch.Tensor, keep_idx: Optional[torch.Tensor]) -> torch.Tensor:
+def volume_to_patches(x: torch.Tensor, unit: Sequence[int]) -> torch.Tensor:
+    """``(B, C, Z, Y, X)`` -> ``(B, N, C·u0·u1·u2)``: each token's voxels (C order within), tokens in C order."""
+    B, C = x.shape[:2]
+    (u0, u1, u2) = unit
+    n0, n1, n2 = x.shape[2] // u0, x.shape[3] // u1, x.shape[4] // u2
+    x = x.reshape(B, C, n0, u0, n1, u1, n2, u2).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return x.reshape(B, n0 * n1 * n2, C * u0 * u1 * u2)
+
+
+def embed_visible(network: nn.Module, x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+    """``down_projection`` of the visible tokens only: ``x (B, C, Z, Y, X)``, ``keep_idx (B, K)`` -> ``(B, K, E)``.
+
+    Primus' patch embedding is a convolution with kernel = stride = token size, i.e. one linear map per token;
+    applied to the gathered visible patches with the same weight and bias it gives exactly the conv's tokens
+    (same parameters, same keys) at a quarter of the cost at 75 % masking."""
+    conv = network.down_projection.proj
+    patches = gather_tokens(volume_to_patches(x, conv.kernel_size), keep_idx)
+    return torch.nn.functional.linear(patches, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
+
+
+def eva_forward_visible(eva: nn.Module, tokens: torch.Tensor, keep_idx: Optional[torch.Tensor],
+                        gathered: bool = False) -> torch.Tensor:
     """dynamic-network-architectures' ``Eva.forward_features`` on the tokens ``keep_idx`` only.
 
     Args:
         eva: ``Primus.eva`` (no register tokens, no ``patch_drop_rate``).
         tokens: ``(B, N, E)``, all tokens of the grid (C order).
         keep_idx: ``(B, K)`` sorted token indices, the same count per sample; ``None`` = all tokens.
+        gathered: ``tokens`` already holds only the ``K`` kept tokens ``(B, K, E)`` (:func:`embed_visible`).
 
     Returns:
         ``(B, K, E)``: the encoded visible tokens (after the final norm).
@@ -176,11 +198,15 @@ def eva_forward_visible(eva: nn.Module, tokens: torch.Tensor, keep_idx: Optional
         raise SSLInputError("build the Primus with patch_drop_rate=0: tokens are selected by the objective")
     x = tokens
     if eva.pos_embed is not None:
-        x = x + eva.pos_embed
+        pos = eva.pos_embed
+        if gathered:
+            pos = gather_tokens(pos.expand(x.shape[0], -1, -1), keep_idx)
+        x = x + pos
     x = eva.pos_drop(x)
     rope = eva.rope.get_embed() if eva.rope is not None else None  # (N, D_rope)
     if keep_idx is not None:
-        x = gather_tokens(x, keep_idx)
+        if not gathered:
+            x = gather_tokens(x, keep_idx)
         if rope is not None:  # the same indices; (B, 1, K, D) broadcasts over the heads
             rope = rope[keep_idx].unsqueeze(1)
     for blk in eva.blocks:

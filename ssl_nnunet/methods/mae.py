@@ -175,9 +175,9 @@ class MAE(SSLMethod):
 class PrimusMAE(MAE):
     """MAE on Primus with token dropping (METHODS.md §2.4, §3.1): the EVA encoder runs on the visible tokens only.
 
-    ``x (B, C_in, Z, Y, X)`` -> ``down_projection`` -> tokens ``(B, N, E)``; a unit mask over the token grid
-    (unit = one token, ``floor(ρ N + 0.5)`` hidden per sample) -> :func:`eva_forward_visible` on the ``K = N - n_hidden``
-    visible tokens (position embedding and rotary table gathered with the same indices) -> :class:`TokenDecoder`
+    ``x (B, C_in, Z, Y, X)``; a unit mask over the token grid (unit = one token, ``floor(ρ N + 0.5)`` hidden per
+    sample); ``down_projection`` of the ``K = N - n_hidden`` visible tokens only (:func:`embed_visible`) ->
+    :func:`eva_forward_visible` on them (position embedding and rotary table gathered with the same indices) -> :class:`TokenDecoder`
     (learnable mask token, ``decoder_depth`` blocks of width ``decoder_width · E``) -> the pixel head ->
     reconstruction ``(B, C_in, Z, Y, X)``; loss on the hidden tokens' voxels. Pixel head ``linear`` (default):
     MAE's per-token linear map to the token's ``C·8³`` voxels, so the network's ``up_projection`` — never
@@ -242,11 +242,10 @@ class PrimusMAE(MAE):
     def reconstruct(self, batch: torch.Tensor, mask: torch.Tensor):
         """``batch (B, C, Z, Y, X)`` + token mask ``(B, 1, n0, n1, n2)`` -> ``(encoded visible (B, K, E),
         decoded tokens (B, N, E), rec (B, C, Z, Y, X))``."""
-        from ssl_nnunet.backbones.primus import (eva_forward_visible, token_indices, tokens_from_volume,
-                                                 tokens_to_volume)
-        tokens, grid = tokens_from_volume(self.network, batch)
+        from ssl_nnunet.backbones.primus import embed_visible, eva_forward_visible, token_indices, tokens_to_volume
+        grid = tuple(mask.shape[2:])
         keep = token_indices(mask)
-        enc = eva_forward_visible(self.network.eva, tokens, keep)
+        enc = eva_forward_visible(self.network.eva, embed_visible(self.network, batch, keep), keep, gathered=True)
         dec = self.decoder(enc, keep)
         if self.pixel_head == "linear":
             return enc, dec, self._volume_from_patches(dec, grid)
@@ -272,14 +271,14 @@ class PrimusMAE(MAE):
         ``up_projection`` (transposed convolutions with kernel = stride, channel LayerNorm, GELU) acts on each
         token alone, so only the hidden tokens are decoded to voxels, laid out as a ``(B, E, n_hidden, 1, 1)``
         row -> ``(B, C, n_hidden·8, 8, 8)``, i.e. their ``(C, 8, 8, 8)`` patches; the loss equals :func:`masked_mse` of the full reconstruction."""
-        from ssl_nnunet.backbones.primus import (eva_forward_visible, gather_tokens, token_indices,
-                                                 tokens_from_volume)
+        from ssl_nnunet.backbones.primus import embed_visible, eva_forward_visible, gather_tokens, token_indices
         if batch.dim() != 5:
             raise ValueError(f"MAE expects a batch (B, C, a0, a1, a2), got shape {tuple(batch.shape)}")
         mask = self.sample_mask(batch, generator)
-        tokens, grid = tokens_from_volume(self.network, batch)
+        grid = tuple(mask.shape[2:])
         keep, hidden = token_indices(mask), token_indices(1 - mask)
-        dec = self.decoder(eva_forward_visible(self.network.eva, tokens, keep), keep)
+        enc = eva_forward_visible(self.network.eva, embed_visible(self.network, batch, keep), keep, gathered=True)
+        dec = self.decoder(enc, keep)
         B, nh, E = hidden.shape[0], hidden.shape[1], dec.shape[-1]
         target = gather_tokens(self._token_patches(self.make_target(batch), grid), hidden)
         if self.pixel_head == "linear":
@@ -297,7 +296,5 @@ class PrimusMAE(MAE):
 
     def _token_patches(self, x: torch.Tensor, grid) -> torch.Tensor:
         """``(B, C, Z, Y, X)`` -> ``(B, N, C·u0·u1·u2)``: each token's voxels (C order), tokens in C order."""
-        B, C = x.shape[:2]
-        (n0, n1, n2), (u0, u1, u2) = grid, self.mask_unit
-        x = x.reshape(B, C, n0, u0, n1, u1, n2, u2).permute(0, 2, 4, 6, 1, 3, 5, 7)
-        return x.reshape(B, n0 * n1 * n2, C * u0 * u1 * u2)
+        from ssl_nnunet.backbones.primus import volume_to_patches
+        return volume_to_patches(x, self.mask_unit)
