@@ -5,7 +5,7 @@ import argparse
 import os
 import time
 
-from ssl_nnunet.constants import FINETUNE_PLANS, PROFILES, SSL_PLANS
+from ssl_nnunet.constants import ARCHS, FINETUNE_PLANS, PROFILES, SSL_PLANS, plans_identifiers
 from ssl_nnunet.utilities.errors import run_cli
 
 
@@ -21,6 +21,10 @@ def _common_args(parser: argparse.ArgumentParser, planning: bool = True) -> None
                                  "gpu (nnU-Net ResEnc plan; default)")
         parser.add_argument("-pl", default="ResEncM", help="nnU-Net planner preset: ResEncM (default), ResEncL, "
                                                            "ResEncXL, ResEnc, default (PlainConvUNet)")
+        parser.add_argument("-arch", default="cnn", choices=ARCHS,
+                            help="backbone: cnn (the nnU-Net plan's U-Net; default) or a Primus size as nnunetv2's "
+                                 "nnUNet_Primus_S/B/M/L_Trainer (writes sslPlans_<arch>.json and "
+                                 "sslFinetunePlans_<arch>.json; the CPU profiles shrink it to a tiny Primus)")
         parser.add_argument("-gpu_memory_target", type=float, default=None,
                             help="GPU memory target in GB for the nnU-Net planner (preset default if unset)")
         parser.add_argument("--spacing", type=float, nargs=3, default=None,
@@ -61,16 +65,23 @@ def _plan(args) -> None:
     from ssl_nnunet.experiment_planning.planner import plan_experiment, transfer_shared_plan
     # several datasets: one shared plan, the first -d's, transferred to the others (documentation/planning.md)
     plan_experiment(args.d[0], args.profile, args.pl, args.gpu_memory_target, args.spacing, args.isotropic,
-                    verbose=not args.quiet)
+                    verbose=not args.quiet, arch=args.arch)
     if len(args.d) > 1:
-        transfer_shared_plan(args.d[0], args.d[1:], verbose=not args.quiet)
+        transfer_shared_plan(args.d[0], args.d[1:], verbose=not args.quiet, arch=args.arch)
+
+
+def _plans_identifier(args) -> str:
+    """``-p`` of ssl_nnunet_preprocess, else the pretraining plans of ``-arch`` (plan_and_preprocess)."""
+    if getattr(args, "p", None):
+        return args.p
+    return plans_identifiers(getattr(args, "arch", "cnn"))[0]
 
 
 def _preprocess(args) -> None:
     from ssl_nnunet.experiment_planning.preprocess import preprocess
     for d in args.d:
-        preprocess(d, num_processes=_num_processes(args), verbose=not args.quiet, part=args.part,
-                   total_parts=args.total_parts)
+        preprocess(d, plans_identifier=_plans_identifier(args), num_processes=_num_processes(args),
+                   verbose=not args.quiet, part=args.part, total_parts=args.total_parts)
 
 
 def extract_fingerprint_entry(argv=None) -> None:
@@ -89,6 +100,8 @@ def preprocess_entry(argv=None) -> None:
     p = argparse.ArgumentParser(description=f"Preprocess a dataset with its {SSL_PLANS}.json (nnU-Net blosc2 format).")
     _common_args(p, planning=False)
     _part_args(p)
+    p.add_argument("-p", default=None, help=f"plans identifier (default {SSL_PLANS}; a Primus plan: "
+                                            f"{SSL_PLANS}_primus_m etc.)")
     run_cli(lambda: _preprocess(p.parse_args(argv)))
 
 

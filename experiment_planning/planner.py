@@ -8,7 +8,14 @@ normalisation, transpose, architecture and patch size, keeps its ``3d_fullres`` 
 
 * ``sslPlans.json`` – the pretraining plan (a valid nnU-Net plans file + ``ssl``);
 * ``sslFinetunePlans.json`` – the fine-tuning plan: nnU-Net plans with the same architecture, spacing and
-  normalisation and the recommended downstream patch size (transfer it to the target dataset).
+  normalisation and the recommended downstream patch size (transfer it to the target dataset); its
+  ``ssl_pretraining_source.finetune_trainer`` names the nnU-Net trainer to fine-tune with.
+
+``-arch primus_s|primus_b|primus_m|primus_l`` replaces the CNN by nnunetv2's Primus of that size (sizes read from
+nnunetv2's Primus trainers; the CPU profiles shrink it to the ``primus`` preset of ``plans/profiles.json``), with
+a patch that is a multiple of the 8³ token, and writes ``sslPlans_<arch>.json`` / ``sslFinetunePlans_<arch>.json``
+(CNN and Primus plans of one dataset side by side). The ``ssl`` block then holds the objectives that have a
+Primus realisation, their layouts in tokens.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ import numpy as np
 from ssl_nnunet.experiment_planning.dataset_checks import list_cases, load_dataset_json
 from ssl_nnunet.experiment_planning.ssl_layout import compute_ssl_block
 from ssl_nnunet.plans import load_shipped
-from ssl_nnunet.constants import CONFIGURATION, FINETUNE_PLANS, PROFILES, SSL_PLANS
+from ssl_nnunet.constants import ARCHS, CONFIGURATION, FINETUNE_PLANS, PROFILES, SSL_PLANS, plans_identifiers
 from ssl_nnunet.paths import nnunet_preprocessed, nnunet_raw
 from ssl_nnunet.utilities.errors import SSLInputError
 from ssl_nnunet.utilities.file_io import atomic_copy, atomic_save_json, dataset_name_from_id, load_json
@@ -86,15 +93,46 @@ def apply_cpu_profile(configuration: dict, profile: str) -> None:
     configuration["batch_size"] = int(preset["batch_size"])
 
 
+def apply_primus(configuration: dict, arch: str, profile: str) -> dict:
+    """Replace the CNN of a ``3d_fullres`` configuration by the Primus ``arch`` (in place); returns the
+    Primus hyper-parameters. GPU profile: nnunetv2's trainer sizes and the nnU-Net patch rounded down to a
+    multiple of the token size; CPU profiles: the ``primus`` preset of ``plans/profiles.json``."""
+    from ssl_nnunet.backbones.primus import primus_architecture, primus_hyperparameters
+    hp = primus_hyperparameters(arch)
+    if profile == "gpu":
+        token = hp["patch_embed_size"]
+        patch = [max(t, (int(p) // t) * t) for p, t in zip(configuration["patch_size"], token)]
+    else:
+        preset = load_shipped("profiles.json")[profile]["primus"]
+        hp.update({k: preset[k] for k in ("embed_dim", "eva_depth", "eva_numheads", "drop_path_rate")})
+        patch = list(preset["patch_size"])
+        configuration["batch_size"] = int(preset["batch_size"])
+    configuration["architecture"] = primus_architecture(hp, patch)
+    configuration["patch_size"] = [int(p) for p in patch]
+    return hp
+
+
+def finetune_trainer_name(arch: str, profile: str) -> str:
+    """The nnU-Net trainer the fine-tuning plan names (``ssl_pretraining_source.finetune_trainer``)."""
+    if arch == "cnn":
+        return "nnUNetTrainer_SSLFinetune"
+    from ssl_nnunet.backbones.primus import PRIMUS_CPU_TRAINER, PRIMUS_TRAINERS
+    return PRIMUS_TRAINERS[arch] if profile == "gpu" else PRIMUS_CPU_TRAINER
+
+
 def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "ResEncM",
                     gpu_memory_target: Optional[float] = None, spacing: Optional[Sequence[float]] = None,
-                    isotropic: bool = False, verbose: bool = True) -> dict:
-    """Plan ``dataset`` (fingerprint must exist) and write ``sslPlans.json`` + ``sslFinetunePlans.json``.
+                    isotropic: bool = False, verbose: bool = True, arch: str = "cnn") -> dict:
+    """Plan ``dataset`` (fingerprint must exist) and write ``sslPlans.json`` + ``sslFinetunePlans.json``
+    (``arch`` a Primus size: ``sslPlans_<arch>.json`` + ``sslFinetunePlans_<arch>.json``).
 
     Returns the pretraining plans dict.
     """
     if profile not in PROFILES:
         raise SSLInputError(f"Unknown profile -profile {profile}. Choose one of {', '.join(PROFILES)}.")
+    if arch not in ARCHS:
+        raise SSLInputError(f"Unknown backbone -arch {arch}. Choose one of {', '.join(ARCHS)}.")
+    ssl_id, ft_id = plans_identifiers(arch)
     dataset_name = dataset_name_from_id(dataset)
     dataset_json = load_dataset_json(dataset_name, verbose)  # readable error before nnU-Net's asserts
     pp_folder = os.path.join(nnunet_preprocessed(), dataset_name)
@@ -106,7 +144,7 @@ def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "Res
     if isotropic and spacing is None:
         spacing = [float(np.min(np.median(fingerprint["spacings"], 0)))] * 3
     planner_cls = _planner_class(preset)
-    kwargs = {"plans_name": SSL_PLANS}
+    kwargs = {"plans_name": ssl_id}
     if gpu_memory_target is not None:
         kwargs["gpu_memory_target_in_gb"] = float(gpu_memory_target)
     if spacing is not None:
@@ -126,39 +164,45 @@ def plan_experiment(dataset: str | int, profile: str = "gpu", preset: str = "Res
                             f"ssl_nnunet needs 3D images.")
     config = plans["configurations"][CONFIGURATION]
     plans["configurations"] = {CONFIGURATION: config}
-    config["data_identifier"] = f"{SSL_PLANS}_{CONFIGURATION}"  # ResEnc planners would share nnUNetPlans' data
-    if profile != "gpu":
+    config["data_identifier"] = f"{ssl_id}_{CONFIGURATION}"  # ResEnc planners would share nnUNetPlans' data
+    token = None
+    if arch != "cnn":
+        token = apply_primus(config, arch, profile)["patch_embed_size"]
+    elif profile != "gpu":
         apply_cpu_profile(config, profile)
     downstream_patch = list(config["patch_size"])
     kw = config["architecture"]["arch_kwargs"]
     median_shape = config["median_image_size_in_voxels"]
-    plans["ssl"] = compute_ssl_block(config["patch_size"], kw["strides"], config["spacing"], median_shape,
+    plans["ssl"] = compute_ssl_block(config["patch_size"], kw["strides"] if token is None else [token],
+                                     config["spacing"], median_shape,
                                      profile, downstream_patch, verbose=verbose,
                                      normalization_schemes=config.get("normalization_schemes", []),
                                      intensity_properties=plans.get("foreground_intensity_properties_per_channel",
-                                                                    {}))
+                                                                    {}), token_size=token)
     plans["ssl"]["planner_preset"] = preset
+    plans["ssl"]["arch"] = arch
 
     finetune = copy.deepcopy(plans)
     del finetune["ssl"]
-    finetune["plans_name"] = FINETUNE_PLANS
+    finetune["plans_name"] = ft_id
     ft_config = finetune["configurations"][CONFIGURATION]
-    ft_config["data_identifier"] = f"{FINETUNE_PLANS}_{CONFIGURATION}"
+    ft_config["data_identifier"] = f"{ft_id}_{CONFIGURATION}"
     ft_config["patch_size"] = downstream_patch
-    finetune["ssl_pretraining_source"] = {"dataset_name": dataset_name, "plans_name": SSL_PLANS,
-                                          "profile": profile, "planner_preset": preset}
+    finetune["ssl_pretraining_source"] = {"dataset_name": dataset_name, "plans_name": ssl_id,
+                                          "profile": profile, "planner_preset": preset, "arch": arch,
+                                          "finetune_trainer": finetune_trainer_name(arch, profile)}
 
     raw_json = os.path.join(nnunet_raw(), dataset_name, "dataset.json")
     if "labels" in load_json(raw_json, "dataset.json"):
         atomic_copy(raw_json, os.path.join(pp_folder, "dataset.json"))
     else:  # unlabeled: the copy nnU-Net's preprocessor and trainer read gets background-only labels
         atomic_save_json(dataset_json, os.path.join(pp_folder, "dataset.json"))
-    atomic_save_json(plans, os.path.join(pp_folder, SSL_PLANS + ".json"))
-    atomic_save_json(finetune, os.path.join(pp_folder, FINETUNE_PLANS + ".json"))
+    atomic_save_json(plans, os.path.join(pp_folder, ssl_id + ".json"))
+    atomic_save_json(finetune, os.path.join(pp_folder, ft_id + ".json"))
     if verbose:
-        print(f"SSL plans written to {os.path.join(pp_folder, SSL_PLANS + '.json')} "
+        print(f"SSL plans written to {os.path.join(pp_folder, ssl_id + '.json')} "
               f"(profile {profile}, patch {config['patch_size']}, spacing {config['spacing']}); "
-              f"fine-tuning plans to {os.path.join(pp_folder, FINETUNE_PLANS + '.json')}")
+              f"fine-tuning plans to {os.path.join(pp_folder, ft_id + '.json')}")
     return plans
 
 
@@ -171,19 +215,22 @@ def _write_preprocessed_dataset_json(dataset_name: str, dataset_json: dict, pp_f
         atomic_save_json(dataset_json, os.path.join(pp_folder, "dataset.json"))
 
 
-def transfer_shared_plan(reference: str | int, targets: Sequence[str | int], verbose: bool = True) -> list:
+def transfer_shared_plan(reference: str | int, targets: Sequence[str | int], verbose: bool = True,
+                         arch: str = "cnn") -> list:
     """Several datasets, one pretraining plan: the plan of ``reference`` (planned before, the first ``-d``) is
     transferred to every target as nnU-Net's ``nnUNetv2_move_plans_between_datasets`` does (same spacing,
     normalisation, intensity properties, network and ``ssl`` block; the target's name and image reader), and
     ``ssl.shared_plan`` of every plan records the group. Targets with other input channels or modalities raise
-    :class:`SSLInputError`. Writes ``sslPlans.json``, ``sslFinetunePlans.json`` and ``dataset.json`` into each
-    target's ``nnUNet_preprocessed`` folder; returns all dataset names (reference first)."""
+    :class:`SSLInputError`. Writes the pretraining and fine-tuning plans of backbone ``arch`` (``sslPlans.json``,
+    ``sslFinetunePlans.json`` for the CNN) and ``dataset.json`` into each target's ``nnUNet_preprocessed`` folder;
+    returns all dataset names (reference first)."""
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     from ssl_nnunet.data.multi_dataset import check_compatible
     ref_name = dataset_name_from_id(reference)
     ref_folder = os.path.join(nnunet_preprocessed(), ref_name)
-    ref_plans = load_json(os.path.join(ref_folder, SSL_PLANS + ".json"), "plans")
-    ref_finetune = load_json(os.path.join(ref_folder, FINETUNE_PLANS + ".json"), "plans")
+    ssl_plans_name, finetune_plans_name = plans_identifiers(arch)
+    ref_plans = load_json(os.path.join(ref_folder, ssl_plans_name + ".json"), "plans")
+    ref_finetune = load_json(os.path.join(ref_folder, finetune_plans_name + ".json"), "plans")
     ref_json = load_dataset_json(ref_name, verbose=False)
     names = [ref_name] + [dataset_name_from_id(t) for t in targets]
     if len(set(names)) != len(names):
@@ -199,7 +246,7 @@ def transfer_shared_plan(reference: str | int, targets: Sequence[str | int], ver
                                                            verbose=False).__name__
         folder = os.path.join(nnunet_preprocessed(), name)
         os.makedirs(folder, exist_ok=True)
-        for source, plans_name in ((ref_plans, SSL_PLANS), (ref_finetune, FINETUNE_PLANS)):
+        for source, plans_name in ((ref_plans, ssl_plans_name), (ref_finetune, finetune_plans_name)):
             plans = copy.deepcopy(source)
             plans["dataset_name"] = name
             plans["image_reader_writer"] = reader
@@ -210,5 +257,5 @@ def transfer_shared_plan(reference: str | int, targets: Sequence[str | int], ver
         if verbose:
             print(f"{name}: pretraining plan of {ref_name} transferred ({len(cases)} case(s), reader {reader})")
     ref_plans["ssl"]["shared_plan"] = shared  # ssl is not part of the preprocessing hash: no re-preprocessing
-    atomic_save_json(ref_plans, os.path.join(ref_folder, SSL_PLANS + ".json"))
+    atomic_save_json(ref_plans, os.path.join(ref_folder, ssl_plans_name + ".json"))
     return names

@@ -32,18 +32,25 @@ def method_entry(method_cls, ctx: PlanningContext, defaults: dict) -> dict:
 def compute_ssl_block(patch_size: Sequence[int], strides: Sequence[Sequence[int]], spacing: Sequence[float],
                       median_shape: Sequence[float], profile: str, downstream_patch_size: Sequence[int],
                       verbose: bool = True, normalization_schemes: Sequence[str] = (),
-                      intensity_properties: Optional[dict] = None) -> dict:
-    """Build the ``ssl`` block for a CNN U-Net plan (see module docstring and METHODS.md §8)."""
+                      intensity_properties: Optional[dict] = None,
+                      token_size: Optional[Sequence[int]] = None) -> dict:
+    """Build the ``ssl`` block for a CNN U-Net plan (see module docstring and METHODS.md §8).
+
+    ``token_size`` (a Primus plan): total stride and mask quantum are the token size, and the block holds the
+    methods with a Primus realisation (:meth:`~ssl_nnunet.methods.base.SSLMethod.variant_for`)."""
     if profile not in PROFILES:
         raise SSLInputError(f"Unknown profile '{profile}'. Choose one of {', '.join(PROFILES)}.")
     ctx = PlanningContext(patch_size=tuple(int(p) for p in patch_size),
                           strides=tuple(tuple(int(v) for v in s) for s in strides),
                           spacing=tuple(float(s) for s in spacing), median_shape=tuple(float(m) for m in median_shape),
                           profile=profile, normalization_schemes=tuple(normalization_schemes),
-                          intensity_properties=dict(intensity_properties or {}))
+                          intensity_properties=dict(intensity_properties or {}),
+                          token_size=None if token_size is None else tuple(int(t) for t in token_size))
     defaults = load_shipped("method_defaults.json")["cpu" if ctx.is_cpu else "gpu"]
-    methods = {name: method_entry(cls, ctx, defaults) for name, cls in all_methods().items()}
-    block = {"architecture_family": "cnn", "profile": profile, "total_stride": ctx.total_stride,
+    family = ctx.architecture_family
+    variants = {name: cls.variant_for(family) for name, cls in all_methods().items()}
+    methods = {name: method_entry(cls, ctx, defaults) for name, cls in variants.items() if cls is not None}
+    block = {"architecture_family": family, "profile": profile, "total_stride": ctx.total_stride,
              "mask_quantum": ctx.mask_quantum, "out_of_plane_axis": ctx.out_of_plane_axis,
              "recommended_downstream_patchsize": [int(p) for p in downstream_patch_size],
              "median_shape": [float(m) for m in median_shape], "methods": methods}
@@ -67,10 +74,12 @@ def validate_ssl_block(block: dict, patch: Sequence[int], warn: bool = False) ->
     if not divides(q, S):
         fail("all", "mask_quantum", f"{q} does not divide the total stride {S}")
     registered = all_methods()
+    family = block.get("architecture_family", "cnn")
     warnings = []
     for name, entry in block["methods"].items():
-        if name in registered:
-            warnings += registered[name].check_layout(entry, block)
+        variant = registered[name].variant_for(family) if name in registered else None
+        if variant is not None:
+            warnings += variant.check_layout(entry, block)
     if warn:
         for w in warnings:
             print(f"WARNING: {w}")

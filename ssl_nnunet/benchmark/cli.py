@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-d", required=True, help=f"preprocessed dataset (its {SSL_PLANS}.json profile is used)")
     t.add_argument("-m", nargs="+", default=["all"], choices=[*methods, "all"],
                    help="methods, or all (default: all registered)")
+    t.add_argument("-p", default=SSL_PLANS, help=f"plans identifier (default {SSL_PLANS}; CNN plans)")
     t.add_argument("-device", default=default_device)
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--timed", type=int, default=10)
@@ -73,14 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder for the generated data (deleted at the end unless --keep)")
     da.add_argument("--keep", action="store_true", help="keep the generated data")
     da.add_argument("-o", default=None, help="also write the result as JSON")
+    pr = sub.add_parser("primus", help="Primus MAE step (visible tokens only) vs the dense Primus forward+backward")
+    from ssl_nnunet.benchmark.primus_ratio import add_arguments
+    add_arguments(pr)
     return p
+
+
+def _primus(a: argparse.Namespace, argv: Sequence[str]) -> None:
+    from ssl_nnunet.benchmark.primus_ratio import run
+    run(a.patch, a.variants, a.batch, a.warmup, a.timed, a.device, a.o, "ssl_nnunet_benchmark " + " ".join(argv))
 
 
 def _throughput(a: argparse.Namespace, argv: Sequence[str]) -> None:
     from ssl_nnunet.benchmark.throughput import benchmark_method, write_report
     results = []
     for m in _selected_methods(a.m):
-        r = benchmark_method(a.d, m, a.device, a.warmup, a.timed)
+        r = benchmark_method(a.d, m, a.device, a.warmup, a.timed, a.p)
         print(json.dumps(r))
         results.append(r)
     write_report(results, a.o + ".json", a.o + ".md", "ssl_nnunet_benchmark " + " ".join(argv))
@@ -108,7 +117,7 @@ def _data(a: argparse.Namespace, argv: Sequence[str]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
-    command = {"throughput": _throughput, "transfer": _transfer, "pretext": _pretext, "data": _data}[a.what]
+    command = {"throughput": _throughput, "transfer": _transfer, "pretext": _pretext, "data": _data, "primus": _primus}[a.what]
     run_cli(lambda: command(a, argv))
 
 

@@ -174,9 +174,10 @@ def supervised_nnunet_step_time(trainer, warmup: int, timed: int) -> float:
     return statistics.median(_time(lambda: ref.train_step(batch), timed, dev))
 
 
-def benchmark_method(dataset, method: str, device: str = "cpu", warmup: int = 3, timed: int = 10) -> Dict:
+def benchmark_method(dataset, method: str, device: str = "cpu", warmup: int = 3, timed: int = 10,
+                     plans_identifier: str = "sslPlans") -> Dict:
     from ssl_nnunet.training.run import build_trainer
-    trainer = build_trainer(dataset, method, device=device, iterations=10 ** 6, num_prefetch=2)
+    trainer = build_trainer(dataset, method, plans_identifier, device=device, iterations=10 ** 6, num_prefetch=2)
     trainer.disable_checkpointing = True
     trainer.on_train_start()
     dev = trainer.device

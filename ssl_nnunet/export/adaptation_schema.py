@@ -154,7 +154,8 @@ def adaptation_plan_problems(plan: Any, state_dict: Optional[Mapping[str, Any]] 
         if isinstance(name, str) and name not in ARCHITECTURE_NAMES:
             problems.append(f"architecture_plans.arch_class_name '{name}' is not one of nnssl's "
                             f"{', '.join(ARCHITECTURE_NAMES)}")
-        if isinstance(arch.get("arch_kwargs"), dict):
+        if isinstance(arch.get("arch_kwargs"), dict) and not str(name).startswith("Primus"):
+            # a Primus plan's own sizes (CPU profiles) are Primus kwargs, not DynamicArchitecturePlans
             problems += _check_fields(arch["arch_kwargs"], arch_kwargs_fields(name), "architecture_plans.arch_kwargs",
                                       exact, optional=("dropout_op", "dropout_op_kwargs"))
     pretrain = plan.get("pretrain_plan")

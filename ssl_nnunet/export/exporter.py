@@ -28,7 +28,7 @@ import copy
 import os
 from typing import Dict, List, Optional, Sequence, Union
 
-from ssl_nnunet.constants import CONFIGURATION, FINETUNE_PLANS, SSL_PLANS
+from ssl_nnunet.constants import CONFIGURATION, FINETUNE_PLANS, SSL_PLANS, finetune_plans_for
 from ssl_nnunet.export.adaptation_schema import require_valid_adaptation_plan, to_weights_only_safe
 from ssl_nnunet.export.citations import bundle_citations
 from ssl_nnunet.export.model_card import citations_markdown, render_model_card
@@ -150,7 +150,7 @@ def build_adaptation_plan(pretrain_plans: dict, finetune_plans: dict, method: st
     ft_cfg = finetune_plans["configurations"][CONFIGURATION]
     method_plan = pretrain_plans.get("ssl", {}).get("methods", {}).get(method, {})
     pretrain_patch = [int(p) for p in method_plan.get("pretrain_patch_size", pre_cfg["patch_size"])]
-    arch_kwargs = copy.deepcopy(arch["arch_kwargs"])
+    arch_class_name, arch_kwargs = _adaptation_architecture(pretrain_plans, arch)
     for k in arch.get("_kw_requires_import", []):  # plans already hold dotted strings; keep them strings
         if arch_kwargs.get(k) is not None and not isinstance(arch_kwargs[k], str):
             obj = arch_kwargs[k]
@@ -160,7 +160,7 @@ def build_adaptation_plan(pretrain_plans: dict, finetune_plans: dict, method: st
     spacing = [float(s) for s in pre_cfg["spacing"]] if pre_cfg.get("spacing") is not None else None
     return {
         "architecture_plans": {
-            "arch_class_name": arch["network_class_name"].split(".")[-1],
+            "arch_class_name": arch_class_name,
             "arch_kwargs": arch_kwargs,
             "arch_kwargs_requiring_import": requiring_import,
         },
@@ -195,6 +195,37 @@ def build_adaptation_plan(pretrain_plans: dict, finetune_plans: dict, method: st
         "keys_to_in_proj": list(network.keys_to_in_proj),
         "key_to_lpe": getattr(network, "key_to_lpe", None),
     }
+
+
+def _adaptation_architecture(pretrain_plans: dict, arch: dict):
+    """``(arch_class_name, arch_kwargs)`` of the adaptation plan. CNN: the class and the plan's kwargs. Primus:
+    nnssl's preset name of the planned size (``PrimusM`` for ``-arch primus_m``) with ``arch_kwargs`` None when
+    the plan has the preset's sizes (GPU profile), else the plan's own Primus kwargs (CPU profiles' tiny Primus)."""
+    name = arch["network_class_name"].split(".")[-1]
+    kwargs = copy.deepcopy(arch["arch_kwargs"])
+    size = str(pretrain_plans.get("ssl", {}).get("arch", ""))
+    if name != "Primus" or not size.startswith("primus_"):
+        return name, kwargs
+    from ssl_nnunet.backbones.primus import primus_hyperparameters
+    preset = primus_hyperparameters(size)
+    same = all(kwargs.get(k) == preset[k] for k in ("embed_dim", "eva_depth", "eva_numheads", "patch_embed_size"))
+    return "Primus" + size[len("primus_"):].upper(), (None if same else kwargs)
+
+
+def primus_target_weights(state: Dict[str, "torch.Tensor"], finetune_plans: dict, n_channels: int,
+                          num_classes: int, patch_size: Optional[List[int]] = None, seed: int = 0):
+    """A Primus ``network_weights`` for a target with ``num_classes`` outputs (and fine-tuning ``patch_size``,
+    default the plan's): ``down_projection`` + ``eva`` from ``state``, a freshly initialised ``up_projection``
+    (seeded), ``eva.pos_embed`` interpolated when the patch differs. Returns ``(weights, notes)``."""
+    import torch
+    from ssl_nnunet.backbones.primus import adapt_primus_weights, build_primus
+    kw = copy.deepcopy(finetune_plans["configurations"][CONFIGURATION]["architecture"]["arch_kwargs"])
+    pretrain_patch = list(kw["input_shape"])
+    if patch_size is not None:
+        kw["input_shape"] = [int(p) for p in patch_size]
+    torch.manual_seed(seed)
+    fresh = build_primus(kw, n_channels, num_classes).state_dict()
+    return adapt_primus_weights(state, fresh, pretrain_patch, kw["input_shape"], kw["patch_embed_size"])
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -265,9 +296,16 @@ def write_bundle(output_dir: str, checkpoint: dict, dataset_json: dict, fingerpr
     return output_dir
 
 
-def export_bundle(dataset: Union[int, str], method: str, output_dir: str, plans_identifier: str = SSL_PLANS,
-                  checkpoint: Optional[str] = None) -> str:
+def export_bundle(dataset: Union[int, str, Sequence[Union[int, str]]], method: str, output_dir: str, plans_identifier: str = SSL_PLANS,
+                  checkpoint: Optional[str] = None, num_classes: Optional[int] = None,
+                  patch_size: Optional[List[int]] = None) -> str:
     """Write the nnU-Net pretrained-weights bundle of ``method`` pretrained on ``dataset`` to ``output_dir``.
+
+    The fine-tuning plan is the one written next to ``plans_identifier`` (``sslFinetunePlans`` /
+    ``sslFinetunePlans_<arch>``). Primus plans: ``num_classes`` (segmentation heads of the target, background
+    included) makes the file target-specific — ``down_projection`` + ``eva`` transferred, a fresh
+    ``up_projection`` of that width (nnU-Net's shape check would refuse the pretraining one) and, with
+    ``patch_size``, ``eva.pos_embed`` interpolated to that fine-tuning patch and the plan's patch set to it.
 
     Returns the absolute bundle folder. Raises :class:`SSLInputError` for a missing checkpoint or plans, for
     weights that do not fit the fine-tuning plan's network, and for an ``output_dir`` that exists and is
@@ -282,10 +320,11 @@ def export_bundle(dataset: Union[int, str], method: str, output_dir: str, plans_
     ckpt_path = find_ssl_checkpoint(dataset_name, method, plans_identifier, checkpoint,
                                     " ".join(map(str, datasets)), names)
     pretrain_plans = load_plans(os.path.join(pp_folder, plans_identifier + ".json"), dataset)
-    finetune_plans = load_plans(os.path.join(pp_folder, FINETUNE_PLANS + ".json"), dataset)
+    finetune_identifier = finetune_plans_for(plans_identifier)
+    finetune_plans = load_plans(os.path.join(pp_folder, finetune_identifier + ".json"), dataset)
     if (pretrain_plans["configurations"][CONFIGURATION]["architecture"]
             != finetune_plans["configurations"][CONFIGURATION]["architecture"]):
-        raise SSLInputError(f"{FINETUNE_PLANS}.json and {plans_identifier}.json in {pp_folder} describe different "
+        raise SSLInputError(f"{finetune_identifier}.json and {plans_identifier}.json in {pp_folder} describe different "
                             f"networks; re-run ssl_nnunet_plan_experiment -d {dataset} so both come from one "
                             f"planning run.")
     dataset_json_path = os.path.join(pp_folder, "dataset.json")
@@ -307,6 +346,26 @@ def export_bundle(dataset: Union[int, str], method: str, output_dir: str, plans_
     load_weights_strict(network, weights, ckpt_path)
     state = {k: v.detach().to("cpu") for k, v in network.state_dict().items()}
     adaptation = build_adaptation_plan(pretrain_plans, finetune_plans, method, n_channels, network)
+    transfer_notes: List[str] = []
+    from ssl_nnunet.backbones.primus import is_primus_plan
+    if is_primus_plan(finetune_plans):
+        if num_classes is not None or patch_size is not None:
+            state, transfer_notes = primus_target_weights(state, finetune_plans, n_channels,
+                                                          n_channels if num_classes is None else int(num_classes),
+                                                          patch_size)
+            if patch_size is not None:
+                finetune_plans = copy.deepcopy(finetune_plans)
+                ft_cfg = finetune_plans["configurations"][CONFIGURATION]
+                ft_cfg["patch_size"] = [int(p) for p in patch_size]
+                ft_cfg["architecture"]["arch_kwargs"]["input_shape"] = [int(p) for p in patch_size]
+                adaptation["recommended_downstream_patchsize"] = [int(p) for p in patch_size]
+        else:
+            transfer_notes = [f"down_projection.* and eva.* are the pretrained encoder; up_projection.* has "
+                              f"{n_channels} output channel(s) (the pretraining reconstruction head): for a target "
+                              f"with other classes use ssl_nnunet_finetune, or export with -num_classes K"]
+    elif num_classes is not None or patch_size is not None:
+        raise SSLInputError("-num_classes / -patch apply to Primus plans only (a CNN bundle loads into any class "
+                            "count: nnU-Net skips its .seg_layers.)")
     require_valid_adaptation_plan(adaptation, "the exported bundle", state, exact=True)
 
     exported = {
@@ -328,7 +387,10 @@ def export_bundle(dataset: Union[int, str], method: str, output_dir: str, plans_
         "source_datasets": copy.deepcopy(ckpt.get("source_datasets")) or [{"name": n} for n in names],
     }
     card = render_model_card(dataset_name, method, plans_identifier, pretrain_plans, finetune_plans, ckpt,
-                             ckpt_path, adaptation, output_dir, exported["source_datasets"]) + citations_markdown(exported["citations"])
+                             ckpt_path, adaptation, output_dir, exported["source_datasets"])
+    if transfer_notes:
+        card += "\n## Primus transfer\n\n" + "".join(f"* {n}\n" for n in transfer_notes)
+    card += citations_markdown(exported["citations"])
     config = bundle_config(exported, method, encoder_only=False, source=ckpt_path)
     return write_bundle(output_dir, exported, dataset_json, load_json(fingerprint_path, "fingerprint"), card, config)
 
@@ -346,12 +408,19 @@ def main() -> None:
         p.add_argument("-m", required=True, choices=method_names(), help="SSL method")
         p.add_argument("-o", required=True, help="output folder of the bundle (replaced if it is an earlier bundle)")
         p.add_argument("-p", default=SSL_PLANS, help=f"pretraining plans identifier (default {SSL_PLANS})")
+        p.add_argument("-num_classes", type=int, default=None,
+                       help="Primus plans: write the weights for a target with this many segmentation heads "
+                            "(background included): fresh up_projection, pretrained down_projection + eva")
+        p.add_argument("-patch", type=int, nargs=3, default=None,
+                       help="Primus plans: fine-tuning patch; eva.pos_embed is interpolated to its token grid")
         p.add_argument("-chk", default=None,
                        help="checkpoint file name in the training folder or a path "
                             "(default: checkpoint_final.pth, else checkpoint_latest.pth)")
         args = p.parse_args()
-        out = export_bundle(args.d if len(args.d) > 1 else args.d[0], args.m, args.o, args.p, args.chk)
-        print(f"Bundle written to {out}. Fine-tune with: nnUNetv2_train TGT {CONFIGURATION} 0 -p {FINETUNE_PLANS} "
+        out = export_bundle(args.d if len(args.d) > 1 else args.d[0], args.m, args.o, args.p, args.chk,
+                            args.num_classes, args.patch)
+        print(f"Bundle written to {out}. Fine-tune with: nnUNetv2_train TGT {CONFIGURATION} 0 -p "
+              f"{finetune_plans_for(args.p)} "
               f"-pretrained_weights {os.path.join(out, 'checkpoint_final.pth')} (see {out}/README.md).")
     run_cli(_run)
 

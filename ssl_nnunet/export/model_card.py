@@ -68,9 +68,17 @@ def render_model_card(dataset_name: str, method: str, plans_identifier: str, pre
     iterations = ckpt.get("iterations_done")
     total = ckpt.get("total_iterations")
     iter_text = "unknown" if iterations is None else (f"{iterations}" + (f" of {total}" if total else ""))
-    trained = all_methods().get(method, SSLMethod).trained_parts
+    method_cls = all_methods().get(method, SSLMethod)
+    trained = (method_cls.variant_for(ssl_block.get("architecture_family", "cnn")) or method_cls).trained_parts
     commit = project_git_commit() or "not available"
     bundle = os.path.abspath(bundle_dir)
+    ft_name = finetune_plans.get("plans_name", FINETUNE_PLANS)
+    if "embed_dim" in kw:  # Primus
+        network_text = (f"`{arch['network_class_name']}`, embed {kw['embed_dim']}, depth {kw['eva_depth']}, "
+                        f"{kw['eva_numheads']} heads, tokens {kw['patch_embed_size']}, input {kw['input_shape']}")
+    else:
+        network_text = (f"`{arch['network_class_name']}`, {kw.get('n_stages')} stages, features "
+                        f"{kw.get('features_per_stage')}, blocks {blocks}")
     ckpt_name = os.path.basename(checkpoint_path)
     partial = "" if ckpt_name == "checkpoint_final.pth" else (
         f"\n**Note:** exported from `{ckpt_name}` – the pretraining had not finished.\n")
@@ -81,9 +89,9 @@ def render_model_card(dataset_name: str, method: str, plans_identifier: str, pre
 | method | `{method}` |
 | source dataset{'s' if len(sources) > 1 else ''} | {source_text} (unlabeled pretraining data) |
 | pretraining plan | `{plans_identifier}` / `{CONFIGURATION}` (profile `{profile}`, nnU-Net planner preset `{preset}`) |
-| fine-tuning plan | `{FINETUNE_PLANS}` (`plans.json` in this folder) |
-| network | `{arch['network_class_name']}`, {kw.get('n_stages')} stages, features {kw.get('features_per_stage')}, blocks {blocks} |
-| strides | {kw.get('strides')} |
+| fine-tuning plan | `{ft_name}` (`plans.json` in this folder) |
+| network | {network_text} |
+| strides | {kw.get('strides', kw.get('patch_embed_size'))} |
 | input channels | {adaptation['pretrain_num_input_channels']} |
 | spacing | {cfg.get('spacing')} (nnU-Net axis order) |
 | pretraining patch | {adaptation['pretrain_plan']['configurations'][CONFIGURATION]['patch_size']} |
@@ -103,9 +111,9 @@ def render_model_card(dataset_name: str, method: str, plans_identifier: str, pre
 ## Contents
 
 * `checkpoint_final.pth` – nnU-Net checkpoint; `network_weights` holds every key of the U-Net that nnU-Net builds
-  from `{FINETUNE_PLANS}` (the segmentation head `decoder.seg_layers.*` is the pretraining output layer and
+  from `{ft_name}` (the segmentation head `decoder.seg_layers.*` is the pretraining output layer and
   is not loaded by nnU-Net). Also `nnssl_adaptation_plan` for nnssl-aware tools.
-* `plans.json` – the fine-tuning plan `{FINETUNE_PLANS}` (same network, spacing and normalisation as the
+* `plans.json` – the fine-tuning plan `{ft_name}` (same network, spacing and normalisation as the
   pretraining); `dataset.json`, `dataset_fingerprint.json` – of the source dataset.
 * `adaptation_plan.json` – the nnssl adaptation plan (same as in the checkpoint); `config.json` – a short
   description with the citations (what nnU-Net master downloads from a Hugging Face model repository).
@@ -126,18 +134,19 @@ builds exactly this network:
 #    nnUNetv2_train copies dataset_fingerprint.json from there)
 nnUNetv2_extract_fingerprint -d TGT
 # 2. transfer the fine-tuning plan from the source dataset to the target. It reads
-#    nnUNet_preprocessed/{dataset_name}/{FINETUNE_PLANS}.json; with only this bundle at hand, create that
-#    folder and copy plans.json into it as {FINETUNE_PLANS}.json first
-nnUNetv2_move_plans_between_datasets -s {source_id} -t TGT -sp {FINETUNE_PLANS} -tp {FINETUNE_PLANS}
+#    nnUNet_preprocessed/{dataset_name}/{ft_name}.json; with only this bundle at hand, create that
+#    folder and copy plans.json into it as {ft_name}.json first
+nnUNetv2_move_plans_between_datasets -s {source_id} -t TGT -sp {ft_name} -tp {ft_name}
 # 3. nnU-Net's preprocessing reads dataset.json from nnUNet_preprocessed (its planner normally copies it)
 cp "$nnUNet_raw/DatasetTGT_Name/dataset.json" "$nnUNet_preprocessed/DatasetTGT_Name/"
-nnUNetv2_preprocess -d TGT -plans_name {FINETUNE_PLANS} -c {CONFIGURATION}
+nnUNetv2_preprocess -d TGT -plans_name {ft_name} -c {CONFIGURATION}
 # 4. train from the pretrained weights (add -device cpu without a GPU)
-nnUNetv2_train TGT {CONFIGURATION} 0 -p {FINETUNE_PLANS} -pretrained_weights {bundle}/checkpoint_final.pth
+nnUNetv2_train TGT {CONFIGURATION} 0 -p {ft_name} -pretrained_weights {bundle}/checkpoint_final.pth
 ```
 
 Steps 1–3 in one call: `python -c "from ssl_nnunet.export.transfer import transfer_and_preprocess as t;
 t({source_id}, TGT)"`. A quick smoke run uses the trainer variant shipped with ssl_nnunet:
 `export nnUNet_extTrainer=$(python -c "import ssl_nnunet.nnunet_trainers as t; print(t.trainer_dir())")` and
-`-tr nnUNetTrainer_SSLSmoke` (1 epoch of 2 iterations, no mirroring).
+`-tr nnUNetTrainer_SSLSmoke` (1 epoch of 2 iterations, no mirroring). The fine-tuning plan names its trainer:
+`-tr {src_info.get('finetune_trainer', 'nnUNetTrainer_SSLFinetune')}`.
 """

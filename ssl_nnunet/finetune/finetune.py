@@ -52,8 +52,12 @@ def resolve_bundle(weights: str) -> Dict[str, object]:
     adaptation = load_json(os.path.join(folder, "adaptation_plan.json"), "adaptation plan") \
         if os.path.isfile(os.path.join(folder, "adaptation_plan.json")) else {}
     method = adaptation.get("ssl_method") or _method_from_card(folder)
+    source_info = plans.get("ssl_pretraining_source", {})
     return {"folder": folder, "checkpoint": checkpoint, "plans": plans, "source": plans["dataset_name"],
-            "method": method, "num_input_channels": adaptation.get("pretrain_num_input_channels")}
+            "method": method, "num_input_channels": adaptation.get("pretrain_num_input_channels"),
+            # the fine-tuning plan's own identifier (sslFinetunePlans, sslFinetunePlans_primus_m, ...) and trainer
+            "plans_identifier": plans.get("plans_name", FINETUNE_PLANS),
+            "trainer": source_info.get("finetune_trainer")}
 
 
 def _method_from_card(folder: str) -> str:
@@ -70,14 +74,26 @@ def _target_network(plans: dict, dataset_json: dict):
 def target_weights(bundle: dict, target_name: str, encoder_only: bool, out_dir: str, seed: int = 0) -> tuple:
     """Weights file for ``-pretrained_weights``: the bundle's checkpoint, or a target-specific copy with the
     input convolution adapted to the target's channel count and/or a freshly initialised decoder
-    (``encoder_only``). Returns ``(path, notes)``."""
-    plans = load_json(os.path.join(nnunet_preprocessed(), target_name, FINETUNE_PLANS + ".json"), "plans")
+    (``encoder_only``). Primus: always a target-specific copy (pretrained ``down_projection`` + ``eva``, a fresh
+    ``up_projection`` for the target's classes, ``eva.pos_embed`` interpolated to the target's patch).
+    Returns ``(path, notes)``."""
+    plans_identifier = bundle.get("plans_identifier", FINETUNE_PLANS)
+    plans = load_json(os.path.join(nnunet_preprocessed(), target_name, plans_identifier + ".json"), "plans")
     dataset_json = load_json(os.path.join(nnunet_preprocessed(), target_name, "dataset.json"), "dataset.json")
     torch.manual_seed(seed)
     fresh = _target_network(plans, dataset_json).state_dict()
     ckpt = torch.load(bundle["checkpoint"], map_location="cpu", weights_only=False)
     weights = dict(ckpt["network_weights"])
     notes = []
+    from ssl_nnunet.backbones.primus import adapt_primus_weights, is_primus_plan
+    if is_primus_plan(plans):
+        kw = plans["configurations"][CONFIGURATION]["architecture"]["arch_kwargs"]
+        pretrain_patch = bundle["plans"]["configurations"][CONFIGURATION]["architecture"]["arch_kwargs"]["input_shape"]
+        weights, notes = adapt_primus_weights(weights, fresh, pretrain_patch, kw["input_shape"], kw["patch_embed_size"])
+        if encoder_only:
+            notes.append("encoder-only transfer is what a Primus transfer always is (up_projection is fresh)")
+        encoder_only = False
+        fresh = {}
     for key, value in fresh.items():
         if ".seg_layers." in key or key not in weights or weights[key].shape == value.shape:
             continue
@@ -101,8 +117,8 @@ def target_weights(bundle: dict, target_name: str, encoder_only: bool, out_dir: 
     return path, notes
 
 
-def preprocessed_case_ids(target_name: str) -> List[str]:
-    plans = load_json(os.path.join(nnunet_preprocessed(), target_name, FINETUNE_PLANS + ".json"), "plans")
+def preprocessed_case_ids(target_name: str, plans_identifier: str = FINETUNE_PLANS) -> List[str]:
+    plans = load_json(os.path.join(nnunet_preprocessed(), target_name, plans_identifier + ".json"), "plans")
     folder = os.path.join(nnunet_preprocessed(), target_name, plans["configurations"][CONFIGURATION]["data_identifier"])
     return sorted({f.split(".")[0] for f in os.listdir(folder) if f.endswith(".pkl")})
 
@@ -135,7 +151,8 @@ def split_repeats(splits: List[dict]) -> int:
     return max(1, min(counts.values())) if counts else 1
 
 
-def ensure_splits(target_name: str, k: Optional[int] = None, repeats: Optional[int] = None) -> List[dict]:
+def ensure_splits(target_name: str, k: Optional[int] = None, repeats: Optional[int] = None,
+                  plans_identifier: str = FINETUNE_PLANS) -> List[dict]:
     """Write nnU-Net's ``splits_final.json`` (:func:`make_splits`) if missing, so all arms and every later run
     use the same folds; an existing file is used as it is (nnU-Net does the same) unless ``k`` or ``repeats``
     contradict it."""
@@ -150,7 +167,9 @@ def ensure_splits(target_name: str, k: Optional[int] = None, repeats: Optional[i
                                 f"delete the file (and the fold folders trained on it) to re-split, or drop "
                                 f"-k/-repeats.")
         return splits
-    splits = make_splits(preprocessed_case_ids(target_name), k, repeats or 1)
+    ids = preprocessed_case_ids(target_name) if plans_identifier == FINETUNE_PLANS else \
+        preprocessed_case_ids(target_name, plans_identifier)
+    splits = make_splits(ids, k, repeats or 1)
     atomic_save_json(splits, path)
     return splits
 
@@ -168,13 +187,14 @@ def describe_splits(splits: List[dict]) -> str:
             f"fold (nnU-Net's splits_final.json)")
 
 
-def model_folder(results_root: str, target_name: str, trainer: str) -> str:
+def model_folder(results_root: str, target_name: str, trainer: str, plans_identifier: str = FINETUNE_PLANS) -> str:
     """nnU-Net's model folder of ``trainer`` on ``target_name`` under the arm's results root."""
-    return os.path.join(results_root, target_name, f"{trainer}__{FINETUNE_PLANS}__{CONFIGURATION}")
+    return os.path.join(results_root, target_name, f"{trainer}__{plans_identifier}__{CONFIGURATION}")
 
 
-def fold_folder(results_root: str, target_name: str, trainer: str, fold: int) -> str:
-    return os.path.join(model_folder(results_root, target_name, trainer), f"fold_{fold}")
+def fold_folder(results_root: str, target_name: str, trainer: str, fold: int,
+                plans_identifier: str = FINETUNE_PLANS) -> str:
+    return os.path.join(model_folder(results_root, target_name, trainer, plans_identifier), f"fold_{fold}")
 
 
 def fold_finished(folder: str) -> bool:
@@ -261,7 +281,7 @@ def nnunet_training_log(folder: str, since: float = 0.0) -> Optional[str]:
 
 def run_fold(results_root: str, target_name: str, fold: int, trainer: str, device: str,
              weights: Optional[str], num_processes: int, label: Optional[str] = None,
-             tensorboard_dir: Optional[str] = None) -> str:
+             tensorboard_dir: Optional[str] = None, plans_identifier: str = FINETUNE_PLANS) -> str:
     """Train (or resume, or only validate) one fold with ``nnUNetv2_train``; returns the fold folder. The
     training process gets this process's ``nnUNet_raw`` and ``nnUNet_preprocessed`` as they are now and
     ``results_root`` as its ``nnUNet_results``. Its output goes in full to ``ssl_nnunet_finetune_stdout.txt``
@@ -269,13 +289,13 @@ def run_fold(results_root: str, target_name: str, fold: int, trainer: str, devic
     default ``<arm folder> fold F``); the path of nnU-Net's own training log is printed too. ``tensorboard_dir``:
     the epoch values also go to TensorBoard there."""
     from ssl_nnunet.nnunet_trainers import trainer_dir
-    folder = fold_folder(results_root, target_name, trainer, fold)
+    folder = fold_folder(results_root, target_name, trainer, fold, plans_identifier)
     label = label or f"{os.path.basename(os.path.normpath(results_root))} fold {fold}"
     if fold_finished(folder):
         print(f"  fold {fold}: finished earlier, skipped ({folder})")
         return folder
     exe = os.path.join(os.path.dirname(sys.executable), "nnUNetv2_train")
-    cmd = [exe, target_name, CONFIGURATION, str(fold), "-p", FINETUNE_PLANS, "-tr", trainer, "-device", device]
+    cmd = [exe, target_name, CONFIGURATION, str(fold), "-p", plans_identifier, "-tr", trainer, "-device", device]
     if os.path.isfile(os.path.join(folder, "checkpoint_final.pth")):
         cmd.append("--val")
     elif os.path.isfile(os.path.join(folder, "checkpoint_latest.pth")):
@@ -332,11 +352,15 @@ def arm_roots(root: str, tag: str) -> Dict[str, str]:
 
 
 def finetune(target, weights: str, folds: Optional[Sequence[int]] = None, scratch=False,
-             trainer: str = DEFAULT_TRAINER, device: str = "cpu", num_processes: int = 2,
+             trainer: Optional[str] = None, device: str = "cpu", num_processes: int = 2,
              encoder_only: bool = False, k: Optional[int] = None, vanilla_trainer: Optional[str] = None,
              tensorboard: bool = False, repeats: Optional[int] = None) -> dict:
     """Run the comparison; returns the report dict (also written as markdown/JSON/PNG).
 
+    ``trainer``: default the trainer the fine-tuning plan names (``ssl_pretraining_source.finetune_trainer``:
+    ``nnUNetTrainer_SSLFinetune`` for the CNN, nnunetv2's Primus trainer of the planned size, or
+    ``nnUNet_Primus_SSLSmoke_Trainer`` for a CPU-profile Primus), else ``nnUNetTrainer_SSLFinetune``. The plans
+    identifier is the bundle plan's own (``sslFinetunePlans`` or ``sslFinetunePlans_<arch>``).
     ``folds``: default all folds of the target's split (``k`` folds, ``k = min(5, cases)`` unless given, times
     ``repeats`` for repeated k-fold, see :func:`make_splits`).
     ``scratch``: ``True`` trains both scratch arms (``scratch``: the same trainer as the pretrained arm;
@@ -348,6 +372,9 @@ def finetune(target, weights: str, folds: Optional[Sequence[int]] = None, scratc
     from ssl_nnunet.finetune.report import write_report
     from ssl_nnunet.finetune.statistics import comparison_sentence
     from ssl_nnunet.nnunet_trainers import VANILLA_TRAINERS, vanilla_trainer as default_vanilla
+    bundle = resolve_bundle(weights)
+    trainer = trainer or bundle.get("trainer") or DEFAULT_TRAINER
+    pid = bundle["plans_identifier"]
     scratch_arms = list(SCRATCH_ARMS) if scratch is True else list(scratch or [])
     unknown = sorted(set(scratch_arms) - set(SCRATCH_ARMS))
     if unknown:
@@ -357,17 +384,16 @@ def finetune(target, weights: str, folds: Optional[Sequence[int]] = None, scratc
             else VANILLA_TRAINERS.get(trainer)
     trainers = {"pretrained": trainer, "scratch": trainer, "scratch_vanilla": vanilla_trainer}
     target_name = dataset_name_from_id(target)
-    bundle = resolve_bundle(weights)
     source_name = bundle["source"]
     root = comparison_root(target_name, source_name)
     tag = arm_tag(bundle["method"], encoder_only)
     target_pp = os.path.join(nnunet_preprocessed(), target_name)
-    source_plans = os.path.join(nnunet_preprocessed(), source_name, FINETUNE_PLANS + ".json")
+    source_plans = os.path.join(nnunet_preprocessed(), source_name, pid + ".json")
     if not os.path.isfile(source_plans):
         # bundle from another machine: its plans.json is the source plan
         atomic_save_json(bundle["plans"], source_plans)
-    transfer_and_preprocess(source_name, target_name, FINETUNE_PLANS, num_processes, verbose=False, adapt_channels=True)
-    splits = ensure_splits(target_name, k, repeats)
+    transfer_and_preprocess(source_name, target_name, pid, num_processes, verbose=False, adapt_channels=True)
+    splits = ensure_splits(target_name, k, repeats, pid)
     folds = list(range(len(splits))) if folds is None else list(folds)
     bad = [f for f in folds if not 0 <= f < len(splits)]
     if bad:
@@ -390,11 +416,12 @@ def finetune(target, weights: str, folds: Optional[Sequence[int]] = None, scratc
                                        weights_file if arm == "pretrained" else None, num_processes,
                                        label=f"{arm} fold {fold}",
                                        tensorboard_dir=os.path.join(root, "tensorboard", os.path.basename(roots[arm]),
-                                                                    f"fold_{fold}") if tensorboard else None)
+                                                                    f"fold_{fold}") if tensorboard else None,
+                                       plans_identifier=pid)
                         for fold in folds}
     for arm in SCRATCH_ARMS:  # scratch folds of an earlier run are compared too
         if arm not in folders and trainers[arm]:
-            folders[arm] = {f: fold_folder(roots[arm], target_name, trainers[arm], f) for f in folds}
+            folders[arm] = {f: fold_folder(roots[arm], target_name, trainers[arm], f, pid) for f in folds}
     dataset_json = load_json(os.path.join(target_pp, "dataset.json"), "dataset.json")
     names = {str(v): k for k, v in dataset_json["labels"].items() if not isinstance(v, (list, tuple))}
     report_dir = os.path.join(root, f"report_{tag}__{trainer}")
@@ -422,8 +449,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--scratch", nargs="*", choices=SCRATCH_ARMS, default=None, metavar="ARM",
                    help="also train from scratch on the same folds: both arms without a value, or name them "
                         "(scratch: the same trainer; scratch_vanilla: nnU-Net's own lr and schedule, same budget)")
-    p.add_argument("-tr", default=DEFAULT_TRAINER,
-                   help="nnU-Net trainer of the pretrained and scratch arms (default nnUNetTrainer_SSLFinetune; "
+    p.add_argument("-tr", default=None,
+                   help="nnU-Net trainer of the pretrained and scratch arms (default: the one the bundle's "
+                        "fine-tuning plan names, e.g. nnUNet_Primus_M_Trainer for a Primus-M plan, else "
+                        "nnUNetTrainer_SSLFinetune; "
                         "CPU budgets: nnUNetTrainer_SSLFinetune_CPU300 / _CPU1000)")
     p.add_argument("-tr_vanilla", default=None,
                    help="trainer of the scratch_vanilla arm (default: the -tr trainer's vanilla counterpart, "

@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ssl_nnunet.constants import FINETUNE_ARMS as ARMS
+from ssl_nnunet.constants import FINETUNE_PLANS
 from ssl_nnunet.finetune.finetune import arm_roots, arm_tag, comparison_root, model_folder, resolve_bundle
 from ssl_nnunet.utilities.errors import SSLInputError, run_cli
 from ssl_nnunet.utilities.file_io import dataset_name_from_id
@@ -38,13 +39,14 @@ def find_model_folder(target, arm: str, trainer: Optional[str] = None, source: O
         raise SSLInputError(f"-arm {arm}: choose one of {list(ARMS)}")
     target_name = dataset_name_from_id(target)
     roots = arm_roots(comparison_root(target_name, source or "*"), arm_tag(method, encoder_only) if method else "*")
-    pattern = model_folder(roots[arm], target_name, trainer or "*")
+    # any fine-tuning plan: sslFinetunePlans (CNN) or sslFinetunePlans_<arch> (Primus)
+    pattern = model_folder(roots[arm], target_name, trainer or "*", FINETUNE_PLANS + "*")
     found = sorted(f for f in glob.glob(pattern) if _has_checkpoint(f, checkpoint_name))
     if arm == "pretrained" and not method:
         found = [f for f in found if f.split(os.sep)[-3].endswith("_encoder_only") == encoder_only]
     if not found:
         existing = sorted(glob.glob(model_folder(os.path.join(comparison_root(target_name, "*"), "*"), target_name,
-                                                 "*")))
+                                                 "*", FINETUNE_PLANS + "*")))
         raise SSLInputError(f"No fine-tuned '{arm}' model with a {checkpoint_name} for {target_name} matches "
                             f"{pattern}. Fine-tuned model folders there: {existing or 'none'} (run "
                             f"ssl_nnunet_finetune first; --scratch for the scratch arms).")

@@ -57,6 +57,13 @@ class PlanningContext:
     profile: str
     normalization_schemes: Tuple[str, ...] = ()
     intensity_properties: dict = field(default_factory=dict)
+    #: a Primus plan: the token size (e.g. (8, 8, 8)); it is then the total stride and the mask quantum
+    token_size: Optional[Tuple[int, ...]] = None
+
+    @property
+    def architecture_family(self) -> str:
+        """``"cnn"`` or ``"primus"``."""
+        return "cnn" if self.token_size is None else "primus"
 
     @property
     def cumulative_strides(self) -> List[List[int]]:
@@ -65,12 +72,17 @@ class PlanningContext:
 
     @property
     def total_stride(self) -> List[int]:
-        """S: the stride of the deepest stage."""
+        """S: the stride of the deepest stage (Primus: the token size)."""
+        if self.token_size is not None:
+            return list(self.token_size)
         return self.cumulative_strides[-1]
 
     @property
     def mask_quantum(self) -> List[int]:
-        """q: the stride of the penultimate stage (the unit every mask and crop is a multiple of)."""
+        """q: the stride of the penultimate stage (the unit every mask and crop is a multiple of); Primus: the
+        token size."""
+        if self.token_size is not None:
+            return list(self.token_size)
         return self.cumulative_strides[-2]
 
     @property
@@ -107,6 +119,14 @@ class SSLMethod(nn.Module):
     #: True when every training step runs the same autograd graph over the same parameters (DDP's
     #: ``static_graph=True``); a method whose graph changes from step to step sets False
     static_graph: bool = True
+
+    @classmethod
+    def variant_for(cls, architecture_family: str) -> Optional[type]:
+        """The class that realises this objective on a backbone family (``ssl.architecture_family`` of a plan:
+        ``"cnn"`` or ``"primus"``), or ``None`` when the objective has no realisation on it. Planner, trainer and
+        benchmarks ask this one question instead of branching per method. Default: the class itself on the CNN,
+        none on Primus."""
+        return cls if architecture_family == "cnn" else None
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__()

@@ -55,6 +55,11 @@ class MAE(SSLMethod):
     required_layout_keys = ("mask_unit",)
 
     @classmethod
+    def variant_for(cls, architecture_family: str):
+        """CNN: :class:`MAE` (sparse/dense); Primus: :class:`PrimusMAE` (token dropping)."""
+        return {"cnn": MAE, "primus": PrimusMAE}.get(architecture_family)
+
+    @classmethod
     def default_layout(cls, ctx: PlanningContext):
         """Mask unit q; re-masked stages: those whose cumulative stride divides q (METHODS.md §8)."""
         q = ctx.mask_quantum
@@ -165,3 +170,131 @@ class MAE(SSLMethod):
             "visible + reconstruction": [torch.where(visible, target, rec)[0, 0].cpu()],
         }
         return rows
+
+
+class PrimusMAE(MAE):
+    """MAE on Primus with token dropping (METHODS.md §2.4, §3.1): the EVA encoder runs on the visible tokens only.
+
+    ``x (B, C_in, Z, Y, X)``; a unit mask over the token grid (unit = one token, ``floor(ρ N + 0.5)`` hidden per
+    sample); ``down_projection`` of the ``K = N - n_hidden`` visible tokens only (:func:`embed_visible`) ->
+    :func:`eva_forward_visible` on them (position embedding and rotary table gathered with the same indices) -> :class:`TokenDecoder`
+    (learnable mask token, ``decoder_depth`` blocks of width ``decoder_width · E``) -> the pixel head ->
+    reconstruction ``(B, C_in, Z, Y, X)``; loss on the hidden tokens' voxels. Pixel head ``linear`` (default):
+    MAE's per-token linear map to the token's ``C·8³`` voxels, so the network's ``up_projection`` — never
+    transferred, the target gets a fresh one — costs nothing in pretraining (it is frozen and exported at its
+    initialisation); ``up_projection``: the network's own patch decoder, trained.
+
+    Layout keys: ``mask_unit`` (= the token size), ``mask_ratio`` 0.75, ``target`` none|per_unit,
+    ``decoder_width`` 0.5, ``decoder_depth`` 1, ``decoder_heads`` 4, ``pixel_head`` linear|up_projection.
+    Export keeps ``down_projection`` + ``eva``.
+    """
+
+    trained_parts = ("down_projection and eva (the encoder saw visible tokens only); the pretraining decoder and "
+                     "up_projection are not transferred (the target gets a fresh up_projection for its classes)")
+    layout_defaults = {"mask_ratio": 0.75, "target": "none", "decoder_width": 0.5, "decoder_depth": 1,
+                       "decoder_heads": 4, "pixel_head": "linear"}
+
+    @classmethod
+    def default_layout(cls, ctx: PlanningContext):
+        return list(ctx.patch_size), {"mask_unit": list(ctx.mask_quantum), **copy.deepcopy(cls.layout_defaults)}
+
+    @classmethod
+    def check_layout(cls, method_plan: dict, ssl_plan: dict):
+        if list(method_plan["layout"]["mask_unit"]) != list(ssl_plan["mask_quantum"]):
+            raise cls.layout_error(ssl_plan, "mask_unit", f"{method_plan['layout']['mask_unit']} is not the Primus "
+                                                          f"token size {ssl_plan['mask_quantum']}")
+        return []
+
+    def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
+        from ssl_nnunet.backbones.primus import TokenDecoder, decoder_width, is_primus, token_grid
+        SSLMethod.__init__(self, network, method_plan, ssl_plan, num_input_channels)
+        if not is_primus(network):
+            raise SSLInputError(f"the Primus MAE needs a Primus network, got {type(network).__name__}")
+        layout = self.layout
+        token = tuple(int(t) for t in network.down_projection.proj.kernel_size)
+        self.mask_unit = tuple(per_axis_ints(layout["mask_unit"], 3, "mask_unit", "mae"))
+        if self.mask_unit != token:
+            raise SSLInputError(f"ssl layout of 'mae' (Primus): mask_unit {list(self.mask_unit)} must be the token "
+                                f"size {list(token)}")
+        self.mask_ratio = float(layout["mask_ratio"])
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise SSLInputError(f"ssl layout of 'mae': mask_ratio must lie in (0, 1), got {self.mask_ratio}")
+        self.target = str(layout["target"])
+        if self.target not in TARGETS:
+            raise SSLInputError(f"ssl layout of 'mae': target must be one of {TARGETS}, got '{self.target}'")
+        self.variant = "tokens"
+        try:
+            self.grid = token_grid(method_plan["pretrain_patch_size"], token)
+        except SSLInputError as e:
+            raise SSLInputError(f"ssl plan of 'mae': {e}") from None
+        E = int(network.embed_dim)
+        heads = int(layout["decoder_heads"])
+        self.pixel_head = str(layout["pixel_head"])
+        if self.pixel_head not in ("linear", "up_projection"):
+            raise SSLInputError(f"ssl layout of 'mae' (Primus): pixel_head must be 'linear' or 'up_projection', got "
+                                f"'{self.pixel_head}'")
+        voxels = num_input_channels * int(torch.tensor(token).prod())
+        self.decoder = TokenDecoder(E, int(torch.tensor(self.grid).prod()),
+                                    decoder_width(E, layout["decoder_width"], heads), int(layout["decoder_depth"]),
+                                    heads, out_dim=voxels if self.pixel_head == "linear" else None)
+        self.densify = None
+
+    def reconstruct(self, batch: torch.Tensor, mask: torch.Tensor):
+        """``batch (B, C, Z, Y, X)`` + token mask ``(B, 1, n0, n1, n2)`` -> ``(encoded visible (B, K, E),
+        decoded tokens (B, N, E), rec (B, C, Z, Y, X))``."""
+        from ssl_nnunet.backbones.primus import embed_visible, eva_forward_visible, token_indices, tokens_to_volume
+        grid = tuple(mask.shape[2:])
+        keep = token_indices(mask)
+        enc = eva_forward_visible(self.network.eva, embed_visible(self.network, batch, keep), keep, gathered=True)
+        dec = self.decoder(enc, keep)
+        if self.pixel_head == "linear":
+            return enc, dec, self._volume_from_patches(dec, grid)
+        return enc, dec, self.network.up_projection(tokens_to_volume(dec, grid))
+
+    def untrained_parameters(self):
+        """With the linear pixel head the network's ``up_projection`` never runs in pretraining."""
+        if self.pixel_head != "linear":
+            return []
+        return [f"network.up_projection.{n}" for n, _ in self.network.up_projection.named_parameters()]
+
+    def _volume_from_patches(self, patches: torch.Tensor, grid) -> torch.Tensor:
+        """``(B, N, C·u0·u1·u2)`` -> ``(B, C, Z, Y, X)`` (inverse of :meth:`_token_patches`)."""
+        B = patches.shape[0]
+        (n0, n1, n2), (u0, u1, u2) = grid, self.mask_unit
+        C = patches.shape[2] // (u0 * u1 * u2)
+        x = patches.reshape(B, n0, n1, n2, C, u0, u1, u2).permute(0, 4, 1, 5, 2, 6, 3, 7)
+        return x.reshape(B, C, n0 * u0, n1 * u1, n2 * u2)
+
+    def forward(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """``batch (B, C_in, Z, Y, X)`` -> ``{"loss", "rec_loss"}``: squared error over the hidden tokens' voxels.
+
+        ``up_projection`` (transposed convolutions with kernel = stride, channel LayerNorm, GELU) acts on each
+        token alone, so only the hidden tokens are decoded to voxels, laid out as a ``(B, E, n_hidden, 1, 1)``
+        row -> ``(B, C, n_hidden·8, 8, 8)``, i.e. their ``(C, 8, 8, 8)`` patches; the loss equals :func:`masked_mse` of the full reconstruction."""
+        from ssl_nnunet.backbones.primus import embed_visible, eva_forward_visible, gather_tokens, token_indices
+        if batch.dim() != 5:
+            raise ValueError(f"MAE expects a batch (B, C, a0, a1, a2), got shape {tuple(batch.shape)}")
+        mask = self.sample_mask(batch, generator)
+        grid = tuple(mask.shape[2:])
+        keep, hidden = token_indices(mask), token_indices(1 - mask)
+        enc = eva_forward_visible(self.network.eva, embed_visible(self.network, batch, keep), keep, gathered=True)
+        dec = self.decoder(enc, keep)
+        B, nh, E = hidden.shape[0], hidden.shape[1], dec.shape[-1]
+        target = gather_tokens(self._token_patches(self.make_target(batch), grid), hidden)
+        if self.pixel_head == "linear":
+            loss = ((gather_tokens(dec, hidden).float() - target) ** 2).mean()
+            return {"loss": loss, "rec_loss": loss.detach()}
+        # the hidden tokens as a (B, E, n_hidden, 1, 1) row: one up_projection call of batch B, whose output
+        # block i along the first axis is token i's (C, u0, u1, u2) patch
+        row = gather_tokens(dec, hidden).transpose(1, 2).reshape(B, E, nh, 1, 1)
+        u0, u1, u2 = self.mask_unit
+        rec = self.network.up_projection(row)  # (B, C, nh·u0, u1, u2)
+        C = rec.shape[1]
+        rec = rec.reshape(B, C, nh, u0, u1, u2).permute(0, 2, 1, 3, 4, 5).reshape(B, nh, -1)
+        loss = ((rec.float() - target) ** 2).mean()
+        return {"loss": loss, "rec_loss": loss.detach()}
+
+    def _token_patches(self, x: torch.Tensor, grid) -> torch.Tensor:
+        """``(B, C, Z, Y, X)`` -> ``(B, N, C·u0·u1·u2)``: each token's voxels (C order), tokens in C order."""
+        from ssl_nnunet.backbones.primus import volume_to_patches
+        return volume_to_patches(x, self.mask_unit)

@@ -198,7 +198,11 @@ class SSLTrainer(nnUNetTrainer):
         self._set_batch_size()
         network = build_network_from_plans(self.plans_manager.plans, self.num_input_channels, self.num_input_channels,
                                            deep_supervision=False, configuration=self.configuration_name)
-        method_cls = get_method(self.method_name)
+        family = self.ssl_plan.get("architecture_family", "cnn")
+        method_cls = get_method(self.method_name).variant_for(family)
+        if method_cls is None:
+            raise SSLInputError(f"Method '{self.method_name}' has no realisation on a {family} backbone (plans "
+                                f"'{self.plans_manager.plans_name}'); use a CNN plan or another method.")
         self.method = method_cls(network, self.method_plan, self.ssl_plan, self.num_input_channels).to(self.device)
         self.network = self.method.network
         self._freeze_untrained_parameters()

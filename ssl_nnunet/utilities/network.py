@@ -17,7 +17,14 @@ if TYPE_CHECKING:
 
 def build_network_from_plans(plans: dict, num_input_channels: int, num_output_channels: int,
                              deep_supervision: bool = False, configuration: str = CONFIGURATION) -> nn.Module:
-    """nnunetv2's ``get_network_from_plans`` for ``plans``' ``configuration`` (``plans`` is not modified)."""
+    """nnunetv2's ``get_network_from_plans`` for ``plans``' ``configuration`` (``plans`` is not modified).
+
+    A Primus plan (``ssl_nnunet.backbones.primus``) builds ``Primus(**arch_kwargs)`` as nnunetv2's Primus
+    trainers do; Primus has no deep supervision, so ``deep_supervision`` does not apply to it."""
+    from ssl_nnunet.backbones.primus import build_primus, is_primus_plan
+    if is_primus_plan(plans, configuration):
+        arch = plans["configurations"][configuration]["architecture"]
+        return build_primus(arch["arch_kwargs"], num_input_channels, num_output_channels)
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     cm = PlansManager(copy.deepcopy(plans)).get_configuration(configuration)

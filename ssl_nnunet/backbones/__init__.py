@@ -1,0 +1,1 @@
+"""Backbone adapters: how objectives, planner, exporter and fine-tuning reach a non-CNN network."""
