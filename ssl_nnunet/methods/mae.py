@@ -37,6 +37,17 @@ TARGETS = ("none", "per_unit")
 VARIANTS = ("sparse", "dense")
 
 
+def mask_ratio_and_target(layout: dict):
+    """``(mask_ratio, target)`` of an MAE layout, checked: the ratio in (0, 1), the target one of ``TARGETS``."""
+    mask_ratio = float(layout["mask_ratio"])
+    if not 0.0 < mask_ratio < 1.0:
+        raise SSLInputError(f"ssl layout of 'mae': mask_ratio must lie in (0, 1), got {mask_ratio}")
+    target = str(layout["target"])
+    if target not in TARGETS:
+        raise SSLInputError(f"ssl layout of 'mae': target must be one of {TARGETS}, got '{target}'")
+    return mask_ratio, target
+
+
 @register
 class MAE(SSLMethod):
     """Masked autoencoder on a nnU-Net U-Net (``ResidualEncoderUNet`` / ``PlainConvUNet``).
@@ -79,12 +90,7 @@ class MAE(SSLMethod):
         layout = self.layout
         ndim = len(network.encoder.strides[0])
         self.mask_unit = tuple(per_axis_ints(layout["mask_unit"], ndim, "mask_unit", "mae"))
-        self.mask_ratio = float(layout["mask_ratio"])
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise SSLInputError(f"ssl layout of 'mae': mask_ratio must lie in (0, 1), got {self.mask_ratio}")
-        self.target = str(layout["target"])
-        if self.target not in TARGETS:
-            raise SSLInputError(f"ssl layout of 'mae': target must be one of {TARGETS}, got '{self.target}'")
+        self.mask_ratio, self.target = mask_ratio_and_target(layout)
         self.variant = str(layout["variant"])
         if self.variant not in VARIANTS:
             raise SSLInputError(f"ssl layout of 'mae': variant must be one of {VARIANTS}, got '{self.variant}'")
@@ -216,12 +222,7 @@ class PrimusMAE(MAE):
         if self.mask_unit != token:
             raise SSLInputError(f"ssl layout of 'mae' (Primus): mask_unit {list(self.mask_unit)} must be the token "
                                 f"size {list(token)}")
-        self.mask_ratio = float(layout["mask_ratio"])
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise SSLInputError(f"ssl layout of 'mae': mask_ratio must lie in (0, 1), got {self.mask_ratio}")
-        self.target = str(layout["target"])
-        if self.target not in TARGETS:
-            raise SSLInputError(f"ssl layout of 'mae': target must be one of {TARGETS}, got '{self.target}'")
+        self.mask_ratio, self.target = mask_ratio_and_target(layout)
         self.variant = "tokens"
         try:
             self.grid = token_grid(method_plan["pretrain_patch_size"], token)
