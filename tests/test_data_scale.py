@@ -132,7 +132,10 @@ def test_default_num_loader_workers(monkeypatch):
 
 
 _PARENT_SCRIPT = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    # Ctrl-C raises KeyboardInterrupt even where the test runner was started in the background, whose children
+    # inherit SIGINT as ignored (then Python installs no handler of its own)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from ssl_nnunet.benchmark.data_scale import _PatchSamplerFactory, write_tiny_dataset
     from ssl_nnunet.data.loader import PrefetchLoader
     folder, mode = sys.argv[1], sys.argv[2]
