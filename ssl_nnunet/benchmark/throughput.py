@@ -177,6 +177,7 @@ def supervised_nnunet_step_time(trainer, warmup: int, timed: int) -> float:
 def benchmark_method(dataset, method: str, device: str = "cpu", warmup: int = 3, timed: int = 10,
                      plans_identifier: str = "sslPlans") -> Dict:
     from ssl_nnunet.training.run import build_trainer
+    from ssl_nnunet.training.ssl_trainer import amp_dtype_name
     trainer = build_trainer(dataset, method, plans_identifier, device=device, iterations=10 ** 6, num_prefetch=2)
     trainer.disable_checkpointing = True
     trainer.on_train_start()
@@ -215,8 +216,8 @@ def benchmark_method(dataset, method: str, device: str = "cpu", warmup: int = 3,
     teacher_s = statistics.median(times[2]) if full_step else None
     passes = [f"{'net' if full else 'enc'}{'' if grad else '(no grad)'} {list(x.shape)}" for x, full, grad in calls]
     passes += [f"teacher enc[:{k}](no grad) {list(x.shape)}" for _t, x, k in teacher_calls]
-    amp = str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype is not None else "off"
-    return {"method": method, "device": str(dev), "amp": amp, "network_passes": passes,
+    return {"method": method, "device": str(dev), "amp": amp_dtype_name(trainer.amp_dtype) or "off",
+            "network_passes": passes,
             "ssl_step_s": ssl_s, "plain_step_s": plain_s, "ratio": ssl_s / plain_s,
             "floor_with_teacher_s": teacher_s, "ratio_with_teacher": ssl_s / teacher_s if teacher_s else None,
             "supervised_nnunet_step_s": supervised_s,

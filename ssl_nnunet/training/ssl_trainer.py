@@ -54,8 +54,6 @@ from ssl_nnunet.utilities.network import build_network_from_plans
 MAX_CONSECUTIVE_NONFINITE = 5
 VALIDATION_SEED = 12345
 
-
-
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -73,6 +71,11 @@ def resolve_amp_dtype(requested: str, device: torch.device) -> Optional[torch.dt
         raise SSLInputError(f"plan key 'amp_dtype' asks for bfloat16 but {torch.cuda.get_device_name(device)} does "
                             f"not support it: set amp_dtype to auto or float16.")
     return AMP_DTYPES[requested]
+
+
+def amp_dtype_name(dtype: Optional[torch.dtype]) -> Optional[str]:
+    """``"bfloat16"`` / ``"float16"`` of an autocast dtype, None for None (fp32)."""
+    return str(dtype).replace("torch.", "") if dtype is not None else None
 
 
 class SSLTrainer(nnUNetTrainer):
@@ -620,7 +623,7 @@ class SSLTrainer(nnUNetTrainer):
             "ssl_method_state": {k: v.detach().cpu() for k, v in self.method.state_dict().items()},
             "optimizer_state": self.optimizer.state_dict(),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype is not None else None,
+            "amp_dtype": amp_dtype_name(self.amp_dtype),
             "logging": self.logger.get_checkpoint(),
             "_best_ema": None,
             "current_epoch": self.current_epoch,
