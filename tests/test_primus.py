@@ -12,6 +12,7 @@ from helpers import write_synthetic_dataset
 from ssl_nnunet.backbones.primus import (adapt_primus_weights, build_primus, eva_forward_visible,
                                          interpolate_pos_embed, primus_hyperparameters, scatter_tokens, token_indices,
                                          tokens_from_volume)
+from ssl_nnunet.methods import all_methods
 from ssl_nnunet.methods.mae import MAE, PrimusMAE
 from ssl_nnunet.methods.masking import num_hidden_units
 from ssl_nnunet.paths import nnunet_preprocessed, nnunet_results
@@ -67,6 +68,10 @@ def test_visible_encoder_matches_eva_and_sees_exactly_the_visible_tokens():
     restored = scatter_tokens(enc, keep, fill, 64)
     assert torch.equal(restored.gather(1, keep[..., None].expand(-1, -1, 96)), enc)
     assert int((restored == 7.0).all(-1).sum()) == 2 * (64 - n_keep)
+    from ssl_nnunet.backbones.primus import encode_tokens, token_map
+    assert torch.allclose(encode_tokens(m.network, x, keep), enc, atol=1e-5)
+    fmap = token_map(m.network, x)  # every token encoded, as a (B, E, n0, n1, n2) map in C order
+    assert fmap.shape == (2, 96, 4, 4, 4) and torch.allclose(fmap.flatten(2).transpose(1, 2), full, atol=1e-5)
 
 
 @pytest.mark.parametrize("head", ["linear", "up_projection"])
@@ -155,7 +160,8 @@ def test_primus_plan_lives_next_to_the_cnn_plan(primus_source):
     assert cfg["architecture"]["network_class_name"].endswith("primus.Primus")
     assert kw["embed_dim"] == 96 and kw["eva_depth"] == 4 and kw["input_shape"] == cfg["patch_size"] == [32, 32, 32]
     ssl = plans["ssl"]
-    assert ssl["architecture_family"] == "primus" and ssl["mask_quantum"] == [8, 8, 8] and list(ssl["methods"]) == ["mae"]
+    assert ssl["architecture_family"] == "primus" and ssl["mask_quantum"] == [8, 8, 8] and list(ssl["methods"]) == [
+        n for n, c in all_methods().items() if c.variant_for("primus")]
     assert ssl["methods"]["mae"]["layout"]["mask_unit"] == [8, 8, 8]
     with open(os.path.join(folder, "sslFinetunePlans_primus_m.json")) as f:
         ft = json.load(f)

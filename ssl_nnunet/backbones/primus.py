@@ -214,6 +214,23 @@ def eva_forward_visible(eva: nn.Module, tokens: torch.Tensor, keep_idx: Optional
     return eva.norm(x)
 
 
+def encode_tokens(network: nn.Module, x: torch.Tensor, keep_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Primus' encoder (``down_projection`` + ``eva``) on ``x (B, C, Z, Y, X)``: the encoded tokens ``(B, K, E)`` of
+    ``keep_idx (B, K)`` (only those are embedded and attended over), or of every token ``(B, N, E)`` in C order
+    when ``keep_idx`` is None. The objectives' one entry point to the Primus encoder."""
+    if keep_idx is None:
+        tokens, _ = tokens_from_volume(network, x)
+        return eva_forward_visible(network.eva, tokens, None)
+    return eva_forward_visible(network.eva, embed_visible(network, x, keep_idx), keep_idx, gathered=True)
+
+
+def token_map(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The encoded token grid of ``x`` as a feature map ``(B, E, n0, n1, n2)`` (every token encoded; the
+    Primus counterpart of a CNN's bottleneck map)."""
+    grid = tuple(int(s) // int(k) for s, k in zip(x.shape[2:], network.down_projection.proj.kernel_size))
+    return tokens_to_volume(encode_tokens(network, x), grid)
+
+
 # ------------------------------------------------------------------------------------------------ transfer
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int]) -> torch.Tensor:

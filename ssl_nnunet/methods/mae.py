@@ -243,10 +243,10 @@ class PrimusMAE(MAE):
     def reconstruct(self, batch: torch.Tensor, mask: torch.Tensor):
         """``batch (B, C, Z, Y, X)`` + token mask ``(B, 1, n0, n1, n2)`` -> ``(encoded visible (B, K, E),
         decoded tokens (B, N, E), rec (B, C, Z, Y, X))``."""
-        from ssl_nnunet.backbones.primus import embed_visible, eva_forward_visible, token_indices, tokens_to_volume
+        from ssl_nnunet.backbones.primus import encode_tokens, token_indices, tokens_to_volume
         grid = tuple(mask.shape[2:])
         keep = token_indices(mask)
-        enc = eva_forward_visible(self.network.eva, embed_visible(self.network, batch, keep), keep, gathered=True)
+        enc = encode_tokens(self.network, batch, keep)
         dec = self.decoder(enc, keep)
         if self.pixel_head == "linear":
             return enc, dec, self._volume_from_patches(dec, grid)
@@ -272,13 +272,13 @@ class PrimusMAE(MAE):
         ``up_projection`` (transposed convolutions with kernel = stride, channel LayerNorm, GELU) acts on each
         token alone, so only the hidden tokens are decoded to voxels, laid out as a ``(B, E, n_hidden, 1, 1)``
         row -> ``(B, C, n_hidden·8, 8, 8)``, i.e. their ``(C, 8, 8, 8)`` patches; the loss equals :func:`masked_mse` of the full reconstruction."""
-        from ssl_nnunet.backbones.primus import embed_visible, eva_forward_visible, gather_tokens, token_indices
+        from ssl_nnunet.backbones.primus import encode_tokens, gather_tokens, token_indices
         if batch.dim() != 5:
             raise ValueError(f"MAE expects a batch (B, C, a0, a1, a2), got shape {tuple(batch.shape)}")
         mask = self.sample_mask(batch, generator)
         grid = tuple(mask.shape[2:])
         keep, hidden = token_indices(mask), token_indices(1 - mask)
-        enc = eva_forward_visible(self.network.eva, embed_visible(self.network, batch, keep), keep, gathered=True)
+        enc = encode_tokens(self.network, batch, keep)
         dec = self.decoder(enc, keep)
         B, nh, E = hidden.shape[0], hidden.shape[1], dec.shape[-1]
         target = gather_tokens(self._token_patches(self.make_target(batch), grid), hidden)
