@@ -30,3 +30,21 @@ def new_dataset_id():
         _NEXT_DATASET_ID[0] += 1
         return did, f"Dataset{did:03d}_{name}"
     return allocate
+
+
+@pytest.fixture(scope="session")
+def primus_planned(new_dataset_id):
+    """A small synthetic dataset planned twice (CNN and ``-arch primus_m`` at ``cpu_smoke``: a 96-d, depth-4
+    Primus on 32³) and preprocessed for the Primus plan; shared by every test of a Primus objective
+    (each pretrains its own method into its own run folder). ``{"id", "name", "plans"}``."""
+    from helpers import write_synthetic_dataset
+    from ssl_nnunet.experiment_planning.fingerprint import extract_fingerprint
+    from ssl_nnunet.experiment_planning.planner import plan_experiment
+    from ssl_nnunet.experiment_planning.preprocess import preprocess
+    did, name = new_dataset_id("PrimusSource")
+    write_synthetic_dataset(did, name.split("_", 1)[1], n_cases=3, shape=(40, 44, 48), spacing=(2.0, 2.0, 2.0))
+    extract_fingerprint(did, 1, verbose=False)
+    plan_experiment(did, "cpu_smoke", verbose=False)
+    plans = plan_experiment(did, "cpu_smoke", verbose=False, arch="primus_m")
+    preprocess(did, plans_identifier="sslPlans_primus_m", num_processes=1, verbose=False)
+    return {"id": did, "name": name, "plans": plans}

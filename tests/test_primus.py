@@ -132,19 +132,10 @@ def test_pos_embed_interpolation_and_target_weights():
 # ------------------------------------------------------------------------------------------------ pipeline
 
 @pytest.fixture(scope="module")
-def primus_source(new_dataset_id):
-    from ssl_nnunet.experiment_planning.fingerprint import extract_fingerprint
-    from ssl_nnunet.experiment_planning.planner import plan_experiment
-    from ssl_nnunet.experiment_planning.preprocess import preprocess
+def primus_source(primus_planned):
     from ssl_nnunet.training.run import pretrain
-    did, name = new_dataset_id("PrimusSource")
-    write_synthetic_dataset(did, name.split("_", 1)[1], n_cases=3, shape=(40, 44, 48), spacing=(2.0, 2.0, 2.0))
-    extract_fingerprint(did, 1, verbose=False)
-    plan_experiment(did, "cpu_smoke", verbose=False)
-    plans = plan_experiment(did, "cpu_smoke", verbose=False, arch="primus_m")
-    preprocess(did, plans_identifier="sslPlans_primus_m", num_processes=1, verbose=False)
-    trainer = pretrain(did, "mae", "sslPlans_primus_m", iterations=3, num_prefetch=1)
-    return {"id": did, "name": name, "plans": plans, "trainer": trainer}
+    trainer = pretrain(primus_planned["id"], "mae", "sslPlans_primus_m", iterations=3, num_prefetch=1)
+    return {**primus_planned, "trainer": trainer}
 
 
 def test_primus_plan_lives_next_to_the_cnn_plan(primus_source):
