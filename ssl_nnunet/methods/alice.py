@@ -1,6 +1,8 @@
 """Alice: anatomical invariance modelling + conditional anatomical semantic alignment (METHODS.md §7).
 
-CNN realisation (§7.3) on a nnU-Net U-Net. A batch element holds a query crop Q of case A and a key crop K
+Primus realisation (§7.4): :class:`PrimusAlice` (``Alice.variant_for("primus")``; visible-token student, token
+decoder, full-token EMA teacher; documentation/methods/alice.md, "Primus"). CNN realisation (§7.3) on a nnU-Net
+U-Net. A batch element holds a query crop Q of case A and a key crop K
 of the same body part of a different case B (``batch (B, 2, C, a0, a1, a2)``; the pairs come from
 :class:`ssl_nnunet.data.alice_pairs.CrossVolumePairSampler` through :meth:`Alice.make_sampler`). Shapes below
 use ``B`` pairs, ``2B`` views per branch (rows ``0..B-1`` = Q, ``B..2B-1`` = K), token stride ``t`` (= mask

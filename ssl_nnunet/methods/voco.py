@@ -73,6 +73,10 @@ Layout keys (``method_plan["layout"]``):
     use_ema_teacher  false
     ema_momentum     0.9 (constant) or [μ0, μ1] (cosine schedule μ0 → μ1 over the run)
     augmentation     {"p_flip": 0.2, "p_rot90": 0.2, "p_shift": 0.1, "shift": 0.1}
+
+Primus (:class:`PrimusVoCo`, ``VoCo.variant_for("primus")``): the same views and losses; every crop is resized
+to the plan's patch P (Primus' fixed input) and embedded as the mean of its encoded tokens
+(documentation/methods/voco.md, "Primus").
 """
 from __future__ import annotations
 
