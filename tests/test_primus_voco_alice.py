@@ -113,7 +113,7 @@ def test_voco_loss_falls_on_a_fixed_batch_and_only_the_encoder_learns():
     teacher0 = {k: v.clone() for k, v in m.teacher.state_dict().items()}
     batch = _smooth((1, 1, 16, 32, 32), 0)
     losses = _falls(m, batch, 8)
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < 0.75 * losses[0], losses
     up = [p for n, p in m.named_parameters() if n.startswith("network.up_projection.")]
     assert up and all(p.grad is None for p in up)  # never runs
     assert all(p.grad is not None for p in m.network.eva.parameters() if p.requires_grad)
@@ -143,6 +143,8 @@ def test_alice_student_sees_exactly_the_visible_tokens_and_the_teacher_all():
     assert out["V"].shape == (4, n_vis, 96) and out["H"].shape == (4, 64, 48) and out["Y"].shape == (4, 64, 48)
     assert out["rec"].shape == (4, 64 - n_vis, 512) and out["hidden"].shape == (4, 64 - n_vis)
     assert int(out["token_mask"].sum()) == 4 * n_vis
+    from ssl_nnunet.backbones.primus import token_indices
+    assert torch.equal(out["hidden"], token_indices(1 - mask))  # sorted hidden indices, found without a host sync
     # the student never sees a hidden voxel: V and H do not change when the hidden voxels do
     from ssl_nnunet.methods.masking import expand_mask
     noisy = torch.where(expand_mask(mask, online.shape[2:]) == 0, torch.randn_like(online) * 50, online)
@@ -180,7 +182,7 @@ def test_alice_loss_falls_gradients_and_decay_groups():
     a.zero_grad()
     teacher0 = a.target_encoder.eva.pos_embed.detach().clone()
     losses = _falls(a, batch, 12)
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert losses[-1] < 0.85 * losses[0], losses
     assert not torch.equal(a.target_encoder.eva.pos_embed, teacher0)  # EMA moved the teacher
 
 

@@ -158,6 +158,14 @@ def to_tokens(feature: torch.Tensor) -> torch.Tensor:
     return feature.flatten(2).transpose(1, 2)
 
 
+def visible_first(token_mask: torch.Tensor) -> torch.Tensor:
+    """Token indices ``(M, N)`` of a visibility mask ``(M, N)`` (bool, True = visible): each view's visible tokens
+    first, then its hidden ones, both in grid order. One stable sort, no host synchronisation: with ``N_vis``
+    visible tokens per view (:meth:`Alice.visible_tokens`), ``[:, :N_vis]`` are the visible, ``[:, N_vis:]``
+    the hidden indices."""
+    return torch.argsort((~token_mask).to(torch.int8), dim=1, stable=True)
+
+
 def random_flips(x: torch.Tensor, generator: Optional[torch.Generator] = None, p: float = 0.5) -> torch.Tensor:
     """Flip every sample of ``x (B, C, a0, a1, a2)`` along each spatial axis with probability ``p``."""
     n_ax = x.dim() - 2
@@ -520,8 +528,7 @@ class Alice(SSLMethod):
         token_mask = mask_at_resolution(mask, feat_v.shape[2:]).flatten(1).bool()  # (2B, N)
         n_vis = self.visible_tokens(mask)
         v_tokens = to_tokens(feat_v)
-        # visible token indices in grid order, without a host sync (every view has exactly n_vis)
-        order = torch.argsort((~token_mask).to(torch.int8), dim=1, stable=True)[:, :n_vis]
+        order = visible_first(token_mask)[:, :n_vis]
         visible = torch.gather(v_tokens, 1, order.unsqueeze(-1).expand(-1, -1, v_tokens.shape[2]))
         h = self.phi(to_tokens(feat_h))
         with torch.no_grad():
@@ -688,8 +695,8 @@ class PrimusAlice(Alice):
     def decode(self, online: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``online (2B, C, *P)``, token mask ``(2B, 1, *g)`` -> ``(V (2B, N_vis, E), decoded tokens (2B, N, E),
         kept indices (2B, N_vis))``: the encoder on the visible tokens only, the decoder over the full grid."""
-        from ssl_nnunet.backbones.primus import encode_tokens, token_indices
-        keep = token_indices(mask)
+        from ssl_nnunet.backbones.primus import encode_tokens
+        keep = visible_first(mask.flatten(1).bool())[:, :self.visible_tokens(mask)]
         visible = encode_tokens(self.network, online, keep)
         return visible, self.decoder(visible, keep), keep
 
@@ -697,9 +704,9 @@ class PrimusAlice(Alice):
         """Network passes. Returns ``rec (2B, N - N_vis, C·8³)`` (pixel head on the hidden tokens), ``hidden
         (2B, N - N_vis)`` their indices, ``V (2B, N_vis, E)``, ``H (2B, N, D)``, ``Y (2B, N, D)`` (detached) and
         ``token_mask (2B, N)`` (bool, True = visible)."""
-        from ssl_nnunet.backbones.primus import gather_tokens, token_indices
+        from ssl_nnunet.backbones.primus import gather_tokens
         visible, decoded, _ = self.decode(online, mask)
-        hidden = token_indices(1 - mask)
+        hidden = visible_first(mask.flatten(1).bool())[:, self.visible_tokens(mask):]
         h = self.phi(decoded)
         with torch.no_grad():
             y = self.psi(to_tokens(self.target_tokens(target)))
