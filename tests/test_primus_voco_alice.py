@@ -64,9 +64,14 @@ def _falls(method, batch, steps, lr=2e-3):
 def test_voco_primus_layout_keeps_the_fine_tuning_scale_where_the_images_allow():
     assert VoCo.variant_for("primus") is PrimusVoCo and VoCo.variant_for("cnn") is VoCo
 
-    def ctx(median):
-        return PlanningContext(patch_size=(32, 32, 32), strides=(), spacing=(2.0, 2.0, 2.0), median_shape=median,
-                               profile="cpu_smoke", token_size=(8, 8, 8))
+    def ctx(median, patch=(32, 32, 32), profile="cpu_smoke"):
+        return PlanningContext(patch_size=patch, strides=(), spacing=(2.0, 2.0, 2.0), median_shape=median,
+                               profile=profile, token_size=(8, 8, 8))
+    _, lay = PrimusVoCo.default_layout(ctx((200.0, 250.0, 250.0), (160, 160, 160), "gpu"))  # GPU grid rule, zoom 2
+    assert lay["crop_size"] == [80, 80, 80] and lay["base_grid"] == [1, 3, 3]
+    _, lay = PrimusVoCo.default_layout(ctx((60.0, 68.0, 56.0), (64, 80, 56), "gpu"))  # nothing fits: never stretched
+    assert lay["crop_size"] == [64, 80, 56] and lay["base_grid"] == [1, 2, 2]
+    assert "padded" in PrimusVoCo.check_layout({"layout": lay}, {**SSL_PLAN, "median_shape": [60, 68, 56]})[0]
     patch, lay = PrimusVoCo.default_layout(ctx((80.0, 80.0, 80.0)))  # the region of 32^3 crops fits: no zoom
     assert patch == [32, 32, 32] and lay["crop_size"] == [32, 32, 32] and lay["region_size"] == [32, 64, 64]
     patch, lay = PrimusVoCo.default_layout(ctx((40.0, 44.0, 48.0)))  # it does not: one isotropic zoom of 2

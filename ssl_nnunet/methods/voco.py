@@ -691,19 +691,21 @@ class PrimusVoCo(VoCo):
     @classmethod
     def default_layout(cls, ctx: PlanningContext):
         """Network input = the plan's patch P; crop ``c = P / z`` for the smallest zoom ``z`` in 1, 2, 4, 8 (``c`` a
-        multiple of the token) whose region ``g ⊙ c`` (grid of :func:`voco_layout`) fits the median image, so
-        crops are seen at the fine-tuning scale whenever the images allow; one isotropic zoom, never a per-axis
-        stretch (the last tried layout when none fits: :meth:`check_layout` then warns of padding)."""
+        multiple of the token) whose region ``g ⊙ c`` (grid of :func:`voco_layout`, which must keep ``c``) fits the
+        median image, so crops are seen at the fine-tuning scale whenever the images allow. One zoom for all axes,
+        never a per-axis stretch: when no zoom fits, the smallest crop tried with a grid of 2 per in-plane axis
+        (:meth:`check_layout` then warns that regions get padded)."""
         patch, token = [int(p) for p in ctx.patch_size], ctx.total_stride
-        layout = None
+        args = (patch, token, ctx.median_shape, ctx.out_of_plane_axis)
+        crop = patch
         for zoom in (1, 2, 4, 8):
             if any(p % (zoom * t) for p, t in zip(patch, token)):
                 break
             crop = [p // zoom for p in patch]
-            layout = voco_layout(patch, token, ctx.median_shape, ctx.out_of_plane_axis, ctx.is_cpu, crop=crop)
+            layout = voco_layout(*args, ctx.is_cpu, crop=crop)
             if layout["crop_size"] == crop and all(r <= m for r, m in zip(layout["region_size"], ctx.median_shape)):
-                break
-        return patch, layout
+                return patch, layout
+        return patch, voco_layout(*args, True, crop=crop)
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         from ssl_nnunet.backbones.primus import is_primus, token_grid
