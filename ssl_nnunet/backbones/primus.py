@@ -168,6 +168,16 @@ def volume_to_patches(x: torch.Tensor, unit: Sequence[int]) -> torch.Tensor:
     return x.reshape(B, n0 * n1 * n2, C * u0 * u1 * u2)
 
 
+def patches_to_volume(patches: torch.Tensor, grid: Sequence[int], unit: Sequence[int]) -> torch.Tensor:
+    """``(B, N, C·u0·u1·u2)`` over the token grid ``(n0, n1, n2)`` -> ``(B, C, Z, Y, X)`` (inverse of
+    :func:`volume_to_patches`)."""
+    B = patches.shape[0]
+    (n0, n1, n2), (u0, u1, u2) = grid, unit
+    C = patches.shape[2] // (u0 * u1 * u2)
+    x = patches.reshape(B, n0, n1, n2, C, u0, u1, u2).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return x.reshape(B, C, n0 * u0, n1 * u1, n2 * u2)
+
+
 def embed_visible(network: nn.Module, x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
     """``down_projection`` of the visible tokens only: ``x (B, C, Z, Y, X)``, ``keep_idx (B, K)`` -> ``(B, K, E)``.
 

@@ -260,11 +260,8 @@ class PrimusMAE(MAE):
 
     def _volume_from_patches(self, patches: torch.Tensor, grid) -> torch.Tensor:
         """``(B, N, C·u0·u1·u2)`` -> ``(B, C, Z, Y, X)`` (inverse of :meth:`_token_patches`)."""
-        B = patches.shape[0]
-        (n0, n1, n2), (u0, u1, u2) = grid, self.mask_unit
-        C = patches.shape[2] // (u0 * u1 * u2)
-        x = patches.reshape(B, n0, n1, n2, C, u0, u1, u2).permute(0, 4, 1, 5, 2, 6, 3, 7)
-        return x.reshape(B, C, n0 * u0, n1 * u1, n2 * u2)
+        from ssl_nnunet.backbones.primus import patches_to_volume
+        return patches_to_volume(patches, grid, self.mask_unit)
 
     def forward(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """``batch (B, C_in, Z, Y, X)`` -> ``{"loss", "rec_loss"}``: squared error over the hidden tokens' voxels.
