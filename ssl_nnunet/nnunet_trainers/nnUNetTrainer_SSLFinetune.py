@@ -26,6 +26,7 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoM
 from nnunetv2.training.nnUNetTrainer.variants.lr_schedule.nnUNetTrainer_warmup import nnUNetTrainer_warmup
 
 from ssl_nnunet.utilities.cpu_inference import CPUValidationMixin
+from ssl_nnunet.utilities.trainer_budget import TrainingBudgetMixin
 
 
 class _FullCheckpointLoading:
@@ -53,20 +54,11 @@ class nnUNetTrainer_SSLFinetune(CPUValidationMixin, _FullCheckpointLoading, nnUN
         self.num_epochs = 1000
 
 
-class _SSLFinetuneCPUBudget(CPUValidationMixin, _FullCheckpointLoading, nnUNetTrainer_warmup, nnUNetTrainerNoMirroring):
+class _SSLFinetuneCPUBudget(TrainingBudgetMixin, CPUValidationMixin, _FullCheckpointLoading, nnUNetTrainer_warmup,
+                            nnUNetTrainerNoMirroring):
     """Short CPU fine-tuning: ``budget_epochs`` x ``budget_iterations`` training iterations (set by each
     subclass), a 2-epoch warm-up, learning rate 1e-2, 5 validation iterations per epoch, no mirroring."""
-    budget_epochs: int
-    budget_iterations: int
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 1e-2
-        self.warmup_duration_whole_net = 2
-        self.num_epochs = self.budget_epochs
-        self.num_iterations_per_epoch = self.budget_iterations
-        self.num_val_iterations_per_epoch = 5
+    budget_val_iterations, budget_lr, budget_warmup_epochs = 5, 1e-2, 2
 
 
 class nnUNetTrainer_SSLFinetune_CPU300(_SSLFinetuneCPUBudget):
@@ -82,19 +74,11 @@ class nnUNetTrainer_SSLVanilla(CPUValidationMixin, nnUNetTrainer):
     poly schedule without warm-up, 1000 x 250 iterations), with the oneDNN validation on CPU only."""
 
 
-class _SSLVanillaCPUBudget(CPUValidationMixin, nnUNetTrainerNoMirroring):
+class _SSLVanillaCPUBudget(TrainingBudgetMixin, CPUValidationMixin, nnUNetTrainerNoMirroring):
     """The ``scratch_vanilla`` arm of a CPU budget: nnU-Net's own learning rate (1e-2) and poly schedule
     (no warm-up) for the same ``budget_epochs`` x ``budget_iterations`` as the fine-tuning budget, with its
     5 validation iterations per epoch and no mirroring (so both arms are validated alike)."""
-    budget_epochs: int
-    budget_iterations: int
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = self.budget_epochs
-        self.num_iterations_per_epoch = self.budget_iterations
-        self.num_val_iterations_per_epoch = 5
+    budget_val_iterations = 5
 
 
 class nnUNetTrainer_SSLVanilla_CPU300(_SSLVanillaCPUBudget):

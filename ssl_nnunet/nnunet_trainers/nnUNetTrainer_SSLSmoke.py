@@ -6,18 +6,12 @@ the network's 3D convolutions through oneDNN (``ssl_nnunet.utilities.cpu_inferen
 network from the plans, loss, optimiser, checkpoint format, final validation - is nnU-Net's own. Imported
 by nnunetv2 as a top-level module from the ``nnUNet_extTrainer`` folder, hence absolute imports only.
 """
-import torch
 from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import \
     nnUNetTrainerNoMirroring
 
 from ssl_nnunet.utilities.cpu_inference import CPUValidationMixin
+from ssl_nnunet.utilities.trainer_budget import TrainingBudgetMixin
 
 
-class nnUNetTrainer_SSLSmoke(CPUValidationMixin, nnUNetTrainerNoMirroring):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        # the parameter names must equal nnUNetTrainer's: it records them as init_args for checkpoints
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 1
-        self.num_iterations_per_epoch = 2
-        self.num_val_iterations_per_epoch = 1
+class nnUNetTrainer_SSLSmoke(TrainingBudgetMixin, CPUValidationMixin, nnUNetTrainerNoMirroring):
+    budget_epochs, budget_iterations, budget_val_iterations = 1, 2, 1

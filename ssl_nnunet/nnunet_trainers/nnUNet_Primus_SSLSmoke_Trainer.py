@@ -16,16 +16,11 @@ import torch
 from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import AbstractPrimus
 
 from ssl_nnunet.utilities.cpu_inference import CPUValidationMixin
+from ssl_nnunet.utilities.trainer_budget import TrainingBudgetMixin
 
 
-class nnUNet_Primus_SSLSmoke_Trainer(CPUValidationMixin, AbstractPrimus):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        # the parameter names must equal nnUNetTrainer's: it records them as init_args for checkpoints
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 1
-        self.num_iterations_per_epoch = 2
-        self.num_val_iterations_per_epoch = 1
+class nnUNet_Primus_SSLSmoke_Trainer(TrainingBudgetMixin, CPUValidationMixin, AbstractPrimus):
+    budget_epochs, budget_iterations, budget_val_iterations = 1, 2, 1
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
@@ -43,10 +38,4 @@ class nnUNet_Primus_SSLSmoke_Trainer(CPUValidationMixin, AbstractPrimus):
 
 
 class nnUNet_Primus_SSLFinetune_CPU1000(nnUNet_Primus_SSLSmoke_Trainer):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 20
-        self.num_iterations_per_epoch = 50
-        self.num_val_iterations_per_epoch = 5
-        self.warmup_duration_whole_net = 2
+    budget_epochs, budget_iterations, budget_val_iterations, budget_warmup_epochs = 20, 50, 5, 2
