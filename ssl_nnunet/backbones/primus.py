@@ -168,6 +168,15 @@ def volume_to_patches(x: torch.Tensor, unit: Sequence[int]) -> torch.Tensor:
     return x.reshape(B, n0 * n1 * n2, C * u0 * u1 * u2)
 
 
+def patches_to_volume(patches: torch.Tensor, grid: Sequence[int], unit: Sequence[int]) -> torch.Tensor:
+    """``(B, N, C·u0·u1·u2)`` -> ``(B, C, n0·u0, n1·u1, n2·u2)`` (inverse of :func:`volume_to_patches`)."""
+    B = patches.shape[0]
+    (n0, n1, n2), (u0, u1, u2) = grid, unit
+    C = patches.shape[2] // (u0 * u1 * u2)
+    x = patches.reshape(B, n0, n1, n2, C, u0, u1, u2).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return x.reshape(B, C, n0 * u0, n1 * u1, n2 * u2)
+
+
 def embed_visible(network: nn.Module, x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
     """``down_projection`` of the visible tokens only: ``x (B, C, Z, Y, X)``, ``keep_idx (B, K)`` -> ``(B, K, E)``.
 
@@ -305,12 +314,17 @@ class TokenDecoder(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
-    def forward(self, visible: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
-        """``visible (B, K, E)``, ``keep_idx (B, K)`` -> ``(B, N, out_dim)``."""
+    def features(self, visible: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        """The decoded tokens before the output map: ``visible (B, K, E)``, ``keep_idx (B, K)`` -> ``(B, N, d)``
+        (after the final LayerNorm; MiM's alignment features)."""
         x = scatter_tokens(self.embed(visible), keep_idx, self.mask_token, self.num_tokens) + self.pos_embed
         for blk in self.blocks:
             x = blk(x)
-        return self.out(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, visible: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        """``visible (B, K, E)``, ``keep_idx (B, K)`` -> ``(B, N, out_dim)``."""
+        return self.out(self.features(visible, keep_idx))
 
 
 def decoder_width(embed_dim: int, fraction: float, heads: int) -> int:
