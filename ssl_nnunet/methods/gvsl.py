@@ -485,24 +485,39 @@ class GVSL(SSLMethod):
                 "restoration: A^t (input) | restored | A": [cpu(views["At"]), cpu(out["restored"]), cpu(views["A"])]}
 
 
+LOCAL_FEATURES = ("patch_decoder", "tokens")
+
+
 class PrimusGVSL(GVSL):
     """GVSL on Primus (METHODS.md §5.4): GVSL's views, heads and losses on Primus' features.
 
     * global ``f^g (N, E, *P/t)``: every token encoded (:func:`~ssl_nnunet.backbones.primus.token_map`), the
       stride-t counterpart of the CNN's bottleneck; the affine head pools it after its conv trunk, as on the CNN.
-    * local ``f^l (N, C_l, *P)``: the network's own patch decoder ``up_projection`` without its last projection
-      (transposed convolutions t → t/2 → … → 2 with LayerNorm and GELU; ``C_l`` its last hidden width,
-      e.g. 8 at the cpu_smoke Primus, 16 at Primus-M), trilinearly upsampled by the last stride (2) to full
-      resolution; the deformable and restoration heads read it. The last projection never runs: it is frozen.
+    * local ``f^l (N, C_l, *P)`` (layout key ``local_features``):
 
-    The appearance transform, the shared spatial augmentation, the pair sampling and all layout keys are
+      - ``patch_decoder`` (default): the network's own patch decoder ``up_projection`` without its last
+        projection (transposed convolutions t → t/2 → … → 2 with LayerNorm and GELU; ``C_l`` its last hidden
+        width, e.g. 8 at the cpu_smoke Primus, 16 at Primus-M), trilinearly upsampled by the last stride (2) to
+        full resolution. The last projection never runs: it is frozen.
+      - ``tokens``: the token map through a learned 1×1×1 convolution ``E → C_l`` (a head, not exported),
+        trilinearly upsampled by t; ``up_projection`` never runs (frozen).
+
+      The deformable and restoration heads read it.
+
+    The appearance transform, the shared spatial augmentation, the pair sampling and the other layout keys are
     :class:`GVSL`'s; ``pair_patch`` must be the plan's patch (Primus' position embedding fixes the input).
-    Export keeps ``down_projection`` + ``eva``; ``up_projection`` (trained here) is not transferred, the target
-    gets a fresh one for its classes.
+    Export keeps ``down_projection`` + ``eva``; ``up_projection`` is not transferred, the target gets a fresh
+    one for its classes.
     """
 
     trained_parts = ("down_projection and eva (GVSL's heads read the token map and the patch decoder's features); "
                      "up_projection is not transferred (the target gets a fresh one for its classes)")
+    layout_defaults = {**GVSL.layout_defaults, "local_features": "patch_decoder"}
+
+    @classmethod
+    def default_layout(cls, ctx: PlanningContext):
+        patch, layout = super().default_layout(ctx)
+        return patch, {**layout, "local_features": cls.layout_defaults["local_features"]}
 
     def feature_channels(self, network: nn.Module) -> Tuple[int, int]:
         """``(E, C_l)``: the token width and the patch decoder's last hidden width; the pair patch checked
@@ -518,20 +533,26 @@ class PrimusGVSL(GVSL):
         n_pos = network.eva.pos_embed.shape[1] if network.eva.pos_embed is not None else math.prod(grid)
         _require(n_pos == math.prod(grid), "pair_patch", f"{self.patch} gives {math.prod(grid)} tokens, the network's "
                  f"position embedding has {n_pos}: the pair patch must be the plan's patch_size (Primus input_shape)")
-        last = network.up_projection.decode[-1]
-        self.local_zoom = [int(k) for k in last.stride]
-        return int(network.embed_dim), int(last.in_channels)
+        self.local_features = str(self.layout["local_features"])
+        _require(self.local_features in LOCAL_FEATURES, "local_features",
+                 f"must be one of {LOCAL_FEATURES}, got {self.local_features!r}")
+        c_local = int(network.up_projection.decode[-1].in_channels)
+        self.local_proj = nn.Conv3d(int(network.embed_dim), c_local, 1) if self.local_features == "tokens" else None
+        return int(network.embed_dim), c_local
 
     def global_local_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``x (N, C, a0, a1, a2)`` → the token map ``(N, E, *a/t)`` and the upsampled patch-decoder map
-        ``(N, C_l, a0, a1, a2)``."""
+        """``x (N, C, a0, a1, a2)`` → the token map ``(N, E, *a/t)`` and the local map ``(N, C_l, a0, a1, a2)``."""
         from ssl_nnunet.backbones.primus import token_map
         tokens = token_map(self.network, x)
-        hidden = self.network.up_projection.decode[:-1](tokens)                     # (N, C_l, *a/2)
+        if self.local_proj is not None:
+            hidden = self.local_proj(tokens)                                            # (N, C_l, *a/t)
+        else:
+            hidden = self.network.up_projection.decode[:-1](tokens)                     # (N, C_l, *a/2)
         return tokens, F.interpolate(hidden, size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)
 
     def untrained_parameters(self):
-        """The patch decoder's last projection (to C_in) never runs."""
-        last = len(self.network.up_projection.decode) - 1
-        return [f"network.up_projection.decode.{last}.{n}"
-                for n, _ in self.network.up_projection.decode[last].named_parameters()]
+        """The patch decoder's last projection (to C_in) never runs; with ``tokens`` none of it does."""
+        decode = self.network.up_projection.decode
+        first = 0 if self.local_proj is not None else len(decode) - 1
+        return [f"network.up_projection.decode.{i}.{n}" for i in range(first, len(decode))
+                for n, _ in decode[i].named_parameters()]
