@@ -3,7 +3,6 @@ features (GVSL), loss that falls on a fixed batch, and the pipeline plan -> pret
 nnU-Net's Primus trainer (``load_pretrained_weights``, every key checked)."""
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -195,10 +194,8 @@ def test_gvsl_loss_falls_on_a_fixed_batch():
 
 @pytest.mark.parametrize("method", ["mim", "gvsl"])
 def test_pretrain_export_loads_into_the_network_of_the_primus_trainer(primus_planned, method, tmp_path):
-    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from helpers import load_primus_export_into_smoke_trainer_network
     from ssl_nnunet.export import export_bundle
-    from ssl_nnunet.nnunet_trainers import trainer_dir
     from ssl_nnunet.training.run import pretrain
     entry = primus_planned["plans"]["ssl"]["methods"][method]
     assert entry["pretrain_patch_size"] == [32, 32, 32]
@@ -206,25 +203,8 @@ def test_pretrain_export_loads_into_the_network_of_the_primus_trainer(primus_pla
         assert all(u % 8 == 0 for key in ("level1_unit", "level1_mask_unit", "u2") for u in entry["layout"][key])
     trainer = pretrain(primus_planned["id"], method, "sslPlans_primus_m", iterations=2, num_prefetch=1)
     assert type(trainer.method) is {"mim": PrimusMiM, "gvsl": PrimusGVSL}[method]
-    sys.path.insert(0, trainer_dir())
-    try:
-        from nnUNet_Primus_SSLSmoke_Trainer import nnUNet_Primus_SSLSmoke_Trainer as T
-    finally:
-        sys.path.remove(trainer_dir())
     out = export_bundle(primus_planned["id"], method, str(tmp_path / "b"), "sslPlans_primus_m", num_classes=3)
-    ckpt = torch.load(os.path.join(out, "checkpoint_final.pth"), weights_only=True)
-    pm = PlansManager(ckpt["init_args"]["plans"])
-    net = T.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 3, False)
-    load_pretrained_weights(net, os.path.join(out, "checkpoint_final.pth"))  # every key and shape asserted
-    pretrained = trainer.network.state_dict()
-    loaded = net.state_dict()
-    assert set(loaded) == set(ckpt["network_weights"])
-    for k, v in loaded.items():
-        if k.startswith(("down_projection.", "eva.")):
-            assert torch.equal(v, pretrained[k].cpu()), k
-        else:
-            assert torch.equal(v, ckpt["network_weights"][k]), k
-    assert loaded["up_projection.decode.2.weight"].shape[1] == 3
+    load_primus_export_into_smoke_trainer_network(out, trainer.network.state_dict(), num_classes=3)
     # the transferred encoder was trained: both optimizer steps reached it
     for p in (trainer.network.eva.pos_embed, trainer.network.down_projection.proj.weight):
         assert int(trainer.optimizer.state[p]["step"]) == 2

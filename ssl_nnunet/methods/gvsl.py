@@ -489,7 +489,7 @@ LOCAL_FEATURES = ("patch_decoder", "tokens")
 
 
 class PrimusGVSL(GVSL):
-    """GVSL on Primus (METHODS.md §5.4): GVSL's views, heads and losses on Primus' features.
+    """GVSL on Primus (documentation/methods/gvsl.md, "Primus"): GVSL's views, heads and losses on Primus' features.
 
     * global ``f^g (N, E, *P/t)``: every token encoded (:func:`~ssl_nnunet.backbones.primus.token_map`), the
       stride-t counterpart of the CNN's bottleneck; the affine head pools it after its conv trunk, as on the CNN.

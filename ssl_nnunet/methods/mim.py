@@ -218,7 +218,7 @@ def _mlp(c_in: int, dim: int) -> nn.Sequential:
 # ------------------------------------------------------------------------------------------------------------
 
 #: the quantum multiples a MiM unit may be, most preferred first. CNN: 2q (the bottleneck is then masked too), else
-#: q; Primus: q (a token), METHODS.md §6.4
+#: q; Primus: q (a token), documentation/methods/mim.md "Primus"
 CNN_UNIT_MULTIPLES = (2, 1)
 PRIMUS_UNIT_MULTIPLES = (1,)
 
@@ -660,7 +660,7 @@ class MiM(SSLMethod):
 
 
 class PrimusMiM(MiM):
-    """Mask in Mask on Primus (METHODS.md §6.3): the paper's native setting, masks on the token grid.
+    """Mask in Mask on Primus (documentation/methods/mim.md, "Primus"): the paper's native setting, token masks.
 
     The views, the reconstruction terms, the alignment and the logged terms are :class:`MiM`'s; only the network
     pass differs. Every unit (``level1_unit``, ``level1_mask_unit``, ``u2``) is a multiple of the token size
