@@ -129,6 +129,8 @@ def test_mim_each_level_encodes_exactly_its_visible_tokens_and_aligns_on_hidden_
                         "align_23_acc_chance"}
     assert float(out["align_23_chance"]) == pytest.approx(math.log(num_hidden_units(64, m.ratios[1])), rel=1e-6)
     assert m.untrained_parameters() and all(n.startswith("network.up_projection.") for n in m.untrained_parameters())
+    rows = m.previews(x)  # the CNN class's preview rows, from the Primus pass
+    assert len(rows) == 3 and all(len(r) == 3 and all(t.shape == (32, 32, 32) for t in r) for r in rows.values())
 
 
 def test_mim_loss_falls_on_a_fixed_batch():
@@ -163,6 +165,8 @@ def test_gvsl_primus_features_and_heads():
     batch = torch.randn(2, 2, 1, 32, 32, 32)
     out = m(batch, torch.Generator().manual_seed(0))
     assert set(out) == {"loss", "ncc", "smooth", "restore", "sim", "sim_gain"}
+    rows = m.previews(batch)
+    assert [len(r) for r in rows.values()] == [4, 3] and all(t.shape == (32, 32, 32) for r in rows.values() for t in r)
     m.train()(batch, torch.Generator().manual_seed(0))["loss"].backward()
     trained = {n for n, p in m.named_parameters() if p.grad is not None}
     assert trained.isdisjoint(m.untrained_parameters())
