@@ -9,6 +9,10 @@ On the cpu_smoke Primus (96-d, depth 4, 4 heads, 32³ patch, 8³ tokens), one fi
   terms at the first and last step, and seconds per step.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/primus_gvsl_mim_check.py [--steps 30]
+
+``--probe DATASET`` instead: for the Primus MiM run ``ssl_nnunet_pretrain -d DATASET -m mim -p sslPlans_primus_m``
+(its checkpoint_final.pth), the level 1→2 alignment accuracy on 32 held-out batches with each finer volume's
+candidates from its own parent and from another sample's parent (same unit positions, other content).
 """
 import argparse
 import time
@@ -55,11 +59,34 @@ def smooth_volume(seed):
     return (x - x.mean()) / x.std()
 
 
+def alignment_probe(dataset, num_batches=32):
+    from ssl_nnunet.benchmark.pretext import _trainer
+    trainer = _trainer(dataset, "mim", "sslPlans_primus_m", "cpu", 0)
+    ckpt = torch.load(trainer.output_folder + "/checkpoint_final.pth", map_location="cpu", weights_only=False)
+    trainer.method.load_state_dict(ckpt["ssl_method_state"])
+    method = trainer.method.eval()
+    sampler = type(method).make_sampler(trainer._val_spec)
+    hits = {"from its own parent": 0.0, "from another sample's parent": 0.0}
+    with torch.no_grad():
+        for i in range(num_batches):
+            views = method.make_views(sampler.next_batch(), torch.Generator().manual_seed(i))
+            (coarse, _), (fine, _) = method.masked_forward(views)[:2]
+            for name, tap in zip(hits, (coarse, coarse.roll(1, dims=0))):
+                _, logits = method.alignment(tap, method.grid1, fine, views.label12, views.valid12)
+                hits[name] += float((logits.argmax(1) == views.label12).float().mean()) / num_batches
+    print(f"mim align_12 accuracy after {ckpt.get('iterations_done')} iterations, {num_batches} held-out batches: " +
+          "; ".join(f"candidates {k} {v:.3f}" for k, v in hits.items()))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
-    steps = parser.parse_args().steps
+    parser.add_argument("--probe", default=None, help="dataset of a Primus MiM run: the alignment probe only")
+    args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.probe is not None:
+        return alignment_probe(args.probe)
+    steps = args.steps
     a = smooth_volume(0)
     pair = torch.stack([a, torch.roll(a, (2, 2, 2), dims=(2, 3, 4))], dim=1)       # (1, 2, 1, 32, 32, 32)
     isolated = {"spatial_aug": None, "appearance": {"local_shuffle_p": 0.0, "nonlinear_p": 0.0, "inpaint": False},
