@@ -139,3 +139,14 @@ def test_transfer_summary_pairs_each_method_with_both_scratch_arms():
     assert low <= -0.05 <= high and vs["scratch"]["n_cases"] == 18 and vs["scratch"]["n_folds"] == 3
     assert table["paired"]["scratch_seed2"]["scratch"]["verdict"] == "no evidence of a difference"
     assert set(table["rows"]) == {"mae", "scratch", "scratch_seed2", "scratch_vanilla"}
+
+
+def test_throughput_of_primus_mae_against_the_dense_primus(primus_planned):
+    """On a Primus plan the floor is the dense Primus (every token) on as many volumes as the objective fed its
+    encoder, and nnU-Net's Primus trainer recipe is the supervised reference."""
+    from ssl_nnunet.benchmark.throughput import benchmark_method
+    r = benchmark_method(primus_planned["id"], "mae", "cpu", warmup=1, timed=1, plans_identifier="sslPlans_primus_m")
+    entry = primus_planned["plans"]["ssl"]["methods"]["mae"]
+    assert r["network_passes"] == [f"net {[entry['batch_size'], 1] + entry['pretrain_patch_size']}"]
+    assert r["ssl_step_s"] > 0 and r["plain_step_s"] > 0 and r["supervised_nnunet_step_s"] > 0
+    assert r["floor_with_teacher_s"] is None

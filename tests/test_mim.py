@@ -195,6 +195,31 @@ def test_info_nce_limits_and_stop_gradient():
     assert all(p.grad is not None for p in m.projector.parameters())               # projector still learns
 
 
+def test_context_keeps_the_layout_and_candidates_carry_their_position():
+    """Two finer volumes whose tap maps are mirror images have the same global mean: with ``context_grid`` 2³
+    their contexts (and logits) differ, with [1, 1, 1] (the global mean) they cannot. Candidates of a coarse map
+    that is the same everywhere differ only by their unit-position embedding; without it all logits are equal
+    and the loss is log n whatever the context."""
+    fine = torch.zeros(2, 32, 8, 8, 8)
+    fine[0, :, :4], fine[1, :, 4:] = 1.0, 1.0                                          # mirrored along axis 0
+    coarse = torch.randn(1, 32, 8, 8, 8)
+    labels = torch.tensor([0, 1])
+    for grid, differ in (([2, 2, 2], True), ([1, 1, 1], False)):
+        m = make("large", context_grid=grid)
+        _, logits = m.alignment(coarse, m.grid1, fine, labels, position=m.position12)
+        assert bool(not torch.allclose(logits[0], logits[1], atol=1e-6)) == differ, grid
+    flat = torch.ones(1, 32, 8, 8, 8)
+    m = make("large")
+    _, logits = m.alignment(flat, m.grid1, fine, labels, position=m.position12)
+    assert logits[0].std() > 1e-3                                                     # positions tell units apart
+    m = make("large", candidate_position=False)
+    assert m.position12 is None and m.position23 is None
+    loss, logits = m.alignment(flat, m.grid1, fine, labels)
+    assert torch.allclose(logits, logits[:, :1].expand_as(logits)) and abs(float(loss) - math.log(8)) < 1e-5
+    with pytest.raises(SSLInputError, match="context_grid"):
+        make("large", context_grid=[3, 2, 2])
+
+
 def test_content_free_scorer_that_knows_the_mask_gains_nothing():
     """Item 5 of issue 14: the positive is always a (mostly) hidden unit; with visible units among the negatives
     a scorer that only reads the mask beat the chance level. Now the candidates are the real ones only, so that

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-d", required=True, help=f"preprocessed dataset (its {SSL_PLANS}.json profile is used)")
     t.add_argument("-m", nargs="+", default=["all"], choices=[*methods, "all"],
                    help="methods, or all (default: all registered)")
-    t.add_argument("-p", default=SSL_PLANS, help=f"plans identifier (default {SSL_PLANS}; CNN plans)")
+    t.add_argument("-p", default=SSL_PLANS, help=f"plans identifier (default {SSL_PLANS}; a Primus plan, e.g. "
+                                                 f"sslPlans_primus_m, is timed against the dense Primus)")
     t.add_argument("-device", default=default_device)
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--timed", type=int, default=10)

@@ -80,6 +80,9 @@ def record_network_passes(trainer, step_fn) -> Tuple[List[Tuple[torch.Tensor, bo
     net = trainer.network
     calls: List[list] = []
     teacher_calls: List[list] = []
+    from ssl_nnunet.backbones.primus import is_primus
+    if is_primus(net):
+        return _record_primus_passes(trainer, step_fn), []
 
     def on_encoder(_module, args):
         calls.append([args[0].detach().clone(), False, torch.is_grad_enabled()])
@@ -104,6 +107,28 @@ def record_network_passes(trainer, step_fn) -> Tuple[List[Tuple[torch.Tensor, bo
         for h in hooks:
             h.remove()
     return [tuple(c) for c in calls], [tuple(c) for c in teacher_calls]
+
+
+def _record_primus_passes(trainer, step_fn) -> List[Tuple[torch.Tensor, bool, bool]]:
+    """Primus: every pass through the network's EVA encoder, seen at its first block (the objectives feed it
+    visible tokens only, ``(B, K, E)``), recorded as a *dense* full pass of ``B`` volumes of the plan's patch —
+    the floor is the whole Primus on every token (the masked-vs-dense ratio of issue 18). Passes of EMA teacher
+    copies are the method's own work here (no teacher floor for Primus)."""
+    net = trainer.network
+    patch = [int(p) for p in trainer.configuration_manager.patch_size]
+    channels = int(net.down_projection.proj.in_channels)
+    calls: List[list] = []
+
+    def on_block(_module, args, _kwargs):
+        x = args[0]
+        calls.append([torch.randn(x.shape[0], channels, *patch, device=x.device), True, torch.is_grad_enabled()])
+
+    hook = net.eva.blocks[0].register_forward_pre_hook(on_block, with_kwargs=True)
+    try:
+        step_fn()
+    finally:
+        hook.remove()
+    return [tuple(c) for c in calls]
 
 
 def make_floor_step(net: torch.nn.Module, calls, optimizer_plan: dict, grad_clip: float, teacher_calls=(),
@@ -141,8 +166,19 @@ def make_floor_step(net: torch.nn.Module, calls, optimizer_plan: dict, grad_clip
 def supervised_nnunet_step_time(trainer, warmup: int, timed: int) -> float:
     """Median seconds of nnU-Net's own ``nnUNetTrainer.train_step`` (deep supervision, Dice+CE, SGD, grad
     clipping; AMP on CUDA) for the plan's network, patch and batch size on random two-class labels — a
-    supervised iteration without data loading, for reference."""
+    supervised iteration without data loading, for reference. A Primus plan uses nnU-Net's Primus trainer
+    recipe (``AbstractPrimus``: AdamW, no deep supervision) through our CPU variant, which builds the plan's
+    Primus (:data:`ssl_nnunet.backbones.primus.PRIMUS_CPU_TRAINER`)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from ssl_nnunet.backbones.primus import is_primus
+    if is_primus(trainer.network):
+        import importlib
+        import sys as _sys
+        from ssl_nnunet.backbones.primus import PRIMUS_CPU_TRAINER
+        from ssl_nnunet.nnunet_trainers import trainer_dir
+        if trainer_dir() not in _sys.path:
+            _sys.path.append(trainer_dir())
+        nnUNetTrainer = getattr(importlib.import_module(PRIMUS_CPU_TRAINER), PRIMUS_CPU_TRAINER)  # noqa: N806
     os.environ.setdefault("nnUNet_compile", "f")
     dataset_json = dict(trainer.dataset_json, labels={"background": 0, "foreground": 1})
     plans = dict(trainer.plans_manager.plans, continue_training=False)  # nnunetv2 2.8.1 pops this key
@@ -165,11 +201,12 @@ def supervised_nnunet_step_time(trainer, warmup: int, timed: int) -> float:
     g = torch.Generator().manual_seed(0)
     data = torch.randn((b, ref.num_input_channels, *patch), generator=g)
     seg = (torch.rand((b, 1, *patch), generator=g) > 0.5).float()
+    scales = ref._get_deep_supervision_scales()  # None without deep supervision (a Primus)
     target = []
-    for scale in ref._get_deep_supervision_scales():
+    for scale in scales or []:
         step = [max(1, round(1 / s)) for s in scale]
         target.append(seg[:, :, ::step[0], ::step[1], ::step[2]].contiguous())
-    batch = {"data": data, "target": target}
+    batch = {"data": data, "target": target if scales else seg}
     _time(lambda: ref.train_step(batch), warmup, dev)
     return statistics.median(_time(lambda: ref.train_step(batch), timed, dev))
 

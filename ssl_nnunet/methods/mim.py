@@ -25,8 +25,9 @@ Loss (float32)::
 
     L_R^l  = Σ_v (1 − m_v) (ŷ_v − t_v)² / Σ_v (1 − m_v)          (hidden voxels of all level-l volumes)
     t      = per-unit normalised input (``target = per_unit``, units = that level's mask units) or the input
-    p_j    = Proj( sg( mean of the tap map of the coarser volume over unit j ) )        (n candidates, D)
-    c_i    = Agg( mean of the tap map of the finer volume i over all positions )         (D)
+    p_j    = Proj( sg( mean of the tap map of the coarser volume over unit j ) + e_j )  (n candidates, D)
+    e_j    = a learnable embedding of unit position j (one table per level pair; ``candidate_position``)
+    c_i    = Agg( tap map of the finer volume i averaged onto a coarse ``context_grid``, flattened )  (D)
     s_ij   = cos(c_i, p_j) = c·p / (‖c‖‖p‖ + 1e-8)
     L_C    = mean_i −log( exp(s_{i,label_i}/τ) / Σ_{j ∈ C_i} exp(s_ij/τ) )
     C_i    = the real candidates: the parent's mostly hidden level-1 units (L_C^{1,2}) / hidden level-2 units
@@ -55,6 +56,15 @@ Layout keys (``method_plan["layout"]``; every size per axis (a0, a1, a2)):
     align_stride   stride of the decoder map used for alignment (q)
     target         "per_unit" | "none"
     level_weights  optional [w1, w2, w3] (default [1, 1, 1])
+    candidate_position  add a learnable unit-position embedding to the candidates (default true). The paper's
+                   candidates are ViT decoder tokens, which carry the decoder's position embedding; a CNN
+                   decoder's unit means of mostly hidden units do not (its guesses for two hidden halves are
+                   nearly the same vector), so without it the alignment stayed at chance (mim.md, Measured).
+    context_grid   the finer volume's tap map is averaged onto this grid (per axis, default [2, 2, 2]) and
+                   flattened for the aggregator. A ViT's token average still carries the layout through the
+                   position embedding; a CNN map's global mean does not (measured: a linear probe of the global
+                   mean told which level-1 half an x2 came from at chance, of the 2³ average perfectly), so the
+                   coarse layout is kept; [1, 1, 1] is the global mean.
 """
 from __future__ import annotations
 
@@ -320,7 +330,8 @@ class MiM(SSLMethod):
     trained_parts = ("encoder and reconstruction decoder (the MiM paper transfers the encoder only: use "
                      "ssl_nnunet_finetune --encoder-only for that protocol)")
     layout_defaults = {"ratios": [0.6, 0.6, 0.5], "beta": 2, "alpha": 0.1, "tau": 0.2, "proj_dim": 2048,
-                       "target": "per_unit", "level_weights": [1.0, 1.0, 1.0]}
+                       "target": "per_unit", "level_weights": [1.0, 1.0, 1.0], "candidate_position": True,
+                       "context_grid": [2, 2, 2]}
 
     required_layout_keys = ("r1", "level1_region", "level1_unit", "u2", "gamma", "align_stride")
 
@@ -503,11 +514,25 @@ class MiM(SSLMethod):
             raise SSLInputError(f"ssl layout of 'mim': target must be one of {TARGETS}, got '{self.target}'")
 
     def _build_alignment_heads(self, c_tap: int) -> None:
-        """Projector (candidates: the coarser volume's units) and aggregator (context: the finer volume),
-        ``Linear(c_tap, D) → GELU → Linear(D, D)`` each, separate weights."""
-        self.proj_dim = int(self.layout["proj_dim"])
-        self.projector = _mlp(c_tap, self.proj_dim)
-        self.aggregator = _mlp(c_tap, self.proj_dim)
+        """Projector (candidates: the coarser volume's units, ``Linear(c_tap, D) → GELU → Linear(D, D)``),
+        aggregator (context: the finer volume's tap map averaged onto ``context_grid``, flattened, same MLP
+        shape) and the optional unit-position embeddings of the candidates (``candidate_position``)."""
+        lay = self.layout
+        self.proj_dim = int(lay["proj_dim"])
+        self.projector = _mlp(c_tap, self.proj_dim)   # candidates (coarser volume's units)
+        self.context_grid = per_axis_ints(lay["context_grid"], len(self.patch), "context_grid", "mim")
+        tap_size = [p // a for p, a in zip(self.patch, self.align_stride)]
+        if any(g < 1 or t % g for g, t in zip(self.context_grid, tap_size)):
+            raise SSLInputError(f"ssl layout of 'mim': context_grid {self.context_grid} must divide the alignment map "
+                                f"{tap_size} (patch / align_stride)")
+        self.aggregator = _mlp(c_tap * math.prod(self.context_grid), self.proj_dim)  # context vector (finer volume)
+        # unit-position embeddings of the candidates (the role of a ViT decoder's position embedding)
+        self.candidate_position = bool(lay["candidate_position"])
+        self.position12 = self.position23 = None
+        if self.candidate_position:
+            self.position12 = nn.Parameter(0.1 * torch.randn(math.prod(self.grid1), c_tap))
+            if self.beta > 0:
+                self.position23 = nn.Parameter(0.1 * torch.randn(math.prod(self.grid2), c_tap))
 
     # --------------------------------------------------------------------------------------------------------
     @classmethod
@@ -591,7 +616,8 @@ class MiM(SSLMethod):
         return x.detach().float()
 
     def alignment(self, tap_coarse: torch.Tensor, grid_coarse: Sequence[int], tap_fine: torch.Tensor,
-                  labels: torch.Tensor, valid: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                  labels: torch.Tensor, valid: Optional[torch.Tensor] = None,
+                  position: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """InfoNCE between the finer volumes' contexts and their parents' unit candidates.
 
         Args:
@@ -600,12 +626,17 @@ class MiM(SSLMethod):
             tap_fine: ``(N_f, C_tap, *f)`` tap maps of the finer volumes, ``N_f = k N_c``; volume i's parent is i // k.
             labels: ``(N_f,)`` unit of the parent each finer volume was cut from.
             valid: ``(N_f, n)`` bool, the real candidates (``views.valid12`` / ``valid23``); None = all units.
+            position: optional ``(n, C_tap)`` unit-position embedding added to the candidates' unit means.
         Returns:
             ``(loss, logits (N_f, n))``.
         """
         k = tap_fine.shape[0] // tap_coarse.shape[0]
-        candidates = self.projector(unit_mean_features(tap_coarse.detach(), grid_coarse))   # (N_c, n, D)
-        context = self.aggregator(tap_fine.float().flatten(2).mean(2))                        # (N_f, D)
+        units = unit_mean_features(tap_coarse.detach(), grid_coarse)                          # (N_c, n, C_tap)
+        if position is not None:
+            units = units + position.float()
+        candidates = self.projector(units)                                                     # (N_c, n, D)
+        context = self.aggregator(split_into_cells(tap_fine.float(), self.context_grid).flatten(3).mean(3)
+                                  .flatten(1))                                                  # (N_f, D)
         return info_nce(context, candidates.repeat_interleave(k, dim=0), labels, self.tau, valid)
 
     def forward(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
@@ -617,11 +648,13 @@ class MiM(SSLMethod):
         rec_terms = []
         for (x, m, unit), (_, rec) in zip(self._levels(views), outs):
             rec_terms.append(masked_mse(rec.float(), self.make_target(x, unit), expand_mask(m, x.shape[2:])))
-        align12, logits12 = self.alignment(outs[0][0], self.grid1, outs[1][0], views.label12, views.valid12)
+        align12, logits12 = self.alignment(outs[0][0], self.grid1, outs[1][0], views.label12, views.valid12,
+                                           self.position12)
         stats = {"align_12": alignment_stats(logits12, views.label12, views.valid12)}
         zero = batch.new_zeros((), dtype=torch.float32)
         if views.x3 is not None:
-            align23, logits23 = self.alignment(outs[1][0], self.grid2, outs[2][0], views.label23, views.valid23)
+            align23, logits23 = self.alignment(outs[1][0], self.grid2, outs[2][0], views.label23, views.valid23,
+                                               self.position23)
             stats["align_23"] = alignment_stats(logits23, views.label23, views.valid23)
         else:
             rec_terms.append(zero)
@@ -676,7 +709,8 @@ class PrimusMiM(MiM):
       tokens (``target`` per_unit: normalised per mask unit, MAE's ``norm_pix_loss`` when the unit is a token);
     * the alignment tap = the decoded tokens as a map ``(N_l, d, *P/t)`` (before the pixel head): candidates are
       its means over the coarser volume's units (stop-gradient, hidden units only), the context its mean over
-      all tokens of the finer volume.
+      all tokens of the finer volume (defaults ``context_grid`` [1, 1, 1], ``candidate_position`` false: the
+      decoder tokens carry the decoder's position embedding, as the paper's do).
 
     Primus' position embedding is for the plan's grid, so every level enters at exactly the plan's patch P
     (``pretrain_patch_size`` must be the network's input; no GPU patch cap as on the CNN).
@@ -687,14 +721,17 @@ class PrimusMiM(MiM):
 
     trained_parts = ("down_projection and eva (each level's encoder saw its visible tokens only); the pretraining "
                      "decoder and up_projection are not transferred (the target gets a fresh up_projection)")
-    layout_defaults = {**MiM.layout_defaults, **PRIMUS_DECODER_DEFAULTS}
+    #: the decoder tokens carry the TokenDecoder's position embedding (the paper's setting), so the candidates need
+    #: no extra unit-position embedding and the context is the mean over all tokens
+    alignment_defaults = {"candidate_position": False, "context_grid": [1, 1, 1]}
+    layout_defaults = {**MiM.layout_defaults, **alignment_defaults, **PRIMUS_DECODER_DEFAULTS}
 
     @classmethod
     def default_layout(cls, ctx: PlanningContext):
         """:func:`mim_layout` of the plan's patch with token-multiple units (:data:`PRIMUS_UNIT_MULTIPLES`)."""
         patch = list(ctx.patch_size)
         layout = mim_layout(patch, ctx.mask_quantum, ctx.median_shape, PRIMUS_UNIT_MULTIPLES)
-        return patch, {**layout, **copy.deepcopy(PRIMUS_DECODER_DEFAULTS)}
+        return patch, {**layout, **copy.deepcopy(cls.alignment_defaults), **copy.deepcopy(PRIMUS_DECODER_DEFAULTS)}
 
     @classmethod
     def check_layout(cls, method_plan: dict, ssl_plan: dict):
