@@ -78,6 +78,8 @@ def test_mim_primus_layout_is_a_token_layout():
     assert lay["level1_region"] == [32] * 3 and lay["level1_unit"] == [16] * 3
     assert lay["level1_mask_unit"] == [8] * 3 and lay["u2"] == [8] * 3 and lay["level3_zoom"] == [4] * 3
     assert lay["align_stride"] == [8] * 3 and lay["pixel_head"] == "linear" and lay["gamma"] == 2
+    # the decoder tokens carry position (the paper's setting): no extra candidate embedding, context = token mean
+    assert lay["candidate_position"] is False and lay["context_grid"] == [1, 1, 1]
     assert PrimusMiM.check_layout(plan, SSL_PLAN) == []
     bad = {**plan, "layout": {**lay, "align_stride": [4, 4, 4]}}
     with pytest.raises(SSLInputError, match="align_stride"):
