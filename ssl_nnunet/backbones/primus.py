@@ -169,7 +169,8 @@ def volume_to_patches(x: torch.Tensor, unit: Sequence[int]) -> torch.Tensor:
 
 
 def patches_to_volume(patches: torch.Tensor, grid: Sequence[int], unit: Sequence[int]) -> torch.Tensor:
-    """``(B, N, C·u0·u1·u2)`` -> ``(B, C, n0·u0, n1·u1, n2·u2)`` (inverse of :func:`volume_to_patches`)."""
+    """``(B, N, C·u0·u1·u2)`` over the token grid ``(n0, n1, n2)`` -> ``(B, C, Z, Y, X)`` (inverse of
+    :func:`volume_to_patches`)."""
     B = patches.shape[0]
     (n0, n1, n2), (u0, u1, u2) = grid, unit
     C = patches.shape[2] // (u0 * u1 * u2)

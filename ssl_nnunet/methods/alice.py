@@ -1,6 +1,8 @@
 """Alice: anatomical invariance modelling + conditional anatomical semantic alignment (METHODS.md §7).
 
-CNN realisation (§7.3) on a nnU-Net U-Net. A batch element holds a query crop Q of case A and a key crop K
+Primus realisation (§7.4): :class:`PrimusAlice` (``Alice.variant_for("primus")``; visible-token student, token
+decoder, full-token EMA teacher; documentation/methods/alice.md, "Primus"). CNN realisation (§7.3) on a nnU-Net
+U-Net. A batch element holds a query crop Q of case A and a key crop K
 of the same body part of a different case B (``batch (B, 2, C, a0, a1, a2)``; the pairs come from
 :class:`ssl_nnunet.data.alice_pairs.CrossVolumePairSampler` through :meth:`Alice.make_sampler`). Shapes below
 use ``B`` pairs, ``2B`` views per branch (rows ``0..B-1`` = Q, ``B..2B-1`` = K), token stride ``t`` (= mask
@@ -156,6 +158,14 @@ def to_tokens(feature: torch.Tensor) -> torch.Tensor:
     return feature.flatten(2).transpose(1, 2)
 
 
+def visible_first(token_mask: torch.Tensor) -> torch.Tensor:
+    """Token indices ``(M, N)`` of a visibility mask ``(M, N)`` (bool, True = visible): each view's visible tokens
+    first, then its hidden ones, both in grid order. One stable sort, no host synchronisation: with ``N_vis``
+    visible tokens per view (:meth:`Alice.visible_tokens`), ``[:, :N_vis]`` are the visible, ``[:, N_vis:]``
+    the hidden indices."""
+    return torch.argsort((~token_mask).to(torch.int8), dim=1, stable=True)
+
+
 def random_flips(x: torch.Tensor, generator: Optional[torch.Generator] = None, p: float = 0.5) -> torch.Tensor:
     """Flip every sample of ``x (B, C, a0, a1, a2)`` along each spatial axis with probability ``p``."""
     n_ax = x.dim() - 2
@@ -295,6 +305,11 @@ class Alice(SSLMethod):
 
     required_layout_keys = ("mask_unit", "token_stride", "head", "casa")
 
+    @classmethod
+    def variant_for(cls, architecture_family: str):
+        """CNN: :class:`Alice` (SparK-sparse U-Net); Primus: :class:`PrimusAlice` (visible-token encoder)."""
+        return {"cnn": Alice, "primus": PrimusAlice}.get(architecture_family)
+
     # ---------------------------------------------------------------------------------------------- planning
     @classmethod
     def default_layout(cls, ctx: PlanningContext):
@@ -310,9 +325,7 @@ class Alice(SSLMethod):
         al = method_plan["layout"]
         if not divides(al["mask_unit"], al["crop_size"]):
             raise cls.layout_error(ssl_plan, "mask_unit", "does not divide the crop")
-        if not divides(al["token_stride"], al["mask_unit"]):
-            raise cls.layout_error(ssl_plan, "token_stride",
-                                   f"{al['token_stride']} does not divide the mask unit {al['mask_unit']}")
+        cls.check_token_layout(al, ssl_plan)
         if al["casa"]["dim"] % al["casa"]["heads"]:
             raise cls.layout_error(ssl_plan, "casa",
                                    f"dim {al['casa']['dim']} is not divisible by heads {al['casa']['heads']}")
@@ -327,13 +340,43 @@ class Alice(SSLMethod):
                             "(no negatives, no signal); use batch_size >= 2 (4 on the CPU plans)")
         return warnings
 
+    @classmethod
+    def check_token_layout(cls, al: dict, ssl_plan: dict) -> None:
+        """CNN: the token stride divides the mask unit."""
+        if not divides(al["token_stride"], al["mask_unit"]):
+            raise cls.layout_error(ssl_plan, "token_stride",
+                                   f"{al['token_stride']} does not divide the mask unit {al['mask_unit']}")
+
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__(network, method_plan, ssl_plan, num_input_channels)
         check_unet(network)
-        layout = self.layout
         ndim = len(network.encoder.strides[0])
+        self.read_layout(ndim)
+        self.token_stride = tuple(per_axis_ints(self.layout["token_stride"], ndim, "token_stride", "alice"))
+        strides = cumulative_strides(network)
+        stages = [k for k, s in enumerate(strides[:-1]) if tuple(s) == self.token_stride]
+        if not stages:
+            raise SSLInputError(f"ssl layout of 'alice': token_stride {list(self.token_stride)} is not the cumulative "
+                                f"stride of an encoder stage below the bottleneck ({[list(s) for s in strides[:-1]]})")
+        self.token_stage = stages[-1]
+        if any(u % t for u, t in zip(self.mask_unit, self.token_stride)):
+            raise SSLInputError(f"ssl layout of 'alice': token_stride {list(self.token_stride)} must divide mask_unit "
+                                f"{list(self.mask_unit)}")
+        n_out = getattr(network.decoder, "num_classes", num_input_channels)
+        if n_out != num_input_channels:
+            raise SSLInputError(f"Alice needs a network with num_classes = C_in = {num_input_channels}, got {n_out}")
+
+        # target encoder: a dense copy taken *before* the online encoder is made sparse
+        self.target_encoder = frozen_copy(network.encoder)
+        convert_encoder_to_sparse(network)
+        remasked = [all(u % s == 0 for u, s in zip(self.mask_unit, st)) for st in strides]
+        self.densify = Densify(network.encoder.output_channels, network.encoder.conv_op, masked_stages=remasked)
+        self.build_heads(int(network.encoder.output_channels[self.token_stage]))
+
+    def read_layout(self, ndim: int) -> None:
+        """Parse and check the backbone-independent layout keys (mask, EMA, matcher, crop)."""
+        layout = self.layout
         self.mask_unit = tuple(per_axis_ints(layout["mask_unit"], ndim, "mask_unit", "alice"))
-        self.token_stride = tuple(per_axis_ints(layout["token_stride"], ndim, "token_stride", "alice"))
         self.mask_ratio = float(layout["mask_ratio"])
         if not 0.0 < self.mask_ratio < 1.0:
             raise SSLInputError(f"ssl layout of 'alice': mask_ratio must lie in (0, 1), got {self.mask_ratio}")
@@ -346,34 +389,19 @@ class Alice(SSLMethod):
         if matcher not in MATCHERS:
             raise SSLInputError(f"ssl layout of 'alice': matcher '{matcher}' is not implemented; choose one of "
                                 f"{', '.join(MATCHERS)}")
-        self.out_of_plane_axis = int(ssl_plan.get("out_of_plane_axis", 0))
-
-        strides = cumulative_strides(network)
-        stages = [k for k, s in enumerate(strides[:-1]) if tuple(s) == self.token_stride]
-        if not stages:
-            raise SSLInputError(f"ssl layout of 'alice': token_stride {list(self.token_stride)} is not the cumulative "
-                                f"stride of an encoder stage below the bottleneck ({[list(s) for s in strides[:-1]]})")
-        self.token_stage = stages[-1]
-        if any(u % t for u, t in zip(self.mask_unit, self.token_stride)):
-            raise SSLInputError(f"ssl layout of 'alice': token_stride {list(self.token_stride)} must divide mask_unit "
-                                f"{list(self.mask_unit)}")
+        self.out_of_plane_axis = int(self.ssl_plan.get("out_of_plane_axis", 0))
         try:
-            unit_grid(self.required_patch_size(method_plan), self.mask_unit)
+            unit_grid(self.required_patch_size(self.method_plan), self.mask_unit)
         except ValueError as e:
             raise SSLInputError(f"ssl plan of 'alice': {e}") from None
-        n_out = getattr(network.decoder, "num_classes", num_input_channels)
-        if n_out != num_input_channels:
-            raise SSLInputError(f"Alice needs a network with num_classes = C_in = {num_input_channels}, got {n_out}")
 
-        # target encoder: a dense copy taken *before* the online encoder is made sparse
-        self.target_encoder = frozen_copy(network.encoder)
-        convert_encoder_to_sparse(network)
-        remasked = [all(u % s == 0 for u, s in zip(self.mask_unit, st)) for st in strides]
-        self.densify = Densify(network.encoder.output_channels, network.encoder.conv_op, masked_stages=remasked)
-
+    def build_heads(self, token_dim: int) -> None:
+        """phi / psi (token features of width ``token_dim`` -> D), CASA, the optional predictors, the similarity
+        and the teacher centres; checks that every EMA pair holds matching tensors."""
+        layout = self.layout
         hidden, bottleneck, out_dim = (int(v) for v in layout["head"])
         casa_dim = int(layout["casa"]["dim"])
-        c_tok = int(network.encoder.output_channels[self.token_stage])
+        c_tok = int(token_dim)
         self.phi = ProjectionHead(c_tok, hidden, bottleneck, out_dim)
         self.psi = frozen_copy(self.phi)
         self.casa = CASA(c_tok, out_dim, casa_dim, int(layout["casa"]["heads"]))
@@ -500,13 +528,20 @@ class Alice(SSLMethod):
         token_mask = mask_at_resolution(mask, feat_v.shape[2:]).flatten(1).bool()  # (2B, N)
         n_vis = self.visible_tokens(mask)
         v_tokens = to_tokens(feat_v)
-        # visible token indices in grid order, without a host sync (every view has exactly n_vis)
-        order = torch.argsort((~token_mask).to(torch.int8), dim=1, stable=True)[:, :n_vis]
+        order = visible_first(token_mask)[:, :n_vis]
         visible = torch.gather(v_tokens, 1, order.unsqueeze(-1).expand(-1, -1, v_tokens.shape[2]))
         h = self.phi(to_tokens(feat_h))
         with torch.no_grad():
             y = self.psi(to_tokens(self.target_tokens(target)))
         return {"rec": rec, "V": visible, "H": h, "Y": y.detach(), "token_mask": token_mask}
+
+    def reconstruction_loss(self, out: Dict[str, torch.Tensor], online: torch.Tensor, mask: torch.Tensor,
+                            b: int) -> torch.Tensor:
+        """``l_r`` = masked MSE of the Q views + that of the K views (per-unit targets, hidden voxels only)."""
+        m_full = expand_mask(mask, online.shape[2:])
+        t_rec = per_unit_target(online, self.mask_unit)
+        rec = out["rec"].float()
+        return masked_mse(rec[:b], t_rec[:b], m_full[:b]) + masked_mse(rec[b:], t_rec[b:], m_full[b:])
 
     # ---------------------------------------------------------------- loss
     def forward(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
@@ -515,10 +550,7 @@ class Alice(SSLMethod):
         b = batch.shape[0]
         online, target, mask = self.make_views(batch, generator)
         out = self.branches(online, target, mask)
-        m_full = expand_mask(mask, online.shape[2:])
-        t_rec = per_unit_target(online, self.mask_unit)
-        rec = out["rec"].float()
-        l_r = masked_mse(rec[:b], t_rec[:b], m_full[:b]) + masked_mse(rec[b:], t_rec[b:], m_full[b:])
+        l_r = self.reconstruction_loss(out, online, mask, b)
 
         h, y = out["H"].float(), out["Y"].float()
         cls_h, cls_y = h.mean(1), y.mean(1)
@@ -548,6 +580,10 @@ class Alice(SSLMethod):
             terms["st_chance"] = loss.new_tensor(2 * math.log(s.shape[1])).detach()
         return terms
 
+    def reconstruct(self, online: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The online network's reconstruction ``(2B, C, *P)`` of the masked views (per-unit normalised units)."""
+        return sparse_masked_forward(self.network, online, mask, self.densify)[2]
+
     @torch.no_grad()
     def previews(self, batch: torch.Tensor) -> Dict[str, Sequence[torch.Tensor]]:
         """Rows of 3D tensors ``(a0, a1, a2)`` (pair 0, channel 0, float32 on CPU), Q left and K right: the
@@ -556,7 +592,7 @@ class Alice(SSLMethod):
         x = batch[:1]
         gen = torch.Generator(device="cpu").manual_seed(0)
         online, target, mask = self.make_views(x, gen)
-        _, _, rec = sparse_masked_forward(self.network, online, mask, self.densify)
+        rec = self.reconstruct(online, mask)
         visible = expand_mask(mask, online.shape[2:]).bool()
         masked = torch.where(visible, online, 0.0)
 
@@ -566,3 +602,128 @@ class Alice(SSLMethod):
         return {"Q | K crops (matched)": [x[0, 0, 0].float().cpu(), x[0, 1, 0].float().cpu()],
                 "masked views": pair(masked), "reconstructions": pair(rec),
                 "target views (augmented)": pair(target)}
+
+
+class _PrimusEncoder(nn.Module):
+    """Copies of a Primus' ``down_projection`` and ``eva`` under their own names (the EMA target encoder), so
+    :func:`ssl_nnunet.backbones.primus.encode_tokens` accepts it."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.down_projection = frozen_copy(network.down_projection)
+        self.eva = frozen_copy(network.eva)
+
+
+class PrimusAlice(Alice):
+    """Alice on Primus, native (METHODS.md §7.4): the views, CASA, heads, ℓ_dv / ℓ_st and logged terms of
+    :class:`Alice`; the token grid is Primus' own (one token = one mask unit, ``g = P / 8``, ``N = prod(g)``).
+
+    Online (masked) student: ``floor(ρ N + 0.5)`` tokens per view hidden (``mask_ratio`` ρ); ``down_projection``
+    and ``eva`` run on the ``N_vis`` visible tokens only (:func:`~ssl_nnunet.backbones.primus.encode_tokens` with
+    the kept indices) -> ``V (2B, N_vis, E)``. Online decoder: :class:`~ssl_nnunet.backbones.primus.TokenDecoder`
+    (learnable mask token, ``decoder_depth`` blocks of width ``decoder_width · E``) restores the full grid ->
+    ``(2B, N, E)``; ``H = phi(·) (2B, N, D)``; a linear pixel head maps the hidden tokens to their per-unit
+    normalised ``C·8³`` voxels for ℓ_r (Q views + K views, hidden tokens only). EMA target encoder: copies of
+    ``down_projection`` + ``eva`` on the intact target views, every token -> ``Y = sg(psi(·)) (2B, N, D)``.
+    Pooled embeddings for ℓ_dv are the token means of H and Y, as on the CNN.
+
+    Layout keys: as :class:`Alice` without ``token_stride`` (the token): ``crop_size`` = P (the network input),
+    ``mask_unit`` = the token size, ``decoder_width`` 0.5, ``decoder_depth`` 2, ``decoder_heads`` 4.
+    Export keeps ``down_projection`` + ``eva``; ``up_projection`` never runs (frozen, not transferred).
+    """
+
+    trained_parts = ("down_projection and eva (the online encoder saw visible tokens only); the EMA target encoder, "
+                     "the token decoder, pixel head, heads and CASA are not exported, up_projection never runs and is "
+                     "not transferred")
+    layout_defaults = {**Alice.layout_defaults, "decoder_width": 0.5, "decoder_depth": 2, "decoder_heads": 4}
+    required_layout_keys = ("mask_unit", "head", "casa")
+
+    @classmethod
+    def default_layout(cls, ctx: PlanningContext):
+        """Crop = the plan's patch (Primus' fixed input); mask unit = the token; heads of the paper's size."""
+        layout = {"crop_size": list(ctx.patch_size), "mask_unit": list(ctx.mask_quantum), "head": [2048, 256, 512],
+                  "casa": {"dim": 512, "heads": 8}, **copy.deepcopy(cls.layout_defaults)}
+        return list(ctx.patch_size), layout
+
+    @classmethod
+    def check_token_layout(cls, al: dict, ssl_plan: dict) -> None:
+        """Primus: the mask unit is one token."""
+        if list(al["mask_unit"]) != list(ssl_plan["mask_quantum"]):
+            raise cls.layout_error(ssl_plan, "mask_unit", f"{al['mask_unit']} is not the Primus token size "
+                                                          f"{ssl_plan['mask_quantum']}")
+
+    def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
+        from ssl_nnunet.backbones.primus import TokenDecoder, decoder_width, is_primus, token_grid
+        SSLMethod.__init__(self, network, method_plan, ssl_plan, num_input_channels)
+        if not is_primus(network):
+            raise SSLInputError(f"the Primus Alice needs a Primus network, got {type(network).__name__}")
+        self.read_layout(3)
+        token = tuple(int(t) for t in network.down_projection.proj.kernel_size)
+        if self.mask_unit != token:
+            raise SSLInputError(f"ssl layout of 'alice' (Primus): mask_unit {list(self.mask_unit)} must be the token "
+                                f"size {list(token)}")
+        self.token_stride = token
+        patch = self.required_patch_size(method_plan)
+        if "pretrain_patch_size" in method_plan and list(method_plan["pretrain_patch_size"]) != list(patch):
+            raise SSLInputError(f"ssl plan of 'alice' (Primus): crop_size {patch} must equal pretrain_patch_size "
+                                f"{method_plan['pretrain_patch_size']} (Primus' fixed input shape)")
+        self.grid = token_grid(patch, token)
+        E, layout = int(network.embed_dim), self.layout
+        heads = int(layout["decoder_heads"])
+        self.target_encoder = _PrimusEncoder(network)
+        self.decoder = TokenDecoder(E, math.prod(self.grid), decoder_width(E, layout["decoder_width"], heads),
+                                    int(layout["decoder_depth"]), heads)
+        self.pixel_head = nn.Linear(E, num_input_channels * math.prod(token))
+        self.densify = None
+        self.build_heads(E)
+
+    def ema_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
+        """(down_projection, its copy), (eva, its copy) and (phi, psi)."""
+        return [(self.network.down_projection, self.target_encoder.down_projection),
+                (self.network.eva, self.target_encoder.eva), (self.phi, self.psi)]
+
+    def untrained_parameters(self) -> List[str]:
+        """``up_projection`` never runs (the pixel head predicts the voxels)."""
+        return [f"network.up_projection.{n}" for n, _ in self.network.up_projection.named_parameters()]
+
+    def target_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Target encoder on every token of ``x (2B, C, *P)`` -> ``(2B, E, *g)`` (no gradient)."""
+        from ssl_nnunet.backbones.primus import token_map
+        with torch.no_grad():
+            return token_map(self.target_encoder, x).detach()
+
+    def decode(self, online: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``online (2B, C, *P)``, token mask ``(2B, 1, *g)`` -> ``(V (2B, N_vis, E), decoded tokens (2B, N, E),
+        kept indices (2B, N_vis))``: the encoder on the visible tokens only, the decoder over the full grid."""
+        from ssl_nnunet.backbones.primus import encode_tokens
+        keep = visible_first(mask.flatten(1).bool())[:, :self.visible_tokens(mask)]
+        visible = encode_tokens(self.network, online, keep)
+        return visible, self.decoder(visible, keep), keep
+
+    def branches(self, online: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Network passes. Returns ``rec (2B, N - N_vis, C·8³)`` (pixel head on the hidden tokens), ``hidden
+        (2B, N - N_vis)`` their indices, ``V (2B, N_vis, E)``, ``H (2B, N, D)``, ``Y (2B, N, D)`` (detached) and
+        ``token_mask (2B, N)`` (bool, True = visible)."""
+        from ssl_nnunet.backbones.primus import gather_tokens
+        visible, decoded, _ = self.decode(online, mask)
+        hidden = visible_first(mask.flatten(1).bool())[:, self.visible_tokens(mask):]
+        h = self.phi(decoded)
+        with torch.no_grad():
+            y = self.psi(to_tokens(self.target_tokens(target)))
+        return {"rec": self.pixel_head(gather_tokens(decoded, hidden)), "hidden": hidden, "V": visible, "H": h,
+                "Y": y.detach(), "token_mask": mask.flatten(1).bool()}
+
+    def reconstruction_loss(self, out: Dict[str, torch.Tensor], online: torch.Tensor, mask: torch.Tensor,
+                            b: int) -> torch.Tensor:
+        """``l_r``: squared error of the hidden tokens' per-unit normalised voxels, mean over the Q views + mean
+        over the K views (every view hides the same number of tokens: :func:`masked_mse` of each half)."""
+        from ssl_nnunet.backbones.primus import gather_tokens, volume_to_patches
+        target = gather_tokens(volume_to_patches(per_unit_target(online, self.mask_unit), self.mask_unit),
+                               out["hidden"])
+        err = (out["rec"].float() - target) ** 2
+        return err[:b].mean() + err[b:].mean()
+
+    def reconstruct(self, online: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Pixel head on every decoded token -> ``(2B, C, *P)`` (per-unit normalised units)."""
+        from ssl_nnunet.backbones.primus import patches_to_volume
+        return patches_to_volume(self.pixel_head(self.decode(online, mask)[1]), self.grid, self.mask_unit)

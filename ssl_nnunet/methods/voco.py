@@ -73,6 +73,10 @@ Layout keys (``method_plan["layout"]``):
     use_ema_teacher  false
     ema_momentum     0.9 (constant) or [μ0, μ1] (cosine schedule μ0 → μ1 over the run)
     augmentation     {"p_flip": 0.2, "p_rot90": 0.2, "p_shift": 0.1, "shift": 0.1}
+
+Primus (:class:`PrimusVoCo`, ``VoCo.variant_for("primus")``): the same views and losses; every crop is resized
+to the plan's patch P (Primus' fixed input) and embedded as the mean of its encoded tokens
+(documentation/methods/voco.md, "Primus").
 """
 from __future__ import annotations
 
@@ -329,11 +333,13 @@ def position_accuracy(scores: torch.Tensor, labels: torch.Tensor, tol: float = 1
 # ------------------------------------------------------------------------------------------------ planning
 
 def voco_layout(patch: List[int], total_stride: List[int], median_shape: Sequence[float], a_op: int,
-                cpu: bool) -> dict:
-    """Crop c = P / 2 (a multiple of the total stride S), a base grid g of 2 (CPU profiles) or up to 4 crops per
-    in-plane axis (as many as the median image holds; g = 1 on the out-of-plane axis ``a_op``), region
-    R = g ⊙ c, and the constants of :attr:`VoCo.layout_defaults` (METHODS.md §8)."""
-    crop = [max(S, (P // (2 * S)) * S) for P, S in zip(patch, total_stride)]
+                cpu: bool, crop: Optional[Sequence[int]] = None) -> dict:
+    """Crop c = P / 2 (a multiple of the total stride S; ``crop`` when given), a base grid g of 2 (CPU profiles)
+    or up to 4 crops per in-plane axis (as many as the median image holds, halving c on an axis that holds fewer
+    than 2; g = 1 on the out-of-plane axis ``a_op``), region R = g ⊙ c, and the constants of
+    :attr:`VoCo.layout_defaults` (METHODS.md §8)."""
+    crop = ([max(S, (P // (2 * S)) * S) for P, S in zip(patch, total_stride)] if crop is None
+            else [int(c) for c in crop])
     grid = [1, 1, 1]
     for ax in range(3):
         if ax == a_op:
@@ -351,11 +357,13 @@ def voco_layout(patch: List[int], total_stride: List[int], median_shape: Sequenc
 # ------------------------------------------------------------------------------------------------ method
 
 class _EncoderHolder(nn.Module):
-    """Holds a copy of a U-Net encoder under ``.encoder`` so that :func:`encoder_forward` accepts it."""
+    """Holds copies of a network's encoder modules under their own names (a U-Net's ``.encoder``; Primus'
+    ``.down_projection`` and ``.eva``), so that the functions reading a network's encoder accept it."""
 
-    def __init__(self, encoder: nn.Module):
+    def __init__(self, **parts: nn.Module):
         super().__init__()
-        self.encoder = encoder
+        for name, module in parts.items():
+            self.add_module(name, module)
 
 
 @register
@@ -378,6 +386,11 @@ class VoCo(SSLMethod):
                        "pool": "avg"}
 
     required_layout_keys = ("crop_size", "base_grid")
+
+    @classmethod
+    def variant_for(cls, architecture_family: str):
+        """CNN: :class:`VoCo`; Primus: :class:`PrimusVoCo` (crops encoded at the plan's patch, token pooling)."""
+        return {"cnn": VoCo, "primus": PrimusVoCo}.get(architecture_family)
 
     # ---------------------------------------------------------------------------------------------- planning
     @classmethod
@@ -411,11 +424,31 @@ class VoCo(SSLMethod):
             return [f"voco region {v['region_size']} exceeds the median image shape {median}; regions get padded"]
         return []
 
+    #: the network's encoder modules: what VoCo trains, what an EMA teacher copies
+    encoder_parts: Tuple[str, ...] = ("encoder",)
+
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__(network, method_plan, ssl_plan, num_input_channels)
         check_unet(network)
-        layout = self.layout
-        ndim = len(network.encoder.strides[0])
+        self.read_layout(len(network.encoder.strides[0]))
+        total_stride = cumulative_strides(network)[-1]
+        if any(c % s for c, s in zip(self.crop, total_stride)):
+            raise SSLInputError(f"ssl layout of 'voco': crop_size {self.crop} is not a multiple of the network's "
+                                f"total stride {list(total_stride)}")
+        if "pretrain_patch_size" in method_plan and [int(p) for p in method_plan["pretrain_patch_size"]] != self.crop:
+            raise SSLInputError(f"ssl plan of 'voco': pretrain_patch_size {method_plan['pretrain_patch_size']} must "
+                                f"equal crop_size {self.crop} (the network input)")
+        in_dim = sum(int(c) for c in network.encoder.output_channels) * (2 if self.pool == "avgmax" else 1)
+        # the decoder gets no gradient from VoCo: freeze its own modules so it stays exactly at initialisation
+        # (the encoder is shared with decoder.encoder and stays trainable)
+        for part in (network.decoder.transpconvs, network.decoder.stages, network.decoder.seg_layers):
+            for p in part.parameters():
+                p.requires_grad_(False)
+        self.build_heads(in_dim)
+
+    def read_layout(self, ndim: int) -> None:
+        """Parse and check the backbone-independent layout keys (crops, grid, losses, views, projector, EMA)."""
+        layout, method_plan, ssl_plan = self.layout, self.method_plan, self.ssl_plan
         if ndim != 3:
             raise SSLInputError("VoCo is implemented for 3D networks only")
         self.crop = per_axis_ints(layout["crop_size"], ndim, "crop_size", "voco")
@@ -426,13 +459,6 @@ class VoCo(SSLMethod):
                                 f"{self.grid} x crop_size {self.crop}")
         if any(g < 1 for g in self.grid) or math.prod(self.grid) < 2:
             raise SSLInputError(f"ssl layout of 'voco': base_grid {self.grid} must have at least 2 bases")
-        total_stride = cumulative_strides(network)[-1]
-        if any(c % s for c, s in zip(self.crop, total_stride)):
-            raise SSLInputError(f"ssl layout of 'voco': crop_size {self.crop} is not a multiple of the network's "
-                                f"total stride {list(total_stride)}")
-        if "pretrain_patch_size" in method_plan and [int(p) for p in method_plan["pretrain_patch_size"]] != self.crop:
-            raise SSLInputError(f"ssl plan of 'voco': pretrain_patch_size {method_plan['pretrain_patch_size']} must "
-                                f"equal crop_size {self.crop} (the network input)")
         self.n_bases = math.prod(self.grid)
         self.n_targets = int(layout["n_target_crops"])
         if self.n_targets < 1:
@@ -477,26 +503,24 @@ class VoCo(SSLMethod):
         proj_dims = layout["proj_dims"]
         if not isinstance(proj_dims, (list, tuple)) or not proj_dims or any(int(d) < 1 for d in proj_dims):
             raise SSLInputError(f"ssl layout of 'voco': proj_dims must be a non-empty list of ints, got {proj_dims!r}")
+        self.proj_dims = [int(d) for d in proj_dims]
+        self.projector_norm = norm
         self.pool = str(layout["pool"])
         if self.pool not in POOLS:
             raise SSLInputError(f"ssl layout of 'voco': pool must be one of {POOLS}, got '{self.pool}'")
-        in_dim = sum(int(c) for c in network.encoder.output_channels) * (2 if self.pool == "avgmax" else 1)
-        self.projector = Projector(in_dim, proj_dims, norm)
-
-        # the decoder gets no gradient from VoCo: freeze its own modules so it stays exactly at initialisation
-        # (the encoder is shared with decoder.encoder and stays trainable)
-        for part in (network.decoder.transpconvs, network.decoder.stages, network.decoder.seg_layers):
-            for p in part.parameters():
-                p.requires_grad_(False)
-
         self.use_ema_teacher = bool(layout["use_ema_teacher"])
         mom = layout["ema_momentum"]
         self.ema_momentum = [float(mom), float(mom)] if isinstance(mom, (int, float)) else [float(m) for m in mom]
         if len(self.ema_momentum) != 2 or not all(0.0 <= m <= 1.0 for m in self.ema_momentum):
             raise SSLInputError(f"ssl layout of 'voco': ema_momentum must be a number or [start, end] in [0, 1], "
                                 f"got {mom!r}")
+
+    def build_heads(self, in_dim: int) -> None:
+        """The projector ``(N, in_dim) -> (N, D)`` and, with ``use_ema_teacher``, the frozen teacher copies of the
+        encoder parts (:attr:`encoder_parts`) and of the projector."""
+        self.projector = Projector(in_dim, self.proj_dims, self.projector_norm)
         if self.use_ema_teacher:
-            self.teacher = _EncoderHolder(frozen_copy(network.encoder))
+            self.teacher = _EncoderHolder(**{n: frozen_copy(getattr(self.network, n)) for n in self.encoder_parts})
             self.teacher_projector = frozen_copy(self.projector)
         else:
             self.teacher = None
@@ -565,7 +589,12 @@ class VoCo(SSLMethod):
         """Encoder-only forward of the stacked crops + projector: ``(N, C, *c)`` → ``(N, D)`` (float32)."""
         net = self.teacher if teacher else self.network
         proj = self.teacher_projector if teacher else self.projector
-        return proj(pooled_encoder_features(net, crops, self.pool)).float()
+        return proj(self.pooled_features(net, crops)).float()
+
+    def pooled_features(self, net: nn.Module, crops: torch.Tensor) -> torch.Tensor:
+        """The encoder's pooled features ``(N, F)`` of ``crops (N, C, *c)`` (:func:`pooled_encoder_features`);
+        ``net`` is the network or the teacher holding copies of its encoder parts."""
+        return pooled_encoder_features(net, crops, self.pool)
 
     def _split(self, emb: torch.Tensor, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
         emb = emb.view(b, self.n_bases + self.n_targets, -1)
@@ -604,10 +633,12 @@ class VoCo(SSLMethod):
                 "pos_acc_chance": torch.tensor(1.0 / self.n_bases, dtype=torch.float32, device=loss.device)}
 
     def ema_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
-        """(encoder, teacher encoder) and (projector, teacher projector) with ``use_ema_teacher``, else none."""
+        """(encoder part, its teacher copy) for every part of :attr:`encoder_parts` and (projector, teacher
+        projector) with ``use_ema_teacher``, else none."""
         if self.teacher is None:
             return []
-        return [(self.network.encoder, self.teacher.encoder), (self.projector, self.teacher_projector)]
+        return [(getattr(self.network, n), getattr(self.teacher, n)) for n in self.encoder_parts] + \
+            [(self.projector, self.teacher_projector)]
 
     def ema_momentum_range(self) -> Tuple[float, float]:
         """``(μ0, μ1)`` from ``layout.ema_momentum`` (a constant μ gives ``(μ, μ)``)."""
@@ -634,3 +665,83 @@ class VoCo(SSLMethod):
             f"target crops (true base → predicted): {pairs}": [crops[self.n_bases + t, 0]
                                                               for t in range(self.n_targets)],
         }
+
+
+class PrimusVoCo(VoCo):
+    """VoCo on Primus (METHODS.md §4.5): the views, position labels, losses and logged terms of :class:`VoCo`;
+    only the encoder pass differs.
+
+    Primus' position embedding is built for one token grid, so every crop enters the network at the plan's
+    patch ``P`` (``pretrain_patch_size``, the network's ``input_shape``): the ``B·(n + n_t)`` augmented crops
+    ``(N, C, *c)`` are resized trilinearly on the device to ``(N, C, *P)`` (no-op when ``c = P``, the default
+    wherever the median image holds the region), encoded by ``down_projection`` + ``eva`` over all ``prod(P/8)``
+    tokens (:func:`ssl_nnunet.backbones.primus.encode_tokens`) and pooled: embedding = mean over the encoded
+    tokens ``(N, E)`` (``pool = "avgmax"``: mean and max concatenated, ``(N, 2E)``) -> the same
+    :class:`Projector`. The optional EMA teacher copies ``down_projection`` + ``eva`` + the projector.
+
+    Layout keys: as :class:`VoCo`; ``crop_size`` is the crop's native size in voxels (a multiple of the token
+    size), ``region_size = base_grid ⊙ crop_size`` what the loader cuts. ``up_projection`` never runs: it is
+    frozen (:meth:`untrained_parameters`) and not transferred (the target gets a fresh one).
+    """
+
+    trained_parts = ("down_projection and eva (every crop encoded at the plan's patch, embedding = mean of the "
+                     "encoded tokens); the projector is dropped, up_projection never runs and is not transferred")
+    encoder_parts = ("down_projection", "eva")
+
+    @classmethod
+    def default_layout(cls, ctx: PlanningContext):
+        """Network input = the plan's patch P; crop ``c = P / z`` for the smallest zoom ``z`` in 1, 2, 4, 8 (``c`` a
+        multiple of the token) whose region ``g ⊙ c`` (grid of :func:`voco_layout`, which must keep ``c``) fits the
+        median image, so crops are seen at the fine-tuning scale whenever the images allow. One zoom for all axes,
+        never a per-axis stretch: when no zoom fits, the smallest crop tried with a grid of 2 per in-plane axis
+        (:meth:`check_layout` then warns that regions get padded)."""
+        patch, token = [int(p) for p in ctx.patch_size], ctx.total_stride
+        args = (patch, token, ctx.median_shape, ctx.out_of_plane_axis)
+        crop = patch
+        for zoom in (1, 2, 4, 8):
+            if any(p % (zoom * t) for p, t in zip(patch, token)):
+                break
+            crop = [p // zoom for p in patch]
+            layout = voco_layout(*args, ctx.is_cpu, crop=crop)
+            if layout["crop_size"] == crop and all(r <= m for r, m in zip(layout["region_size"], ctx.median_shape)):
+                return patch, layout
+        return patch, voco_layout(*args, True, crop=crop)
+
+    def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
+        from ssl_nnunet.backbones.primus import is_primus, token_grid
+        SSLMethod.__init__(self, network, method_plan, ssl_plan, num_input_channels)
+        if not is_primus(network):
+            raise SSLInputError(f"the Primus VoCo needs a Primus network, got {type(network).__name__}")
+        self.read_layout(3)
+        token = [int(t) for t in network.down_projection.proj.kernel_size]
+        if any(c % t for c, t in zip(self.crop, token)):
+            raise SSLInputError(f"ssl layout of 'voco' (Primus): crop_size {self.crop} is not a multiple of the "
+                                f"token size {token}")
+        self.input_size = [int(p) for p in method_plan["pretrain_patch_size"]]
+        try:
+            grid = token_grid(self.input_size, token)
+        except SSLInputError as e:
+            raise SSLInputError(f"ssl plan of 'voco' (Primus): {e}") from None
+        pos_embed = getattr(network.eva, "pos_embed", None)
+        if pos_embed is not None and int(pos_embed.shape[1]) != math.prod(grid):
+            raise SSLInputError(f"ssl plan of 'voco' (Primus): pretrain_patch_size {self.input_size} gives "
+                                f"{math.prod(grid)} tokens, the network's position embedding has "
+                                f"{int(pos_embed.shape[1])}; pretrain_patch_size must be the plan's patch (the "
+                                f"network's input_shape). Re-run the SSL planner.")
+        self.build_heads(int(network.embed_dim) * (2 if self.pool == "avgmax" else 1))
+
+    def make_views(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None):
+        """:meth:`VoCo.make_views`, the crops then resized to the network input: ``(crops (B·(n + n_t), C, *P),
+        labels (B, n_t, n), starts (B, n_t, 3))``."""
+        crops, labels, starts = super().make_views(batch, generator)
+        return resize_regions(crops, self.input_size).contiguous(), labels, starts
+
+    def pooled_features(self, net: nn.Module, crops: torch.Tensor) -> torch.Tensor:
+        """``crops (N, C, *P)`` -> mean over the encoded tokens ``(N, E)`` (``avgmax``: ``(N, 2E)``, mean and max)."""
+        from ssl_nnunet.backbones.primus import encode_tokens
+        tokens = encode_tokens(net, crops)                                               # (N, T, E)
+        return torch.cat([tokens.mean(1), tokens.amax(1)], 1) if self.pool == "avgmax" else tokens.mean(1)
+
+    def untrained_parameters(self) -> List[str]:
+        """``up_projection`` never runs in VoCo pretraining."""
+        return [f"network.up_projection.{n}" for n, _ in self.network.up_projection.named_parameters()]
