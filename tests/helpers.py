@@ -101,3 +101,19 @@ def load_primus_export_into_smoke_trainer_network(bundle: str, pretrained_state:
     last = max(k for k in loaded if k.startswith("up_projection.") and k.endswith(".weight"))
     assert loaded[last].shape[1] == num_classes, last
     return net
+
+
+def train_on_fixed_batch(method, batch, steps: int, lr: float = 2e-3):
+    """``steps`` AdamW steps of ``method`` on one fixed ``batch`` (views drawn with the same seed every step, the
+    method's per-step hook after each) -> the outputs of every step, ``[{term: float}]``."""
+    import torch
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=lr)
+    outs = []
+    for step in range(steps):
+        out = method(batch, torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        method.after_optimizer_step(step, steps)
+        outs.append({k: float(v.detach()) for k, v in out.items()})
+    return outs

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from helpers import load_primus_export_into_smoke_trainer_network, train_on_fixed_batch
 from ssl_nnunet.backbones.primus import build_primus
 from ssl_nnunet.methods.base import PlanningContext, merge_layout
 from ssl_nnunet.methods.gvsl import GVSL, PrimusGVSL
@@ -51,19 +52,6 @@ def _eva_inputs(method):
     hook = method.network.eva.blocks[0].register_forward_pre_hook(
         lambda mod, args, kw: seen.append(tuple(args[0].shape)), with_kwargs=True)
     return seen, hook
-
-
-def _train(method, batch, steps, lr):
-    """``steps`` AdamW steps on one fixed batch (views drawn with the same seed every step) -> the outputs."""
-    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=lr)
-    outs = []
-    for _ in range(steps):
-        out = method(batch, torch.Generator().manual_seed(0))
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        outs.append({k: float(v.detach()) for k, v in out.items()})
-    return outs
 
 
 # ------------------------------------------------------------------------------------------------ MiM
@@ -138,7 +126,7 @@ def test_mim_each_level_encodes_exactly_its_visible_tokens_and_aligns_on_hidden_
 def test_mim_loss_falls_on_a_fixed_batch():
     m = _method(PrimusMiM, target="none").train()
     x = torch.randn(1, 1, 32, 32, 32).cumsum(2) / 8  # smooth, learnable content
-    outs = _train(m, x, 12, 3e-3)
+    outs = train_on_fixed_batch(m, x, 12, 3e-3)
     assert outs[-1]["loss"] < 0.5 * outs[0]["loss"], [o["loss"] for o in outs]
     assert all(outs[-1][f"rec_l{lvl}"] < 0.7 * outs[0][f"rec_l{lvl}"] for lvl in (1, 2, 3)), outs[-1]
     assert outs[-1]["align_12"] < 0.5 * outs[-1]["align_12_chance"], outs[-1]  # the alignment is learned too
@@ -191,7 +179,7 @@ def test_gvsl_loss_falls_on_a_fixed_batch():
     m = _method(PrimusGVSL).train()
     base = torch.randn(1, 1, 32, 32, 32).cumsum(2) / 8
     batch = torch.stack([base, torch.roll(base, 2, dims=3)], dim=1)  # (1, 2, C, 32, 32, 32)
-    outs = _train(m, batch, 8, 2e-3)
+    outs = train_on_fixed_batch(m, batch, 8, 2e-3)
     assert outs[-1]["loss"] < 0.9 * outs[0]["loss"], [o["loss"] for o in outs]
     assert outs[-1]["restore"] < 0.8 * outs[0]["restore"], [o["restore"] for o in outs]
 
@@ -200,7 +188,6 @@ def test_gvsl_loss_falls_on_a_fixed_batch():
 
 @pytest.mark.parametrize("method", ["mim", "gvsl"])
 def test_pretrain_export_loads_into_the_network_of_the_primus_trainer(primus_planned, method, tmp_path):
-    from helpers import load_primus_export_into_smoke_trainer_network
     from ssl_nnunet.export import export_bundle
     from ssl_nnunet.training.run import pretrain
     entry = primus_planned["plans"]["ssl"]["methods"][method]
