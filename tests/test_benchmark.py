@@ -150,3 +150,25 @@ def test_throughput_of_primus_mae_against_the_dense_primus(primus_planned):
     assert r["network_passes"] == [f"net {[entry['batch_size'], 1] + entry['pretrain_patch_size']}"]
     assert r["ssl_step_s"] > 0 and r["plain_step_s"] > 0 and r["supervised_nnunet_step_s"] > 0
     assert r["floor_with_teacher_s"] is None
+
+
+def test_transfer_budget_on_primus_refuses_a_method_without_a_primus_realisation(tmp_path):
+    """The Primus budgets plan ``-arch primus_m``; a method without a Primus variant is refused before any work
+    (the full pipeline of ``--budget smoke-primus`` is run by hand, documentation/benchmarks.md)."""
+    from ssl_nnunet.benchmark.transfer import BUDGETS, run_transfer_benchmark
+    from ssl_nnunet.methods import register, unregister
+    from ssl_nnunet.methods.base import SSLMethod
+    from ssl_nnunet.utilities.errors import SSLInputError
+    assert BUDGETS["cpu-small-primus"].arch == "primus_m" and BUDGETS["cpu-small"].arch == "cnn"
+    assert BUDGETS["cpu-small-primus"][:-1] == BUDGETS["cpu-small"][:-1][:2] + (
+        {"1000 it": "nnUNet_Primus_SSLFinetune_CPU1000"},) + BUDGETS["cpu-small"][3:-1]  # the same protocol
+
+    @register
+    class CNNOnly(SSLMethod):
+        name = "cnn_only_toy"
+    try:
+        with pytest.raises(SSLInputError, match="cnn_only_toy has no primus realisation"):
+            run_transfer_benchmark(["mae", "cnn_only_toy"], "smoke-primus", str(tmp_path))
+        assert not os.listdir(tmp_path)  # refused before anything was written
+    finally:
+        unregister("cnn_only_toy")

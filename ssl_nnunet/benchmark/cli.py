@@ -100,7 +100,12 @@ def _throughput(a: argparse.Namespace, argv: Sequence[str]) -> None:
 def _transfer(a: argparse.Namespace, argv: Sequence[str]) -> None:
     from ssl_nnunet.benchmark.transfer import run_transfer_benchmark
     root = a.root or os.path.abspath(os.path.join("ssl_nnunet_data", "benchmark_transfer", a.budget))
-    run_transfer_benchmark(_selected_methods(a.m), a.budget, root, a.device, a.np, a.write_docs)
+    methods = _selected_methods(a.m)
+    if a.m == ["all"]:  # every method with a realisation on the budget's backbone
+        from ssl_nnunet.methods import get_method
+        family = "cnn" if BUDGETS[a.budget].arch == "cnn" else "primus"
+        methods = [m for m in methods if get_method(m).variant_for(family) is not None]
+    run_transfer_benchmark(methods, a.budget, root, a.device, a.np, a.write_docs)
 
 
 def _pretext(a: argparse.Namespace, argv: Sequence[str]) -> None:

@@ -33,7 +33,8 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 import numpy as np
 
 from ssl_nnunet.constants import (CONFIGURATION, DEMO_LABELED_DATASET, DEMO_LABELED_ID, DEMO_UNLABELED_DATASET,
-                                  DEMO_UNLABELED_ID, FINETUNE_PLANS, SSL_PLANS)
+                                  DEMO_UNLABELED_ID, plans_identifiers)
+from ssl_nnunet.utilities.errors import SSLInputError
 from ssl_nnunet.utilities.provenance import project_git_commit
 
 
@@ -45,14 +46,20 @@ class Budget(NamedTuple):
     train_cases: Optional[int]  # per split; None: all cases that are not validation cases, split evenly
     validation_cases: int  # one fixed validation set for every split
     demo_cases: Tuple[int, int]  # (unlabeled Dataset900, labeled Dataset901) cases of the demo datasets
+    arch: str = "cnn"  # backbone (-arch of the planner): "cnn" or a Primus size
 
 
 BUDGETS = {
     # one fine-tuning length: the 300-iteration budget this once also ran had a scratch-vs-scratch noise (0.096
     # Dice per split) larger than every method's gain, so it could not support any verdict (benchmarks.md)
     "cpu-small": Budget("cpu_smoke", 200, {"1000 it": "nnUNetTrainer_SSLFinetune_CPU1000"}, 3, 4, 6, (40, 20)),
+    # the same protocol on the tiny CPU Primus (-arch primus_m -profile cpu_smoke: 96-d, depth 4, 32³); its
+    # fine-tuning trainer is nnunetv2's Primus recipe at the same length, which is also its vanilla arm
+    "cpu-small-primus": Budget("cpu_smoke", 200, {"1000 it": "nnUNet_Primus_SSLFinetune_CPU1000"}, 3, 4, 6, (40, 20),
+                               "primus_m"),
     # keeps the subcommand working (tests): the whole pipeline on the smallest demo datasets it runs with
     "smoke": Budget("cpu_smoke", 2, {"smoke": "nnUNetTrainer_SSLSmoke"}, 1, 4, 2, (8, 6)),
+    "smoke-primus": Budget("cpu_smoke", 2, {"smoke": "nnUNet_Primus_SSLSmoke_Trainer"}, 1, 4, 2, (8, 6), "primus_m"),
     "gpu-full": Budget("gpu", None, {"nnU-Net default": "nnUNetTrainer_SSLFinetune"}, 5, None, 6, (40, 20)),
 }
 SOURCE, TARGET = DEMO_UNLABELED_DATASET, DEMO_LABELED_DATASET
@@ -111,18 +118,18 @@ def _sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def _pretraining_done(env: dict, method: str, iterations, bundle: str) -> bool:
+def _pretraining_done(env: dict, method: str, iterations, bundle: str, ssl_plans: str) -> bool:
     """True when an earlier benchmark run already pretrained ``method`` to the end with the current plan (the
     network and this method's entry) and length and exported it afterwards, so a rerun of the same command
     resumes instead of starting over. Otherwise the method is pretrained again and its old folds are dropped."""
     import torch
-    run = os.path.join(env["nnUNet_results"], SOURCE, f"SSL_{method}__{SSL_PLANS}__{CONFIGURATION}",
+    run = os.path.join(env["nnUNet_results"], SOURCE, f"SSL_{method}__{ssl_plans}__{CONFIGURATION}",
                        "checkpoint_final.pth")
     exported = os.path.join(bundle, "checkpoint_final.pth")
     if not (os.path.isfile(run) and os.path.isfile(exported)) or os.path.getmtime(exported) < os.path.getmtime(run):
         return False
     ckpt = torch.load(run, map_location="cpu", weights_only=False)
-    with open(os.path.join(env["nnUNet_preprocessed"], SOURCE, SSL_PLANS + ".json")) as f:
+    with open(os.path.join(env["nnUNet_preprocessed"], SOURCE, ssl_plans + ".json")) as f:
         plans = json.load(f)
 
     def strip(p: dict) -> dict:  # this method's entry and everything outside the ssl block (network, spacing, ...)
@@ -152,12 +159,19 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
     from ssl_nnunet.data.demo_dataset import make_demo_datasets
     from ssl_nnunet.export.exporter import export_bundle
     from ssl_nnunet.export.transfer import transfer_and_preprocess
-    from ssl_nnunet.finetune.finetune import fold_finished, fold_folder, run_fold
+    from ssl_nnunet.finetune.finetune import fold_finished, fold_folder, resolve_bundle, run_fold, target_weights
+    from ssl_nnunet.methods import get_method
     from ssl_nnunet.finetune.statistics import fold_case_dice
     from ssl_nnunet.nnunet_trainers import vanilla_trainer
     from ssl_nnunet.training.run import pretrain
     from ssl_nnunet.utilities.file_io import atomic_save_json, load_json
-    profile, pre_iters, trainers, n_splits, train_cases, n_val, demo_cases = BUDGETS[budget]
+    profile, pre_iters, trainers, n_splits, train_cases, n_val, demo_cases, arch = BUDGETS[budget]
+    family = "cnn" if arch == "cnn" else "primus"
+    unsupported = [m for m in methods if get_method(m).variant_for(family) is None]
+    if unsupported:
+        raise SSLInputError(f"--budget {budget} ({arch}): {', '.join(unsupported)} has no {family} realisation; "
+                            f"choose among the methods that have one.")
+    ssl_plans, ft_plans = plans_identifiers(arch)
     env = {"nnUNet_raw": os.path.join(root, "nnUNet_raw"),
            "nnUNet_preprocessed": os.path.join(root, "nnUNet_preprocessed"),
            "nnUNet_results": os.path.join(root, "nnUNet_results"),
@@ -175,15 +189,15 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
         print("[1] demo datasets + plans")
         with _step(log, f"demo datasets ({demo_cases[0]} unlabeled, {demo_cases[1]} labeled cases)"):
             make_demo_datasets(n_unlabeled=demo_cases[0], n_labeled=demo_cases[1])
-        with _step(log, f"plan and preprocess {SOURCE} (profile {profile})"):
+        with _step(log, f"plan and preprocess {SOURCE} (profile {profile}, -arch {arch})"):
             extract_fingerprint(DEMO_UNLABELED_ID, num_processes, overwrite=True, verbose=False)
-            plan_experiment(DEMO_UNLABELED_ID, profile, verbose=False)
-            preprocess(DEMO_UNLABELED_ID, num_processes=num_processes, verbose=False)
+            plan_experiment(DEMO_UNLABELED_ID, profile, verbose=False, arch=arch)
+            preprocess(DEMO_UNLABELED_ID, plans_identifier=ssl_plans, num_processes=num_processes, verbose=False)
         bundles = {}
         for m in methods:
             print(f"[2] pretrain + export {m} ({pre_iters or 'plan'} iterations)")
             bundles[m] = os.path.join(env["nnUNet_results"], SOURCE, f"export_{m}")
-            if _pretraining_done(env, m, pre_iters, bundles[m]):
+            if _pretraining_done(env, m, pre_iters, bundles[m], ssl_plans):
                 print(f"    finished earlier with this plan and length; skipped ({bundles[m]})")
                 timings[f"pretrain {m}"] = 0.0
                 reused.append(f"pretraining {m}")
@@ -194,13 +208,14 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
                 shutil.rmtree(stale)
             t0 = time.time()
             with _step(log, f"pretrain {m} on {SOURCE} ({pre_iters or 'plan'} iterations, {device})"):
-                pretrain(DEMO_UNLABELED_ID, m, device=device, iterations=pre_iters or None, seed=PRETRAIN_SEED)
+                pretrain(DEMO_UNLABELED_ID, m, ssl_plans, device=device, iterations=pre_iters or None,
+                         seed=PRETRAIN_SEED)
             timings[f"pretrain {m}"] = time.time() - t0
             with _step(log, f"export {m} to {bundles[m]}"):
-                export_bundle(DEMO_UNLABELED_ID, m, bundles[m])
+                export_bundle(DEMO_UNLABELED_ID, m, bundles[m], ssl_plans)
         print(f"[3] transfer plans to Dataset{DEMO_LABELED_ID} + label-scarce splits")
-        with _step(log, f"transfer {FINETUNE_PLANS} to {TARGET}, preprocess, label-scarce splits"):
-            target_plans = transfer_and_preprocess(DEMO_UNLABELED_ID, DEMO_LABELED_ID, FINETUNE_PLANS, num_processes)
+        with _step(log, f"transfer {ft_plans} to {TARGET}, preprocess, label-scarce splits"):
+            target_plans = transfer_and_preprocess(DEMO_UNLABELED_ID, DEMO_LABELED_ID, ft_plans, num_processes)
             data = os.path.join(env["nnUNet_preprocessed"], TARGET,
                                 load_json(target_plans)["configurations"][CONFIGURATION]["data_identifier"])
             ids = sorted({f.split(".")[0] for f in os.listdir(data) if f.endswith(".pkl")})
@@ -214,14 +229,19 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
                                  f"Dataset{DEMO_LABELED_ID} (labeled)": demo_cases[1]},
                   "command": " ".join(["ssl_nnunet_benchmark", *sys.argv[1:]]),
                   "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, device {device}", "git_commit": commit,
-                  "plan_sha256": {f"{SSL_PLANS} (Dataset{DEMO_UNLABELED_ID})": _sha256(os.path.join(
-                      env["nnUNet_preprocessed"], SOURCE, SSL_PLANS + ".json")),
-                      f"{FINETUNE_PLANS} (Dataset{DEMO_LABELED_ID})": _sha256(os.path.join(
-                          env["nnUNet_preprocessed"], TARGET, FINETUNE_PLANS + ".json"))}}
+                  "arch": arch,
+                  "plan_sha256": {f"{ssl_plans} (Dataset{DEMO_UNLABELED_ID})": _sha256(os.path.join(
+                      env["nnUNet_preprocessed"], SOURCE, ssl_plans + ".json")),
+                      f"{ft_plans} (Dataset{DEMO_LABELED_ID})": _sha256(os.path.join(
+                          env["nnUNet_preprocessed"], TARGET, ft_plans + ".json"))}}
         results: Dict[str, Dict[str, List[float]]] = {}
         per_case: Dict[str, Dict[str, Dict[int, Dict[str, float]]]] = {}
         ft_root = os.path.join(env["nnUNet_results"], TARGET, "ssl_nnunet_benchmark")
-        arms = {**{m: os.path.join(bundles[m], "checkpoint_final.pth") for m in methods},
+        # the weights each method's arm starts from, for the target (a Primus gets its own up_projection for the
+        # target's classes; a CNN bundle is used as it is)
+        with _step(log, f"pretrained weights for {TARGET}"):
+            weights_for = {m: target_weights(resolve_bundle(bundles[m]), TARGET, False, bundles[m])[0] for m in methods}
+        arms = {**weights_for,
                 "scratch": None, "scratch_seed2": None, "scratch_vanilla": None}
         for label, trainer in trainers.items():
             results[label], per_case[label] = {}, {}
@@ -232,14 +252,14 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
                 for fold in range(n_splits):
                     arm_root = os.path.join(ft_root, arm)
                     t0 = time.time()
-                    folder = fold_folder(arm_root, TARGET, arm_trainer, fold)
+                    folder = fold_folder(arm_root, TARGET, arm_trainer, fold, ft_plans)
                     if fold_finished(folder):  # reused without starting a child process
                         reused.append(f"fine-tuning {label} {arm} split {fold}")
                     else:
                         log.write(f"fine-tune {arm} split {fold} with {arm_trainer}: {folder}\n")
                         log.flush()
                         run_fold(arm_root, TARGET, fold, arm_trainer, device, weights, num_processes,
-                                 label=f"{arm} {label} split {fold}")
+                                 label=f"{arm} {label} split {fold}", plans_identifier=ft_plans)
                     timings[f"finetune {label} {arm} split {fold}"] = time.time() - t0
                     with open(os.path.join(folder, "validation", "summary.json")) as f:
                         dice.append(float(json.load(f)["foreground_mean"]["Dice"]))
@@ -303,8 +323,8 @@ def write_results(summary: dict, root: str, write_docs: bool) -> None:
     from ssl_nnunet.utilities.file_io import atomic_copy, atomic_save_json, atomic_write, atomic_write_text
     atomic_save_json(summary, os.path.join(root, "results.json"))
     lines = ["# Transfer benchmark: pretrained vs scratch on the demo task", "",
-             f"Budget `{summary['budget']}` (profile {summary['profile']}, {summary['pretraining_iterations']} "
-             f"pretraining iterations per method on Dataset900; fine-tuning on Dataset901 with "
+             f"Budget `{summary['budget']}` (profile {summary['profile']}, backbone {summary.get('arch', 'cnn')}, "
+             f"{summary['pretraining_iterations']} pretraining iterations per method on Dataset900; fine-tuning on Dataset901 with "
              f"{summary['splits']} label-scarce splits of {summary['train_cases_per_split']} training cases, one "
              f"fixed validation set of {summary['validation_cases']} cases; wall time "
              f"{summary['wall_time_s'] / 60:.1f} min"

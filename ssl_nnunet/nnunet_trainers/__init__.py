@@ -25,6 +25,7 @@ VANILLA_TRAINERS = {
     "nnUNetTrainer_SSLSmoke": "nnUNetTrainer_SSLSmoke",
     # Primus: nnunetv2's trainers and the CPU smoke variant already run nnunetv2's own Primus recipe
     "nnUNet_Primus_SSLSmoke_Trainer": "nnUNet_Primus_SSLSmoke_Trainer",
+    "nnUNet_Primus_SSLFinetune_CPU1000": "nnUNet_Primus_SSLFinetune_CPU1000",
     "nnUNet_Primus_S_Trainer": "nnUNet_Primus_S_Trainer", "nnUNet_Primus_B_Trainer": "nnUNet_Primus_B_Trainer",
     "nnUNet_Primus_M_Trainer": "nnUNet_Primus_M_Trainer", "nnUNet_Primus_L_Trainer": "nnUNet_Primus_L_Trainer",
 }
