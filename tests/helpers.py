@@ -70,3 +70,50 @@ def tensorboard_scalars(log_dir):
     tags = acc.Tags()
     scalars = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags["scalars"]}
     return scalars, list(tags["images"])
+
+
+def load_primus_export_into_smoke_trainer_network(bundle: str, pretrained_state: dict, num_classes: int):
+    """Load a Primus bundle's ``checkpoint_final.pth`` into the network nnU-Net's ``nnUNet_Primus_SSLSmoke_Trainer``
+    builds from the bundle's plans (``load_pretrained_weights`` asserts every key and shape), then check each key:
+    ``down_projection.*`` / ``eva.*`` equal the pretrained network's ``pretrained_state``, the rest the bundle's
+    (fresh ``up_projection`` with ``num_classes`` outputs). Returns the loaded network."""
+    import sys
+
+    import torch
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from ssl_nnunet.nnunet_trainers import trainer_dir
+    sys.path.insert(0, trainer_dir())
+    try:
+        from nnUNet_Primus_SSLSmoke_Trainer import nnUNet_Primus_SSLSmoke_Trainer as trainer_class
+    finally:
+        sys.path.remove(trainer_dir())
+    path = os.path.join(bundle, "checkpoint_final.pth")
+    ckpt = torch.load(path, weights_only=True)
+    pm = PlansManager(ckpt["init_args"]["plans"])
+    net = trainer_class.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, num_classes, False)
+    load_pretrained_weights(net, path)
+    loaded = net.state_dict()
+    assert set(loaded) == set(ckpt["network_weights"])
+    for k, v in loaded.items():
+        expected = pretrained_state[k] if k.startswith(("down_projection.", "eva.")) else ckpt["network_weights"][k]
+        assert torch.equal(v, expected.cpu()), k
+    last = max(k for k in loaded if k.startswith("up_projection.") and k.endswith(".weight"))
+    assert loaded[last].shape[1] == num_classes, last
+    return net
+
+
+def train_on_fixed_batch(method, batch, steps: int, lr: float = 2e-3):
+    """``steps`` AdamW steps of ``method`` on one fixed ``batch`` (views drawn with the same seed every step, the
+    method's per-step hook after each) -> the outputs of every step, ``[{term: float}]``."""
+    import torch
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=lr)
+    outs = []
+    for step in range(steps):
+        out = method(batch, torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        method.after_optimizer_step(step, steps)
+        outs.append({k: float(v.detach()) for k, v in out.items()})
+    return outs

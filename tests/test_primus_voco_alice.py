@@ -6,6 +6,8 @@ import sys
 import pytest
 import torch
 
+from helpers import train_on_fixed_batch
+
 from ssl_nnunet.backbones.primus import build_primus, encode_tokens
 from ssl_nnunet.methods.alice import Alice, PrimusAlice
 from ssl_nnunet.methods.base import PlanningContext
@@ -47,16 +49,7 @@ def _smooth(shape, seed):
 
 
 def _falls(method, batch, steps, lr=2e-3):
-    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        out = method(batch, torch.Generator().manual_seed(0))
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        method.after_optimizer_step(len(losses), steps)
-        losses.append(float(out["loss"].detach()))
-    return losses
+    return [out["loss"] for out in train_on_fixed_batch(method, batch, steps, lr)]
 
 
 # ------------------------------------------------------------------------------------------------ VoCo

@@ -315,12 +315,17 @@ class TokenDecoder(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
-    def forward(self, visible: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
-        """``visible (B, K, E)``, ``keep_idx (B, K)`` -> ``(B, N, out_dim)``."""
+    def features(self, visible: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        """The decoded tokens before the output map: ``visible (B, K, E)``, ``keep_idx (B, K)`` -> ``(B, N, d)``
+        (after the final LayerNorm; MiM's alignment features)."""
         x = scatter_tokens(self.embed(visible), keep_idx, self.mask_token, self.num_tokens) + self.pos_embed
         for blk in self.blocks:
             x = blk(x)
-        return self.out(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, visible: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        """``visible (B, K, E)``, ``keep_idx (B, K)`` -> ``(B, N, out_dim)``."""
+        return self.out(self.features(visible, keep_idx))
 
 
 def decoder_width(embed_dim: int, fraction: float, heads: int) -> int:

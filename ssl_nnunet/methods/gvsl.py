@@ -64,7 +64,7 @@ from ssl_nnunet.methods.geometry import (affine_matrix, affine_warp, compose_dis
 from ssl_nnunet.utilities.errors import SSLInputError
 
 __all__ = [
-    "GVSL",
+    "GVSL", "PrimusGVSL",
     "bound_affine_params", "local_ncc", "ncc_loss", "smoothness_loss",
 ]
 
@@ -289,6 +289,12 @@ class GVSL(SSLMethod):
     name = "gvsl"
     trained_parts = "encoder and decoder (the whole U-Net, as in the GVSL paper)"
     cases_per_sample = 2
+
+    @classmethod
+    def variant_for(cls, architecture_family: str):
+        """CNN: :class:`GVSL`; Primus: :class:`PrimusGVSL` (global = token map, local = the patch decoder's map)."""
+        return {"cnn": GVSL, "primus": PrimusGVSL}.get(architecture_family)
+
     layout_defaults = {"ncc_window": 9, "affine_bounds": [math.pi / 9, 0.25, math.pi / 18],
                        "spatial_aug": {"rotation": math.pi / 9, "scale": [0.75, 1.25], "shear": math.pi / 18,
                                        "translation": 0.1, "elastic_sigma": [10, 13], "elastic_alpha": [0, 512]},
@@ -319,9 +325,6 @@ class GVSL(SSLMethod):
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__(network, method_plan, ssl_plan, num_input_channels)
-        check_unet(network)
-        if len(network.encoder.strides[0]) != 3:
-            raise SSLInputError("gvsl supports 3D networks only (the plan's network is not 3D)")
         layout = self.layout
         self.patch = [int(p) for p in self.required_patch_size(method_plan)]
         _require(len(self.patch) == 3, "pair_patch", f"needs 3 axes, got {self.patch}")
@@ -358,11 +361,24 @@ class GVSL(SSLMethod):
         self.shuffle_window, self.shuffle_count = _shuffle_geometry(self.patch, {**layout,
                                                                                  "appearance": self.appearance})
 
-        c_global = int(network.encoder.output_channels[-1])
-        c_local = int(network.encoder.output_channels[0])
+        c_global, c_local = self.feature_channels(network)
         self.affine_head = AffineHead(c_global, int(layout["affine_hidden"]))
         self.deform_head = DeformHead(c_local, int(layout["deform_hidden"]))
         self.restore_head = RestoreHead(c_local, int(layout["restore_hidden"]), num_input_channels)
+
+    def feature_channels(self, network: nn.Module) -> Tuple[int, int]:
+        """``(C_g, C_l)`` of the global and local maps of :meth:`global_local_features` (the network checked):
+        the bottleneck's and the last decoder stage's channels of a 3D U-Net."""
+        check_unet(network)
+        if len(network.encoder.strides[0]) != 3:
+            raise SSLInputError("gvsl supports 3D networks only (the plan's network is not 3D)")
+        return int(network.encoder.output_channels[-1]), int(network.encoder.output_channels[0])
+
+    def global_local_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``x (N, C, a0, a1, a2)`` → global ``f^g = e_{K-1} (N, C_g, a/S)`` (bottleneck) and local
+        ``f^l = d_{K-2} (N, C_l, a0, a1, a2)`` (last decoder stage)."""
+        enc, dec, _ = forward_features(self.network, x)
+        return enc[-1], dec[-1]
 
     @classmethod
     def required_patch_size(cls, method_plan: dict) -> List[int]:
@@ -413,8 +429,7 @@ class GVSL(SSLMethod):
         ``matrix`` (B, 3, 3), ``translation`` (B, 3), ``params`` (bounded, dict)."""
         a, at, b = views["A"], views["At"], views["B"]
         n = a.shape[0]
-        enc, dec, _ = forward_features(self.network, torch.cat([at, b], dim=0))
-        f_g, f_l = enc[-1], dec[-1]
+        f_g, f_l = self.global_local_features(torch.cat([at, b], dim=0))
         fa_g, fb_g = f_g[:n], f_g[n:]
         fa_l, fb_l = f_l[:n], f_l[n:]
         params = bound_affine_params(self.affine_head(fb_g, fa_g), self.affine_bounds)
@@ -468,3 +483,76 @@ class GVSL(SSLMethod):
         return {f"registration: A (fixed) | B (moving) | B warped to A | |field| (voxels, max {float(mag.max()):.2f})":
                 [cpu(views["A"]), cpu(views["B"]), cpu(out["warped"]), mag],
                 "restoration: A^t (input) | restored | A": [cpu(views["At"]), cpu(out["restored"]), cpu(views["A"])]}
+
+
+LOCAL_FEATURES = ("patch_decoder", "tokens")
+
+
+class PrimusGVSL(GVSL):
+    """GVSL on Primus (documentation/methods/gvsl.md, "Primus"): GVSL's views, heads and losses on Primus' features.
+
+    * global ``f^g (N, E, *P/t)``: every token encoded (:func:`~ssl_nnunet.backbones.primus.token_map`), the
+      stride-t counterpart of the CNN's bottleneck; the affine head pools it after its conv trunk, as on the CNN.
+    * local ``f^l (N, C_l, *P)`` (layout key ``local_features``):
+
+      - ``patch_decoder`` (default): the network's own patch decoder ``up_projection`` without its last
+        projection (transposed convolutions t → t/2 → … → 2 with LayerNorm and GELU; ``C_l`` its last hidden
+        width, e.g. 8 at the cpu_smoke Primus, 16 at Primus-M), trilinearly upsampled by the last stride (2) to
+        full resolution. The last projection never runs: it is frozen.
+      - ``tokens``: the token map through a learned 1×1×1 convolution ``E → C_l`` (a head, not exported),
+        trilinearly upsampled by t; ``up_projection`` never runs (frozen).
+
+      The deformable and restoration heads read it.
+
+    The appearance transform, the shared spatial augmentation, the pair sampling and the other layout keys are
+    :class:`GVSL`'s; ``pair_patch`` must be the plan's patch (Primus' position embedding fixes the input).
+    Export keeps ``down_projection`` + ``eva``; ``up_projection`` is not transferred, the target gets a fresh
+    one for its classes.
+    """
+
+    trained_parts = ("down_projection and eva (GVSL's heads read the token map and the patch decoder's features); "
+                     "up_projection is not transferred (the target gets a fresh one for its classes)")
+    layout_defaults = {**GVSL.layout_defaults, "local_features": "patch_decoder"}
+
+    @classmethod
+    def default_layout(cls, ctx: PlanningContext):
+        patch, layout = super().default_layout(ctx)
+        return patch, {**layout, "local_features": cls.layout_defaults["local_features"]}
+
+    def feature_channels(self, network: nn.Module) -> Tuple[int, int]:
+        """``(E, C_l)``: the token width and the patch decoder's last hidden width; the pair patch checked
+        against the network's token grid."""
+        from ssl_nnunet.backbones.primus import is_primus, token_grid
+        if not is_primus(network):
+            raise SSLInputError(f"the Primus GVSL needs a Primus network, got {type(network).__name__}")
+        token = [int(t) for t in network.down_projection.proj.kernel_size]
+        try:
+            grid = token_grid(self.patch, token)
+        except SSLInputError as e:
+            raise SSLInputError(f"ssl layout of 'gvsl', key 'pair_patch': {e}") from None
+        n_pos = network.eva.pos_embed.shape[1] if network.eva.pos_embed is not None else math.prod(grid)
+        _require(n_pos == math.prod(grid), "pair_patch", f"{self.patch} gives {math.prod(grid)} tokens, the network's "
+                 f"position embedding has {n_pos}: the pair patch must be the plan's patch_size (Primus input_shape)")
+        self.local_features = str(self.layout["local_features"])
+        _require(self.local_features in LOCAL_FEATURES, "local_features",
+                 f"must be one of {LOCAL_FEATURES}, got {self.local_features!r}")
+        c_local = int(network.up_projection.decode[-1].in_channels)
+        self.local_proj = nn.Conv3d(int(network.embed_dim), c_local, 1) if self.local_features == "tokens" else None
+        return int(network.embed_dim), c_local
+
+    def global_local_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``x (N, C, a0, a1, a2)`` → the token map ``(N, E, *a/t)`` and the local map ``(N, C_l, a0, a1, a2)``."""
+        from ssl_nnunet.backbones.primus import token_map
+        tokens = token_map(self.network, x)
+        if self.local_proj is not None:
+            hidden = self.local_proj(tokens)                                            # (N, C_l, *a/t)
+        else:
+            hidden = self.network.up_projection.decode[:-1](tokens)                     # (N, C_l, *a/2)
+        return tokens, F.interpolate(hidden, size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)
+
+    def untrained_parameters(self):
+        """The patch decoder's last projection (to C_in) never runs; with ``tokens`` none of it does."""
+        decode = self.network.up_projection.decode
+        first = 0 if self.local_proj is not None else len(decode) - 1
+        return [f"network.up_projection.decode.{i}.{n}" for i in range(first, len(decode))
+                for n, _ in decode[i].named_parameters()]

@@ -18,7 +18,8 @@ Layout keys (``method_plan["layout"]``):
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional, Sequence
+import math
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -46,6 +47,49 @@ def mask_ratio_and_target(layout: dict):
     if target not in TARGETS:
         raise SSLInputError(f"ssl layout of 'mae': target must be one of {TARGETS}, got '{target}'")
     return mask_ratio, target
+
+
+# ------------------------------------------------------------------------------------------------ Primus decoder
+#: the layout keys of the light pretraining decoder of the Primus objectives that reconstruct (MAE, MiM)
+PRIMUS_DECODER_DEFAULTS = {"decoder_width": 0.5, "decoder_depth": 1, "decoder_heads": 4, "pixel_head": "linear"}
+PIXEL_HEADS = ("linear", "up_projection")
+
+
+def build_primus_decoder(network: nn.Module, layout: dict, grid: Sequence[int], num_input_channels: int,
+                         method: str):
+    """``(TokenDecoder, pixel_head)`` of a Primus reconstruction objective from ``layout``'s decoder keys
+    (:data:`PRIMUS_DECODER_DEFAULTS`): the decoder maps encoded visible tokens to all ``N = prod(grid)`` tokens,
+    of ``C·u0·u1·u2`` voxel values each (``pixel_head`` linear) or of width ``E`` for the network's own
+    ``up_projection``."""
+    from ssl_nnunet.backbones.primus import TokenDecoder, decoder_width
+    pixel_head = str(layout["pixel_head"])
+    if pixel_head not in PIXEL_HEADS:
+        raise SSLInputError(f"ssl layout of '{method}' (Primus): pixel_head must be one of {PIXEL_HEADS}, got "
+                            f"'{pixel_head}'")
+    E, heads = int(network.embed_dim), int(layout["decoder_heads"])
+    voxels = num_input_channels * math.prod(int(t) for t in network.down_projection.proj.kernel_size)
+    decoder = TokenDecoder(E, math.prod(int(g) for g in grid), decoder_width(E, layout["decoder_width"], heads),
+                           int(layout["decoder_depth"]), heads, out_dim=voxels if pixel_head == "linear" else None)
+    return decoder, pixel_head
+
+
+def primus_pixels(network: nn.Module, decoded: torch.Tensor, grid: Sequence[int], unit: Sequence[int],
+                  pixel_head: str) -> torch.Tensor:
+    """The reconstruction ``(B, C, Z, Y, X)`` from the decoder's tokens ``decoded (B, N, ·)`` (see
+    :func:`build_primus_decoder`): each token's voxels laid back (linear head) or ``up_projection`` of the
+    token map."""
+    from ssl_nnunet.backbones.primus import patches_to_volume, tokens_to_volume
+    if pixel_head == "linear":
+        return patches_to_volume(decoded, grid, unit)
+    return network.up_projection(tokens_to_volume(decoded, grid))
+
+
+def primus_untrained_up_projection(network: nn.Module, pixel_head: str) -> List[str]:
+    """With the linear pixel head the network's ``up_projection`` never runs: its parameter names (as the method
+    module names them), else none."""
+    if pixel_head != "linear":
+        return []
+    return [f"network.up_projection.{n}" for n, _ in network.up_projection.named_parameters()]
 
 
 @register
@@ -197,8 +241,7 @@ class PrimusMAE(MAE):
 
     trained_parts = ("down_projection and eva (the encoder saw visible tokens only); the pretraining decoder and "
                      "up_projection are not transferred (the target gets a fresh up_projection for its classes)")
-    layout_defaults = {"mask_ratio": 0.75, "target": "none", "decoder_width": 0.5, "decoder_depth": 1,
-                       "decoder_heads": 4, "pixel_head": "linear"}
+    layout_defaults = {"mask_ratio": 0.75, "target": "none", **PRIMUS_DECODER_DEFAULTS}
 
     @classmethod
     def default_layout(cls, ctx: PlanningContext):
@@ -212,7 +255,7 @@ class PrimusMAE(MAE):
         return []
 
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
-        from ssl_nnunet.backbones.primus import TokenDecoder, decoder_width, is_primus, token_grid
+        from ssl_nnunet.backbones.primus import is_primus, token_grid
         SSLMethod.__init__(self, network, method_plan, ssl_plan, num_input_channels)
         if not is_primus(network):
             raise SSLInputError(f"the Primus MAE needs a Primus network, got {type(network).__name__}")
@@ -228,40 +271,22 @@ class PrimusMAE(MAE):
             self.grid = token_grid(method_plan["pretrain_patch_size"], token)
         except SSLInputError as e:
             raise SSLInputError(f"ssl plan of 'mae': {e}") from None
-        E = int(network.embed_dim)
-        heads = int(layout["decoder_heads"])
-        self.pixel_head = str(layout["pixel_head"])
-        if self.pixel_head not in ("linear", "up_projection"):
-            raise SSLInputError(f"ssl layout of 'mae' (Primus): pixel_head must be 'linear' or 'up_projection', got "
-                                f"'{self.pixel_head}'")
-        voxels = num_input_channels * int(torch.tensor(token).prod())
-        self.decoder = TokenDecoder(E, int(torch.tensor(self.grid).prod()),
-                                    decoder_width(E, layout["decoder_width"], heads), int(layout["decoder_depth"]),
-                                    heads, out_dim=voxels if self.pixel_head == "linear" else None)
+        self.decoder, self.pixel_head = build_primus_decoder(network, layout, self.grid, num_input_channels, "mae")
         self.densify = None
 
     def reconstruct(self, batch: torch.Tensor, mask: torch.Tensor):
         """``batch (B, C, Z, Y, X)`` + token mask ``(B, 1, n0, n1, n2)`` -> ``(encoded visible (B, K, E),
         decoded tokens (B, N, E), rec (B, C, Z, Y, X))``."""
-        from ssl_nnunet.backbones.primus import encode_tokens, token_indices, tokens_to_volume
+        from ssl_nnunet.backbones.primus import encode_tokens, token_indices
         grid = tuple(mask.shape[2:])
         keep = token_indices(mask)
         enc = encode_tokens(self.network, batch, keep)
         dec = self.decoder(enc, keep)
-        if self.pixel_head == "linear":
-            return enc, dec, self._volume_from_patches(dec, grid)
-        return enc, dec, self.network.up_projection(tokens_to_volume(dec, grid))
+        return enc, dec, primus_pixels(self.network, dec, grid, self.mask_unit, self.pixel_head)
 
     def untrained_parameters(self):
         """With the linear pixel head the network's ``up_projection`` never runs in pretraining."""
-        if self.pixel_head != "linear":
-            return []
-        return [f"network.up_projection.{n}" for n, _ in self.network.up_projection.named_parameters()]
-
-    def _volume_from_patches(self, patches: torch.Tensor, grid) -> torch.Tensor:
-        """``(B, N, C·u0·u1·u2)`` -> ``(B, C, Z, Y, X)`` (inverse of :meth:`_token_patches`)."""
-        from ssl_nnunet.backbones.primus import patches_to_volume
-        return patches_to_volume(patches, grid, self.mask_unit)
+        return primus_untrained_up_projection(self.network, self.pixel_head)
 
     def forward(self, batch: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """``batch (B, C_in, Z, Y, X)`` -> ``{"loss", "rec_loss"}``: squared error over the hidden tokens' voxels.
@@ -269,7 +294,7 @@ class PrimusMAE(MAE):
         ``up_projection`` (transposed convolutions with kernel = stride, channel LayerNorm, GELU) acts on each
         token alone, so only the hidden tokens are decoded to voxels, laid out as a ``(B, E, n_hidden, 1, 1)``
         row -> ``(B, C, n_hidden·8, 8, 8)``, i.e. their ``(C, 8, 8, 8)`` patches; the loss equals :func:`masked_mse` of the full reconstruction."""
-        from ssl_nnunet.backbones.primus import encode_tokens, gather_tokens, token_indices
+        from ssl_nnunet.backbones.primus import encode_tokens, gather_tokens, token_indices, volume_to_patches
         if batch.dim() != 5:
             raise ValueError(f"MAE expects a batch (B, C, a0, a1, a2), got shape {tuple(batch.shape)}")
         mask = self.sample_mask(batch, generator)
@@ -278,7 +303,7 @@ class PrimusMAE(MAE):
         enc = encode_tokens(self.network, batch, keep)
         dec = self.decoder(enc, keep)
         B, nh, E = hidden.shape[0], hidden.shape[1], dec.shape[-1]
-        target = gather_tokens(self._token_patches(self.make_target(batch), grid), hidden)
+        target = gather_tokens(volume_to_patches(self.make_target(batch), self.mask_unit), hidden)
         if self.pixel_head == "linear":
             loss = ((gather_tokens(dec, hidden).float() - target) ** 2).mean()
             return {"loss": loss, "rec_loss": loss.detach()}
@@ -291,8 +316,3 @@ class PrimusMAE(MAE):
         rec = rec.reshape(B, C, nh, u0, u1, u2).permute(0, 2, 1, 3, 4, 5).reshape(B, nh, -1)
         loss = ((rec.float() - target) ** 2).mean()
         return {"loss": loss, "rec_loss": loss.detach()}
-
-    def _token_patches(self, x: torch.Tensor, grid) -> torch.Tensor:
-        """``(B, C, Z, Y, X)`` -> ``(B, N, C·u0·u1·u2)``: each token's voxels (C order), tokens in C order."""
-        from ssl_nnunet.backbones.primus import volume_to_patches
-        return volume_to_patches(x, self.mask_unit)

@@ -82,6 +82,8 @@ from ssl_nnunet.methods import register
 from ssl_nnunet.methods.base import PlanningContext, SSLMethod, divides
 from ssl_nnunet.methods.features import check_unet, cumulative_strides
 from ssl_nnunet.methods.helpers import per_axis_ints, split_into_cells, uniform
+from ssl_nnunet.methods.mae import (PRIMUS_DECODER_DEFAULTS, build_primus_decoder, primus_pixels,
+                                    primus_untrained_up_projection)
 from ssl_nnunet.methods.masking import (expand_mask, masked_mse, num_hidden_units, per_unit_target,
                                         random_block_mask, unit_grid)
 from ssl_nnunet.methods.sparse import Densify, convert_encoder_to_sparse, derive_remask_strides, sparse_masked_forward
@@ -89,7 +91,7 @@ from ssl_nnunet.utilities.errors import SSLInputError
 
 TARGETS = ("none", "per_unit")
 
-__all__ = ["MiM", "MiMViews", "unit_boxes", "sample_hidden_units", "unit_mean_features",
+__all__ = ["MiM", "PrimusMiM", "MiMViews", "unit_boxes", "sample_hidden_units", "unit_mean_features",
            "info_nce", "resize_to"]
 
 
@@ -225,21 +227,31 @@ def _mlp(c_in: int, dim: int) -> nn.Sequential:
 
 # ------------------------------------------------------------------------------------------------------------
 
-def _mim_u2(P: int, q: int) -> int:
-    candidates = [d for d in range(2 * q, P + 1, 2 * q) if P % d == 0]
-    if not candidates:
-        candidates = [d for d in range(q, P + 1, q) if P % d == 0]
-    return min(candidates, key=lambda d: (abs(d - P / 6), d))
+#: the quantum multiples a MiM unit may be, most preferred first. CNN: 2q (the bottleneck is then masked too), else
+#: q; Primus: q (a token), documentation/methods/mim.md "Primus"
+CNN_UNIT_MULTIPLES = (2, 1)
+PRIMUS_UNIT_MULTIPLES = (1,)
 
 
-def _level1_mask_unit(P: int, unit1: int, q: int) -> int:
-    """Level-1 mask unit per axis: a divisor of the level-1 unit, multiple of q (2q preferred), closest to P/6
-    (the paper masks a 6³ grid of level-1 tokens)."""
-    for step in (2 * q, q):
-        candidates = [d for d in range(step, unit1 + 1, step) if unit1 % d == 0]
+def _closest_divisor(P: int, limit: int, q: int, multiples: Sequence[int]) -> int:
+    """The divisor of ``limit`` that is a multiple of ``m·q`` for the first ``m`` of ``multiples`` that has one,
+    closest to P/6 (ties: the smaller); ``limit`` itself when none is."""
+    for m in multiples:
+        candidates = [d for d in range(m * q, limit + 1, m * q) if limit % d == 0]
         if candidates:
             return min(candidates, key=lambda d: (abs(d - P / 6), d))
-    return unit1
+    return limit
+
+
+def _mim_u2(P: int, q: int, multiples: Sequence[int] = CNN_UNIT_MULTIPLES) -> int:
+    """u2 per axis: a divisor of P, a multiple of q (2q preferred on the CNN), closest to P/6."""
+    return _closest_divisor(P, P, q, multiples)
+
+
+def _level1_mask_unit(P: int, unit1: int, q: int, multiples: Sequence[int] = CNN_UNIT_MULTIPLES) -> int:
+    """Level-1 mask unit per axis: a divisor of the level-1 unit, multiple of q (2q preferred on the CNN), closest
+    to P/6 (the paper masks a 6³ grid of level-1 tokens)."""
+    return _closest_divisor(P, unit1, q, multiples)
 
 
 def level1_gamma_cap(patch: Sequence[int], level1_unit: Sequence[int], mask_unit: Sequence[int], ratio: float) -> int:
@@ -249,10 +261,12 @@ def level1_gamma_cap(patch: Sequence[int], level1_unit: Sequence[int], mask_unit
     return min_mostly_hidden(n1, cells, num_hidden_units(n1 * cells, ratio))
 
 
-def mim_layout(patch: List[int], quantum: List[int], median_shape: Sequence[float]) -> dict:
+def mim_layout(patch: List[int], quantum: List[int], median_shape: Sequence[float],
+               unit_multiples: Sequence[int] = CNN_UNIT_MULTIPLES) -> dict:
     """MiM (METHODS.md §6.4): X1 = r1 ⊙ P (r1 = 2, or 1 where 2P exceeds the median shape), level-1 grid g1 = r1
     (units of P/r1 in x1 = native P-sized level-2 regions), u2 ≈ P/6 (multiple of 2q), level 3 = a u2 region
-    zoomed to P.
+    zoomed to P. ``unit_multiples``: the quantum multiples u2 and the level-1 mask unit may be
+    (:data:`CNN_UNIT_MULTIPLES` / :data:`PRIMUS_UNIT_MULTIPLES`).
 
     Small-image fallback: when r1 = 1 on every axis (images smaller than 2P everywhere) a single level-1 unit
     would leave nothing visible next to the hidden one. Then X1 = P is split into halves (g1 = 2 wherever P/2 is
@@ -263,9 +277,9 @@ def mim_layout(patch: List[int], quantum: List[int], median_shape: Sequence[floa
     grid1 = list(r1)
     if int(np.prod(r1)) == 1:
         grid1 = [2 if P % (2 * q) == 0 else 1 for P, q in zip(patch, quantum)]
-    u2 = [_mim_u2(P, q) for P, q in zip(patch, quantum)]
+    u2 = [_mim_u2(P, q, unit_multiples) for P, q in zip(patch, quantum)]
     unit1 = [P // g for P, g in zip(patch, grid1)]
-    mask_unit1 = [_level1_mask_unit(P, u, q) for P, u, q in zip(patch, unit1, quantum)]
+    mask_unit1 = [_level1_mask_unit(P, u, q, unit_multiples) for P, u, q in zip(patch, unit1, quantum)]
     cap = level1_gamma_cap(patch, unit1, mask_unit1, d["ratios"][0])
     return {"r1": r1, "level1_region": [r * P for r, P in zip(r1, patch)],
             "level1_unit": unit1, "level1_mask_unit": mask_unit1, "level2_zoom": [g // r for g, r in zip(grid1, r1)],
@@ -320,6 +334,11 @@ class MiM(SSLMethod):
                        "context_grid": [2, 2, 2]}
 
     required_layout_keys = ("r1", "level1_region", "level1_unit", "u2", "gamma", "align_stride")
+
+    @classmethod
+    def variant_for(cls, architecture_family: str):
+        """CNN: :class:`MiM` (sparse U-Net); Primus: :class:`PrimusMiM` (visible tokens through EVA)."""
+        return {"cnn": MiM, "primus": PrimusMiM}.get(architecture_family)
 
     # ---------------------------------------------------------------------------------------------- planning
     @classmethod
@@ -387,9 +406,44 @@ class MiM(SSLMethod):
     def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
         super().__init__(network, method_plan, ssl_plan, num_input_channels)
         check_unet(network)
+        self._read_layout(len(network.encoder.strides[0]))
+
+        n_out = getattr(network.decoder, "num_classes", num_input_channels)
+        if n_out != num_input_channels:
+            raise SSLInputError(f"MiM needs a network with num_classes = C_in = {num_input_channels}, got {n_out}")
+
+        # sparse encoder: which stages are re-masked for each level's unit (input coordinates)
+        cum = [list(s) for s in cumulative_strides(network)]
+        rem1 = derive_remask_strides(network, self.mask_unit1)
+        rem2 = derive_remask_strides(network, self.u2)
+        if not rem1 or not rem2:
+            raise SSLInputError(f"ssl layout of 'mim': level1_mask_unit {self.mask_unit1} and u2 {self.u2} must be "
+                                f"multiples of the first stage's stride {cum[0]}")
+        # one forward for all levels when mask 1 can be written on the u2 grid with the same re-masked stages
+        self.fused = (all(a % b == 0 for a, b in zip(self.mask_unit1, self.u2))
+                      and sorted(map(tuple, rem1)) == sorted(map(tuple, rem2)))
+        convert_encoder_to_sparse(network)
+        masked = [s in rem1 or s in rem2 for s in cum]
+        self.densify = Densify(network.encoder.output_channels, network.encoder.conv_op, masked_stages=masked)
+
+        # alignment tap: decoder map d_j with stride align_stride (d_j has the stride of encoder stage K-2-j)
+        K = len(cum)
+        taps = [j for j in range(K - 1) if cum[K - 2 - j] == self.align_stride]
+        if not taps:
+            raise SSLInputError(f"ssl layout of 'mim': align_stride {self.align_stride} is not the stride of a decoder "
+                                f"stage (available: {[cum[K - 2 - j] for j in range(K - 1)]})")
+        self.tap = taps[0]
+        if any(u % a for u, a in zip(self.unit1, self.align_stride)) or any(
+                u % a for u, a in zip(self.u2, self.align_stride)):
+            raise SSLInputError(f"ssl layout of 'mim': align_stride {self.align_stride} must divide level1_unit "
+                                f"{self.unit1} and u2 {self.u2}")
+        c_tap = int(network.encoder.output_channels[K - 2 - self.tap])
+        self._build_alignment_heads(c_tap)
+
+    def _read_layout(self, ndim: int) -> None:
+        """Sizes, grids, ratios, γ/β, α/τ, level weights and target of the layout (every backbone), checked."""
         lay = self.layout
-        ndim = len(network.encoder.strides[0])
-        self.patch = per_axis_ints(method_plan["pretrain_patch_size"], ndim, "pretrain_patch_size", "mim")
+        self.patch = per_axis_ints(self.method_plan["pretrain_patch_size"], ndim, "pretrain_patch_size", "mim")
         self.r1 = per_axis_ints(lay["r1"], ndim, "r1", "mim")
         self.region = per_axis_ints(lay["level1_region"], ndim, "level1_region", "mim")
         self.unit1 = per_axis_ints(lay["level1_unit"], ndim, "level1_unit", "mim")
@@ -459,40 +513,15 @@ class MiM(SSLMethod):
         if self.target not in TARGETS:
             raise SSLInputError(f"ssl layout of 'mim': target must be one of {TARGETS}, got '{self.target}'")
 
-        n_out = getattr(network.decoder, "num_classes", num_input_channels)
-        if n_out != num_input_channels:
-            raise SSLInputError(f"MiM needs a network with num_classes = C_in = {num_input_channels}, got {n_out}")
-
-        # sparse encoder: which stages are re-masked for each level's unit (input coordinates)
-        cum = [list(s) for s in cumulative_strides(network)]
-        rem1 = derive_remask_strides(network, self.mask_unit1)
-        rem2 = derive_remask_strides(network, self.u2)
-        if not rem1 or not rem2:
-            raise SSLInputError(f"ssl layout of 'mim': level1_mask_unit {self.mask_unit1} and u2 {self.u2} must be "
-                                f"multiples of the first stage's stride {cum[0]}")
-        # one forward for all levels when mask 1 can be written on the u2 grid with the same re-masked stages
-        self.fused = (all(a % b == 0 for a, b in zip(self.mask_unit1, self.u2))
-                      and sorted(map(tuple, rem1)) == sorted(map(tuple, rem2)))
-        convert_encoder_to_sparse(network)
-        masked = [s in rem1 or s in rem2 for s in cum]
-        self.densify = Densify(network.encoder.output_channels, network.encoder.conv_op, masked_stages=masked)
-
-        # alignment tap: decoder map d_j with stride align_stride (d_j has the stride of encoder stage K-2-j)
-        K = len(cum)
-        taps = [j for j in range(K - 1) if cum[K - 2 - j] == self.align_stride]
-        if not taps:
-            raise SSLInputError(f"ssl layout of 'mim': align_stride {self.align_stride} is not the stride of a decoder "
-                                f"stage (available: {[cum[K - 2 - j] for j in range(K - 1)]})")
-        self.tap = taps[0]
-        if any(u % a for u, a in zip(self.unit1, self.align_stride)) or any(
-                u % a for u, a in zip(self.u2, self.align_stride)):
-            raise SSLInputError(f"ssl layout of 'mim': align_stride {self.align_stride} must divide level1_unit "
-                                f"{self.unit1} and u2 {self.u2}")
-        c_tap = int(network.encoder.output_channels[K - 2 - self.tap])
+    def _build_alignment_heads(self, c_tap: int) -> None:
+        """Projector (candidates: the coarser volume's units, ``Linear(c_tap, D) → GELU → Linear(D, D)``),
+        aggregator (context: the finer volume's tap map averaged onto ``context_grid``, flattened, same MLP
+        shape) and the optional unit-position embeddings of the candidates (``candidate_position``)."""
+        lay = self.layout
         self.proj_dim = int(lay["proj_dim"])
         self.projector = _mlp(c_tap, self.proj_dim)   # candidates (coarser volume's units)
-        self.context_grid = per_axis_ints(lay["context_grid"], ndim, "context_grid", "mim")
-        tap_size = [p // a for p, a in zip(P, self.align_stride)]
+        self.context_grid = per_axis_ints(lay["context_grid"], len(self.patch), "context_grid", "mim")
+        tap_size = [p // a for p, a in zip(self.patch, self.align_stride)]
         if any(g < 1 or t % g for g, t in zip(self.context_grid, tap_size)):
             raise SSLInputError(f"ssl layout of 'mim': context_grid {self.context_grid} must divide the alignment map "
                                 f"{tap_size} (patch / align_stride)")
@@ -501,9 +530,9 @@ class MiM(SSLMethod):
         self.candidate_position = bool(lay["candidate_position"])
         self.position12 = self.position23 = None
         if self.candidate_position:
-            self.position12 = nn.Parameter(0.1 * torch.randn(n1, c_tap))
+            self.position12 = nn.Parameter(0.1 * torch.randn(math.prod(self.grid1), c_tap))
             if self.beta > 0:
-                self.position23 = nn.Parameter(0.1 * torch.randn(n2, c_tap))
+                self.position23 = nn.Parameter(0.1 * torch.randn(math.prod(self.grid2), c_tap))
 
     # --------------------------------------------------------------------------------------------------------
     @classmethod
@@ -661,3 +690,99 @@ class MiM(SSLMethod):
             rows[f"level {lvl}: input | masked | reconstruction"] = [
                 x[0, 0].cpu(), torch.where(visible, x, 0.0)[0, 0].cpu(), torch.where(visible, x, rec)[0, 0].cpu()]
         return rows
+
+
+class PrimusMiM(MiM):
+    """Mask in Mask on Primus (documentation/methods/mim.md, "Primus"): the paper's native setting, token masks.
+
+    The views, the reconstruction terms, the alignment and the logged terms are :class:`MiM`'s; only the network
+    pass differs. Every unit (``level1_unit``, ``level1_mask_unit``, ``u2``) is a multiple of the token size
+    ``t`` (the planner's mask quantum), so each level's mask is a token mask ``(N_l, 1, *P/t)``. Per level
+    (one call each, as the levels keep different numbers of tokens):
+
+    * ``keep (N_l, K_l)`` = the visible tokens; ``down_projection`` + EVA on those ``K_l`` tokens only
+      (:func:`~ssl_nnunet.backbones.primus.encode_tokens`);
+    * a light :class:`~ssl_nnunet.backbones.primus.TokenDecoder` shared by the levels (width ``decoder_width · E``,
+      ``decoder_depth`` blocks; mask token at the hidden tokens) → decoded tokens ``(N_l, N, d)``;
+    * the pixel head of the Primus MAE (:func:`~ssl_nnunet.methods.mae.primus_pixels`, ``pixel_head`` linear
+      | up_projection) → the reconstruction ``(N_l, C, *P)``; ``L_R^l`` on the hidden voxels, i.e. the hidden
+      tokens (``target`` per_unit: normalised per mask unit, MAE's ``norm_pix_loss`` when the unit is a token);
+    * the alignment tap = the decoded tokens as a map ``(N_l, d, *P/t)`` (before the pixel head): candidates are
+      its means over the coarser volume's units (stop-gradient, hidden units only), the context its mean over
+      all tokens of the finer volume (defaults ``context_grid`` [1, 1, 1], ``candidate_position`` false: the
+      decoder tokens carry the decoder's position embedding, as the paper's do).
+
+    Primus' position embedding is for the plan's grid, so every level enters at exactly the plan's patch P
+    (``pretrain_patch_size`` must be the network's input; no GPU patch cap as on the CNN).
+
+    Layout keys: :class:`MiM`'s (``align_stride`` = the token size) and ``decoder_width`` 0.5, ``decoder_depth``
+    1, ``decoder_heads`` 4, ``pixel_head`` linear. Export keeps ``down_projection`` + ``eva``.
+    """
+
+    trained_parts = ("down_projection and eva (each level's encoder saw its visible tokens only); the pretraining "
+                     "decoder and up_projection are not transferred (the target gets a fresh up_projection)")
+    #: the decoder tokens carry the TokenDecoder's position embedding (the paper's setting), so the candidates need
+    #: no extra unit-position embedding and the context is the mean over all tokens
+    alignment_defaults = {"candidate_position": False, "context_grid": [1, 1, 1]}
+    layout_defaults = {**MiM.layout_defaults, **alignment_defaults, **PRIMUS_DECODER_DEFAULTS}
+
+    @classmethod
+    def default_layout(cls, ctx: PlanningContext):
+        """:func:`mim_layout` of the plan's patch with token-multiple units (:data:`PRIMUS_UNIT_MULTIPLES`)."""
+        patch = list(ctx.patch_size)
+        layout = mim_layout(patch, ctx.mask_quantum, ctx.median_shape, PRIMUS_UNIT_MULTIPLES)
+        return patch, {**layout, **copy.deepcopy(cls.alignment_defaults), **copy.deepcopy(PRIMUS_DECODER_DEFAULTS)}
+
+    @classmethod
+    def check_layout(cls, method_plan: dict, ssl_plan: dict):
+        warnings = super().check_layout(method_plan, ssl_plan)
+        if list(method_plan["layout"]["align_stride"]) != list(ssl_plan["mask_quantum"]):
+            raise cls.layout_error(ssl_plan, "align_stride", f"{method_plan['layout']['align_stride']} must be the "
+                                                             f"Primus token size {ssl_plan['mask_quantum']}")
+        return warnings
+
+    def __init__(self, network: nn.Module, method_plan: dict, ssl_plan: dict, num_input_channels: int):
+        from ssl_nnunet.backbones.primus import is_primus, token_grid
+        SSLMethod.__init__(self, network, method_plan, ssl_plan, num_input_channels)
+        if not is_primus(network):
+            raise SSLInputError(f"the Primus MiM needs a Primus network, got {type(network).__name__}")
+        self._read_layout(3)
+        self.token = [int(t) for t in network.down_projection.proj.kernel_size]
+        for key, unit in (("level1_unit", self.unit1), ("level1_mask_unit", self.mask_unit1), ("u2", self.u2)):
+            if any(u % t for u, t in zip(unit, self.token)):
+                raise SSLInputError(f"ssl layout of 'mim' (Primus): {key} {unit} is not a multiple of the token size "
+                                    f"{self.token}; re-run the SSL planner on the Primus plan")
+        if self.align_stride != self.token:
+            raise SSLInputError(f"ssl layout of 'mim' (Primus): align_stride {self.align_stride} must be the token "
+                                f"size {self.token} (the alignment reads the decoded tokens)")
+        try:
+            self.token_grid = list(token_grid(self.patch, self.token))
+        except SSLInputError as e:
+            raise SSLInputError(f"ssl plan of 'mim': {e}") from None
+        n_pos = network.eva.pos_embed.shape[1] if network.eva.pos_embed is not None else math.prod(self.token_grid)
+        if n_pos != math.prod(self.token_grid):
+            raise SSLInputError(f"ssl plan of 'mim' (Primus): pretrain_patch_size {self.patch} gives "
+                                f"{math.prod(self.token_grid)} tokens, the network's position embedding has {n_pos}; "
+                                f"the patch must be the plan's patch_size (the Primus input_shape)")
+        self.fused = False
+        self.densify = None
+        self.decoder, self.pixel_head = build_primus_decoder(network, self.layout, self.token_grid,
+                                                             num_input_channels, "mim")
+        self._build_alignment_heads(int(self.decoder.norm.normalized_shape[0]))
+
+    def untrained_parameters(self):
+        """With the linear pixel head the network's ``up_projection`` never runs in pretraining."""
+        return primus_untrained_up_projection(self.network, self.pixel_head)
+
+    def masked_forward(self, views: MiMViews, fused: Optional[bool] = None
+                       ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Every level through the visible-token encoder, the token decoder and the pixel head →
+        ``[(tap_l (N_l, d, *P/t), rec_l (N_l, C, *P))]`` (``fused`` does not apply: one pass per level)."""
+        from ssl_nnunet.backbones.primus import encode_tokens, token_indices, tokens_to_volume
+        out = []
+        for x, m, _ in self._levels(views):
+            keep = token_indices(expand_mask(m, self.token_grid))
+            feats = self.decoder.features(encode_tokens(self.network, x, keep), keep)     # (N_l, N, d)
+            rec = primus_pixels(self.network, self.decoder.out(feats), self.token_grid, self.token, self.pixel_head)
+            out.append((tokens_to_volume(feats, self.token_grid), rec))
+        return out
