@@ -380,7 +380,10 @@ def write_results(summary: dict, root: str, write_docs: bool) -> None:
     if write_docs:
         docs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                             "documentation")
-        atomic_write_text(os.path.join(docs, "results.md"), text + "\n![results](results.png)\n")
-        for name in ("results.png", "results.json"):  # the record travels with the docs, to compare commits
-            atomic_copy(os.path.join(root, name), os.path.join(docs, name))
+        # cpu-small is documentation/results.md; another budget gets its own file (results_<budget>.md), so a
+        # Primus run never overwrites the CNN one
+        stem = "results" if summary["budget"] == "cpu-small" else f"results_{summary['budget']}"
+        atomic_write_text(os.path.join(docs, stem + ".md"), text + f"\n![results]({stem}.png)\n")
+        for ext in (".png", ".json"):  # the record travels with the docs, to compare commits
+            atomic_copy(os.path.join(root, "results" + ext), os.path.join(docs, stem + ext))
     print(text)
