@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from helpers import write_synthetic_dataset
+from helpers import load_primus_export_into_smoke_trainer_network, write_synthetic_dataset
 from ssl_nnunet.backbones.primus import (adapt_primus_weights, build_primus, eva_forward_visible,
                                          interpolate_pos_embed, primus_hyperparameters, scatter_tokens, token_indices,
                                          tokens_from_volume)
@@ -173,31 +173,14 @@ def test_gpu_primus_plan_has_nnunet_sizes(primus_source):
 
 def test_export_loads_into_the_network_of_the_primus_trainer(primus_source, tmp_path):
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from ssl_nnunet.export import export_bundle
-    from ssl_nnunet.nnunet_trainers import trainer_dir
-    sys.path.insert(0, trainer_dir())
-    try:
-        from nnUNet_Primus_SSLSmoke_Trainer import nnUNet_Primus_SSLSmoke_Trainer as T
-    finally:
-        sys.path.remove(trainer_dir())
     out = export_bundle(primus_source["id"], "mae", str(tmp_path / "b"), "sslPlans_primus_m", num_classes=3)
     ckpt = torch.load(os.path.join(out, "checkpoint_final.pth"), weights_only=True)
     assert ckpt["init_args"]["plans"]["plans_name"] == "sslFinetunePlans_primus_m"
     assert ckpt["nnssl_adaptation_plan"]["architecture_plans"]["arch_class_name"] == "PrimusM"
     assert "Primus transfer" in open(os.path.join(out, "README.md")).read()
-    pm = PlansManager(ckpt["init_args"]["plans"])
-    net = T.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 3, False)
-    load_pretrained_weights(net, os.path.join(out, "checkpoint_final.pth"))  # every key and shape asserted
     pretrained = primus_source["trainer"].network.state_dict()
-    loaded = net.state_dict()
-    assert set(loaded) == set(ckpt["network_weights"])
-    for k, v in loaded.items():
-        if k.startswith(("down_projection.", "eva.")):
-            assert torch.equal(v, pretrained[k].cpu()), k
-        else:
-            assert torch.equal(v, ckpt["network_weights"][k]), k
-    assert loaded["up_projection.decode.2.weight"].shape[1] == 3
+    net = load_primus_export_into_smoke_trainer_network(out, pretrained, num_classes=3)  # every key checked
     with pytest.raises(AssertionError):  # the pretraining head (1 output) could never pass nnU-Net's check
         torch.save({"network_weights": pretrained}, str(tmp_path / "raw.pth"))
         load_pretrained_weights(net, str(tmp_path / "raw.pth"))

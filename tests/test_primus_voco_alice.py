@@ -1,12 +1,11 @@
 """VoCo and Alice on the Primus backbone: token-level invariants on a tiny Primus, a loss that falls on a fixed
 batch, and plan -> pretrain -> export -> nnU-Net's Primus trainer network with every key checked."""
 import os
-import sys
 
 import pytest
 import torch
 
-from helpers import train_on_fixed_batch
+from helpers import load_primus_export_into_smoke_trainer_network, train_on_fixed_batch
 
 from ssl_nnunet.backbones.primus import build_primus, encode_tokens
 from ssl_nnunet.methods.alice import Alice, PrimusAlice
@@ -188,10 +187,7 @@ def test_alice_loss_falls_gradients_and_decay_groups():
 
 @pytest.mark.parametrize("method", ["voco", "alice"])
 def test_plan_pretrain_export_and_load_into_the_primus_trainer_network(primus_planned, method, tmp_path):
-    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from ssl_nnunet.export import export_bundle
-    from ssl_nnunet.nnunet_trainers import trainer_dir
     from ssl_nnunet.training.run import pretrain
     entry = primus_planned["plans"]["ssl"]["methods"][method]
     assert entry["pretrain_patch_size"] == [32, 32, 32]
@@ -203,23 +199,6 @@ def test_plan_pretrain_export_and_load_into_the_primus_trainer_network(primus_pl
     trainer = pretrain(primus_planned["id"], method, "sslPlans_primus_m", iterations=2, num_prefetch=1)
     assert type(trainer.method) is {"voco": PrimusVoCo, "alice": PrimusAlice}[method]
     assert all(n.startswith("network.up_projection.") for n in trainer.frozen_parameters) and trainer.frozen_parameters
-    sys.path.insert(0, trainer_dir())
-    try:
-        from nnUNet_Primus_SSLSmoke_Trainer import nnUNet_Primus_SSLSmoke_Trainer as T
-    finally:
-        sys.path.remove(trainer_dir())
     out = export_bundle(primus_planned["id"], method, str(tmp_path / "b"), "sslPlans_primus_m", num_classes=3)
-    ckpt = torch.load(os.path.join(out, "checkpoint_final.pth"), weights_only=True)
-    pm = PlansManager(ckpt["init_args"]["plans"])
-    net = T.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 3, False)
-    load_pretrained_weights(net, os.path.join(out, "checkpoint_final.pth"))  # every key and shape asserted
-    pretrained = trainer.network.state_dict()
-    loaded = net.state_dict()
-    assert set(loaded) == set(ckpt["network_weights"])
-    for k, v in loaded.items():
-        if k.startswith(("down_projection.", "eva.")):
-            assert torch.equal(v, pretrained[k].cpu()), k
-        else:
-            assert torch.equal(v, ckpt["network_weights"][k]), k
-    assert loaded["up_projection.decode.2.weight"].shape[1] == 3
+    load_primus_export_into_smoke_trainer_network(out, trainer.network.state_dict(), num_classes=3)
     assert "down_projection and eva" in open(os.path.join(out, "README.md")).read()
