@@ -103,8 +103,7 @@ def _transfer(a: argparse.Namespace, argv: Sequence[str]) -> None:
     methods = _selected_methods(a.m)
     if a.m == ["all"]:  # every method with a realisation on the budget's backbone
         from ssl_nnunet.methods import get_method
-        family = "cnn" if BUDGETS[a.budget].arch == "cnn" else "primus"
-        methods = [m for m in methods if get_method(m).variant_for(family) is not None]
+        methods = [m for m in methods if get_method(m).variant_for(BUDGETS[a.budget].family) is not None]
     run_transfer_benchmark(methods, a.budget, root, a.device, a.np, a.write_docs)
 
 

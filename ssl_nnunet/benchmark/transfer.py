@@ -48,6 +48,11 @@ class Budget(NamedTuple):
     demo_cases: Tuple[int, int]  # (unlabeled Dataset900, labeled Dataset901) cases of the demo datasets
     arch: str = "cnn"  # backbone (-arch of the planner): "cnn" or a Primus size
 
+    @property
+    def family(self) -> str:
+        """``ssl.architecture_family`` of the budget's plan: "cnn" or "primus"."""
+        return "cnn" if self.arch == "cnn" else "primus"
+
 
 BUDGETS = {
     # one fine-tuning length: the 300-iteration budget this once also ran had a scratch-vs-scratch noise (0.096
@@ -166,7 +171,7 @@ def run_transfer_benchmark(methods: List[str], budget: str, root: str, device: s
     from ssl_nnunet.training.run import pretrain
     from ssl_nnunet.utilities.file_io import atomic_save_json, load_json
     profile, pre_iters, trainers, n_splits, train_cases, n_val, demo_cases, arch = BUDGETS[budget]
-    family = "cnn" if arch == "cnn" else "primus"
+    family = BUDGETS[budget].family
     unsupported = [m for m in methods if get_method(m).variant_for(family) is None]
     if unsupported:
         raise SSLInputError(f"--budget {budget} ({arch}): {', '.join(unsupported)} has no {family} realisation; "
