@@ -141,6 +141,32 @@ def test_transfer_summary_pairs_each_method_with_both_scratch_arms():
     assert set(table["rows"]) == {"mae", "scratch", "scratch_seed2", "scratch_vanilla"}
 
 
+def test_write_docs_names_the_file_by_budget_and_links_the_other_budgets(tmp_path, monkeypatch):
+    """``--write-docs``: cpu-small is results.md (with a link to every other budget's results_<budget>.md), any
+    other budget writes its own results_<budget>.md/.png/.json and never touches results.md."""
+    from ssl_nnunet.benchmark import transfer
+    docs, root = tmp_path / "documentation", tmp_path / "bench"
+    docs.mkdir()
+    root.mkdir()
+    monkeypatch.setattr(transfer, "documentation_folder", lambda: str(docs))
+    per_case = {"b": {arm: {s: {f"case_{c}": 0.5 + 0.01 * c + 0.001 * s for c in range(3)} for s in range(3)}
+                      for arm in ("mae", "scratch", "scratch_seed2", "scratch_vanilla")}}
+    raw = {"b": {arm: [float(np.mean(list(f.values()))) for f in d.values()] for arm, d in per_case["b"].items()}}
+    summary = transfer.summarise(raw, ["mae"], per_case)
+    summary.update(budget="cpu-small-primus", profile="cpu_smoke", arch="primus_m", pretraining_iterations=2,
+                   splits=3, train_cases_per_split=4, validation_cases=3, wall_time_s=60.0, command="c",
+                   machine="m", git_commit="g", plan_sha256={"p": "x"}, raw=raw, vanilla_trainers={})
+    transfer.write_results(summary, str(root), write_docs=True)
+    assert sorted(os.listdir(docs)) == ["results_cpu-small-primus.json", "results_cpu-small-primus.md",
+                                        "results_cpu-small-primus.png"]
+    assert "![results](results_cpu-small-primus.png)" in (docs / "results_cpu-small-primus.md").read_text()
+    summary["budget"] = "cpu-small"
+    transfer.write_results(summary, str(root), write_docs=True)
+    md = (docs / "results.md").read_text()
+    assert "![results](results.png)" in md and "[cpu-small-primus](results_cpu-small-primus.md)" in md
+    assert (docs / "results.json").is_file() and "| mae |" in md
+
+
 def test_throughput_of_primus_mae_against_the_dense_primus(primus_planned):
     """On a Primus plan the floor is the dense Primus (every token) on as many volumes as the objective fed its
     encoder, and nnU-Net's Primus trainer recipe is the supervised reference."""

@@ -322,6 +322,12 @@ def _pm(value: Optional[float]) -> str:
     return "—" if value is None else f"{value:.4f}"
 
 
+def documentation_folder() -> str:
+    """The project's ``documentation/`` (where ``--write-docs`` puts the results)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "documentation")
+
+
 def write_results(summary: dict, root: str, write_docs: bool) -> None:
     import matplotlib
     matplotlib.use("agg")
@@ -384,12 +390,15 @@ def write_results(summary: dict, root: str, write_docs: bool) -> None:
     text = "\n".join(lines) + "\n"
     atomic_write_text(os.path.join(root, "results.md"), text)
     if write_docs:
-        docs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                            "documentation")
+        docs = documentation_folder()
         # cpu-small is documentation/results.md; another budget gets its own file (results_<budget>.md), so a
         # Primus run never overwrites the CNN one
         stem = "results" if summary["budget"] == "cpu-small" else f"results_{summary['budget']}"
-        atomic_write_text(os.path.join(docs, stem + ".md"), text + f"\n![results]({stem}.png)\n")
+        others = sorted(f for f in os.listdir(docs) if f.startswith("results_") and f.endswith(".md")
+                        and f != stem + ".md") if stem == "results" else []
+        links = ("\nThe other budgets' runs: " + ", ".join(f"[{f[len('results_'):-3]}]({f})" for f in others)
+                 + ".\n") if others else ""
+        atomic_write_text(os.path.join(docs, stem + ".md"), text + f"\n![results]({stem}.png)\n" + links)
         for ext in (".png", ".json"):  # the record travels with the docs, to compare commits
             atomic_copy(os.path.join(root, "results" + ext), os.path.join(docs, stem + ext))
     print(text)
